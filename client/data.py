@@ -1,0 +1,386 @@
+"""The only module that reads a site's patient file: parse and validate it against the schema.
+
+Every problem names the file, the line and the column, and never repeats a cell's value:
+messages may travel in logs and error replies, and a cell value is patient data.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shared.schema import Feature, Schema
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One defect of a site's file, located without quoting the value."""
+
+    path: str
+    line: int
+    column: int
+    column_name: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}:{self.column}"
+        if self.column_name:
+            where += f" (column {self.column_name!r})"
+        return f"{where}: {self.message}"
+
+
+class DataError(ValueError):
+    """A site file that cannot be used. ``problems`` locates each defect; no cell values."""
+
+    def __init__(self, problems: Sequence[Problem], hint: str = "") -> None:
+        self.problems = list(problems)
+        shown = [str(p) for p in self.problems[:MAX_LISTED_PROBLEMS]]
+        more = len(self.problems) - len(shown)
+        text = "\n".join(shown)
+        if more > 0:
+            text += f"\n... and {more} more problem(s) of the same file"
+        if hint:
+            text += f"\nWhat to do: {hint}"
+        super().__init__(text)
+
+
+@dataclass
+class FeatureSummary:
+    """Per-feature counts for a site engineer (numbers of cells, never values)."""
+
+    present: bool
+    missing: int = 0
+    missing_coded: int = 0
+    out_of_range: int = 0
+
+
+@dataclass
+class SiteData:
+    """A validated site file.
+
+    Attributes
+    ----------
+    path : Path
+        The file read.
+    features : pandas.DataFrame
+        One float column per used feature (shared, then the site's own), NaN where missing.
+        Categorical values are the index of the category in the schema.
+    label : numpy.ndarray
+        Binary outcome (0/1) per row.
+    marked_missing : pandas.DataFrame
+        True where the cell itself was empty or a missing marker (not a missing code or an
+        out-of-range value); FLamby's protocol drops rows on this.
+    line_numbers : numpy.ndarray
+        File line of each row, for diagnostics.
+    summary : dict
+        :class:`FeatureSummary` per schema feature.
+    rows_without_label : int
+        Rows skipped because the label was missing.
+    warnings : list of str
+        Problems that did not stop the file from being used.
+    """
+
+    path: Path
+    features: pd.DataFrame
+    label: np.ndarray
+    marked_missing: pd.DataFrame
+    line_numbers: np.ndarray
+    summary: dict[str, FeatureSummary]
+    rows_without_label: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        """Number of usable rows."""
+        return len(self.label)
+
+    @property
+    def label_counts(self) -> tuple[int, int]:
+        """Numbers of negative and positive rows."""
+        pos = int(self.label.sum())
+        return self.n_rows - pos, pos
+
+
+def read_site_data(
+    path: str | Path,
+    schema: Schema,
+    site_features: Sequence[str] = (),
+) -> SiteData:
+    """Read and validate one site's file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The site's data file.
+    schema : Schema
+        The data contract the file must follow.
+    site_features : sequence of str
+        Site-only features this site's correction will use (scope ``site`` in the schema).
+
+    Returns
+    -------
+    SiteData
+        Parsed rows; values out of the valid range or equal to a missing code are missing,
+        and counted in ``summary``.
+
+    Raises
+    ------
+    DataError
+        If the file is missing, empty, not UTF-8, lacks a required column, has an unknown
+        column, a malformed row, a value of the wrong type, an unknown category or label.
+    """
+    path = Path(path)
+    name = str(path)
+    used_site = schema.resolve_site_features(list(site_features))
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(
+            [Problem(name, 0, 0, "", "file not found")],
+            "check the data-file path in the site's settings",
+        ) from None
+    except OSError as err:
+        raise DataError([Problem(name, 0, 0, "", f"cannot be read ({err.strerror})")]) from None
+    text = _decode(raw, name)
+    if not text.strip():
+        raise DataError([Problem(name, 1, 1, "", "the file is empty")],
+                        "export the site's patients into this file")
+
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter=schema.file.delimiter)
+    problems: list[Problem] = []
+    columns, first_line = _columns(rows, schema, name, problems)
+    if problems:
+        raise DataError(problems, _COLUMN_HINT)
+
+    position = {c: i for i, c in enumerate(columns)}
+    summary = {
+        f.name: FeatureSummary(present=f.name in position) for f in schema.features
+    }
+    warnings = [
+        f"{name}: column {f.name!r} is absent: treated as missing for every row"
+        for f in schema.features
+        if f.name not in position and (f.scope == "shared" or f in used_site)
+    ]
+    used = [*schema.shared_features, *used_site]
+    values: dict[str, list[float]] = {f.name: [] for f in used}
+    marked: dict[str, list[bool]] = {f.name: [] for f in used}
+    labels: list[int] = []
+    lines: list[int] = []
+    no_label = 0
+    label_pos = position[schema.label.column]
+    n_cols = len(columns)
+
+    for record in rows:
+        line = rows.line_num
+        if not any(cell.strip() for cell in record):
+            continue  # blank line
+        if len(record) != n_cols:
+            problems.append(Problem(
+                name, line, min(len(record), n_cols) + 1, "",
+                f"row has {len(record)} fields, expected {n_cols}",
+            ))
+            if len(problems) > 5 * MAX_LISTED_PROBLEMS:
+                break
+            continue
+        label = _label(record[label_pos], schema, name, line, label_pos + 1, problems)
+        parsed: dict[str, tuple[float, bool]] = {}
+        for f in schema.features:
+            if f.name not in position:
+                continue
+            col = position[f.name]
+            parsed[f.name] = _cell(record[col], f, schema, summary[f.name], name, line,
+                                   col + 1, problems)
+        if label is None:
+            no_label += 1
+            continue
+        labels.append(label)
+        lines.append(line)
+        for f in used:
+            value, was_marked = parsed.get(f.name, (math.nan, True))
+            values[f.name].append(value)
+            marked[f.name].append(was_marked)
+        if len(problems) > 5 * MAX_LISTED_PROBLEMS:
+            break
+
+    if problems:
+        raise DataError(problems, "correct these cells in the site's export, then run "
+                        "`fedadapt check-data` again")
+    if not labels:
+        raise DataError(
+            [Problem(name, first_line, 1, "", "the file has no data rows with a label")],
+            "export the site's patients into this file",
+        )
+    data = SiteData(
+        path=path,
+        features=pd.DataFrame(values, dtype=float),
+        label=np.asarray(labels, dtype=np.int64),
+        marked_missing=pd.DataFrame(marked, dtype=bool),
+        line_numbers=np.asarray(lines, dtype=np.int64),
+        summary=summary,
+        rows_without_label=no_label,
+        warnings=warnings,
+    )
+    if no_label:
+        data.warnings.append(f"{name}: {no_label} row(s) without a label were skipped")
+    neg, pos = data.label_counts
+    if neg == 0 or pos == 0:
+        data.warnings.append(
+            f"{name}: every row has the same label class; the site can help train the shared "
+            "model but cannot fit or evaluate a correction (AUC is undefined)"
+        )
+    for f in schema.features:
+        s = summary[f.name]
+        if s.out_of_range:
+            data.warnings.append(
+                f"{name}: column {f.name!r}: {s.out_of_range} value(s) outside the valid range "
+                f"{f.valid_range} became missing"
+            )
+    for w in data.warnings:
+        log.warning("%s", w)
+    log.info("read %s: %d rows (%d negative, %d positive)", name, data.n_rows, neg, pos)
+    return data
+
+
+_COLUMN_HINT = (
+    "make the file's columns match the schema (`fedadapt check-data --schema ...` lists them)"
+)
+
+
+def _decode(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            [Problem(name, line, column, "", "the file is not valid UTF-8 text (byte "
+                     f"{column} of the line)")],
+            "save the file as UTF-8 (for example from a spreadsheet: CSV UTF-8)",
+        ) from None
+
+
+def _columns(
+    rows: csv.Reader, schema: Schema, name: str, problems: list[Problem]
+) -> tuple[list[str], int]:
+    """Return the column names of the file and the line its data starts on."""
+    known = {f.name for f in schema.features} | {schema.label.column}
+    if not schema.file.header:
+        columns = list(schema.file.columns)
+        return columns, 1
+    header: list[str] = []
+    for record in rows:
+        if any(cell.strip() for cell in record):
+            header = [cell.strip() for cell in record]
+            break
+    line = rows.line_num
+    for i, col in enumerate(header, start=1):
+        if not col:
+            problems.append(Problem(name, line, i, "", "empty column name in the header"))
+        elif col not in known:
+            problems.append(Problem(
+                name, line, i, col,
+                f"unexpected column: schema {schema.name!r} does not declare it; remove it "
+                "or add it to the schema",
+            ))
+        elif header.index(col) != i - 1:
+            problems.append(Problem(name, line, i, col, "column appears twice in the header"))
+    if schema.label.column not in header:
+        problems.append(Problem(name, line, 0, schema.label.column,
+                                "label column is missing from the header"))
+    for f in schema.features:
+        if f.required and f.name not in header:
+            problems.append(Problem(name, line, 0, f.name,
+                                    "required column is missing from the header"))
+    return header, line + 1
+
+
+def _matches(value: float, codes: tuple[float | str, ...]) -> bool:
+    return any(isinstance(c, float) and c == value for c in codes)
+
+
+def _cell(
+    text: str, f: Feature, schema: Schema, summary: FeatureSummary, name: str, line: int,
+    col: int, problems: list[Problem],
+) -> tuple[float, bool]:
+    """Parse one cell; return (value or NaN, whether the cell itself was marked missing)."""
+    cell = text.strip()
+    if cell in schema.file.missing_markers:
+        summary.missing += 1
+        return math.nan, True
+    if f.kind == "categorical" and not f.numeric_categories:
+        if cell in f.missing_codes:
+            summary.missing += 1
+            summary.missing_coded += 1
+            return math.nan, False
+        if cell not in f.categories:
+            problems.append(Problem(name, line, col, f.name, "unknown category; allowed: "
+                                    + ", ".join(map(str, f.categories))))
+            return math.nan, False
+        return float(f.categories.index(cell)), False
+    try:
+        value = float(cell)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        problems.append(Problem(name, line, col, f.name, f"not a number ({f.kind} feature)"))
+        return math.nan, False
+    if _matches(value, f.missing_codes):
+        summary.missing += 1
+        summary.missing_coded += 1
+        return math.nan, False
+    if f.kind == "binary":
+        if value not in (0.0, 1.0):
+            problems.append(Problem(name, line, col, f.name, "binary feature must be 0 or 1"))
+            return math.nan, False
+        return value, False
+    if f.kind == "categorical":
+        for i, c in enumerate(f.categories):
+            if c == value:
+                return float(i), False
+        problems.append(Problem(name, line, col, f.name, "unknown category; allowed: "
+                                + ", ".join(_fmt(c) for c in f.categories)))
+        return math.nan, False
+    if f.valid_range is not None and not (f.valid_range[0] <= value <= f.valid_range[1]):
+        summary.missing += 1
+        summary.out_of_range += 1
+        return math.nan, False
+    return value, False
+
+
+def _label(
+    text: str, schema: Schema, name: str, line: int, col: int, problems: list[Problem]
+) -> int | None:
+    cell = text.strip()
+    if cell in schema.file.missing_markers:
+        return None
+    rule = schema.label
+    value: float | str
+    try:
+        value = float(cell)
+    except ValueError:
+        value = cell
+    if value in rule.negative_values:
+        return 0
+    if value in rule.positive_values:
+        return 1
+    allowed = ", ".join(_fmt(v) for v in (*rule.negative_values, *rule.positive_values))
+    problems.append(Problem(name, line, col, rule.column, f"label not allowed; allowed: {allowed}"))
+    return None
+
+
+def _fmt(value: float | str) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
