@@ -86,6 +86,8 @@ class SiteData:
         File line of each row, for diagnostics.
     summary : dict
         :class:`FeatureSummary` per schema feature.
+    shared_columns, site_columns : tuple of str
+        Names of the shared features and of the site's own features, in schema order.
     rows_without_label : int
         Rows skipped because the label was missing.
     warnings : list of str
@@ -98,6 +100,8 @@ class SiteData:
     marked_missing: pd.DataFrame
     line_numbers: np.ndarray
     summary: dict[str, FeatureSummary]
+    shared_columns: tuple[str, ...]
+    site_columns: tuple[str, ...]
     rows_without_label: int = 0
     warnings: list[str] = field(default_factory=list)
 
@@ -229,6 +233,8 @@ def read_site_data(
         marked_missing=pd.DataFrame(marked, dtype=bool),
         line_numbers=np.asarray(lines, dtype=np.int64),
         summary=summary,
+        shared_columns=tuple(f.name for f in schema.shared_features),
+        site_columns=tuple(f.name for f in used_site),
         rows_without_label=no_label,
         warnings=warnings,
     )

@@ -1,0 +1,100 @@
+"""A site's fixed, seeded, stratified split of its rows into training and held-out sets."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from client.data import SiteData
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("default", "flamby")
+FLAMBY_TRAIN_FRACTION = 0.66
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices (into the site's usable rows) of the training and held-out sets."""
+
+    train: np.ndarray
+    test: np.ndarray
+
+
+def protocol_rows(data: SiteData, protocol: str) -> np.ndarray:
+    """Return the rows a protocol keeps.
+
+    Parameters
+    ----------
+    data : SiteData
+        The validated site file.
+    protocol : {"default", "flamby"}
+        ``default`` keeps every row (missing values are imputed later). ``flamby`` reproduces
+        FLamby's Fed-Heart-Disease rows: a row with a missing marker in any shared feature is
+        dropped (missing codes such as cholesterol 0 are not markers, so those rows stay,
+        as in FLamby).
+
+    Returns
+    -------
+    numpy.ndarray
+        Indices of the kept rows.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    if protocol == "default":
+        return np.arange(data.n_rows)
+    # Only shared features count: FLamby drops slope, ca and thal before dropping rows.
+    marked = data.marked_missing[list(data.shared_columns)].to_numpy()
+    return np.flatnonzero(~marked.any(axis=1))
+
+
+def split_site(
+    data: SiteData, *, protocol: str = "default", seed: int = 42, test_fraction: float = 0.3
+) -> Split:
+    """Split a site's rows into training and held-out sets, the same way for the whole run.
+
+    Parameters
+    ----------
+    data : SiteData
+        The validated site file.
+    protocol : {"default", "flamby"}
+        ``flamby`` keeps FLamby's rows (see :func:`protocol_rows`) and its split: 66 % train,
+        scikit-learn's ``train_test_split`` with ``random_state=seed`` (FLamby uses 43),
+        stratified when both classes have more than two rows.
+    seed : int
+        Random state of the split.
+    test_fraction : float
+        Held-out fraction under the default protocol (stratified when each class has at
+        least two rows).
+
+    Returns
+    -------
+    Split
+        Indices into the site's rows.
+    """
+    rows = protocol_rows(data, protocol)
+    y = data.label[rows]
+    counts = np.bincount(y, minlength=2)
+    if protocol == "flamby":
+        stratify = y if counts.min() > 2 else None
+        train, test = train_test_split(
+            np.arange(len(rows)),
+            test_size=1.0 - FLAMBY_TRAIN_FRACTION,
+            train_size=FLAMBY_TRAIN_FRACTION,
+            random_state=seed,
+            shuffle=True,
+            stratify=stratify,
+        )
+    else:
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test-fraction must be between 0 and 1, got {test_fraction}")
+        stratify = y if counts.min() >= 2 else None
+        train, test = train_test_split(
+            np.arange(len(rows)), test_size=test_fraction, random_state=seed, shuffle=True,
+            stratify=stratify,
+        )
+    log.debug("split: %d train, %d held-out rows", len(train), len(test))
+    return Split(train=np.sort(rows[train]), test=np.sort(rows[test]))

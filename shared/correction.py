@@ -1,0 +1,191 @@
+"""A site's correction and its composition: ``logit_site = logit_source + alpha_site(x_shared, x_site)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+from shared.metrics import sigmoid
+from shared.preprocessing import TabularPreprocessor
+from shared.schema import Feature
+
+
+class OffsetLogisticRegression:
+    """L2-penalised logistic regression on top of a fixed per-row offset.
+
+    Minimises ``sum_i logloss(y_i, offset_i + b + z_i . w) + ||w||^2 / (2 C) + b^2 / (2 s^2)``
+    (scikit-learn's convention for ``C``). ``C = 0`` fits the intercept only: a recalibration
+    of the offset to the site's prevalence. The intercept's weak prior (``s = 2`` on the
+    log-odds scale, worth a fraction of one patient) keeps it finite when every training row
+    has the same label, and is negligible otherwise.
+
+    Written by hand because scikit-learn's ``LogisticRegression`` has no offset term, and the
+    offset (the frozen source model's logit) must enter with a coefficient fixed at one.
+
+    Parameters
+    ----------
+    C : float
+        Inverse penalty strength (larger = stronger correction); 0 = intercept only.
+    max_iter : int
+        L-BFGS iterations.
+    intercept_sd : float
+        Prior standard deviation ``s`` of the intercept shift.
+
+    Attributes
+    ----------
+    coef_ : numpy.ndarray
+        Weights of the correction features.
+    intercept_ : float
+        Intercept added to the offset.
+    n_features_in_ : int
+        Number of correction features.
+    """
+
+    def __init__(self, C: float = 1.0, max_iter: int = 500, intercept_sd: float = 2.0) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.intercept_sd = intercept_sd
+
+    def fit(self, Z: np.ndarray, y: np.ndarray, offset: np.ndarray) -> OffsetLogisticRegression:
+        """Fit on training rows ``Z`` (correction features), labels ``y`` and the offset."""
+        Z = np.asarray(Z, dtype=float)
+        y = np.asarray(y, dtype=float)
+        offset = np.asarray(offset, dtype=float)
+        n, d = Z.shape
+        use_w = self.C > 0
+        ridge = 1.0 / self.C if use_w else 0.0
+        prior_b = 1.0 / self.intercept_sd**2
+
+        def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            b = theta[0]
+            w = theta[1:] if use_w else np.zeros(d)
+            eta = offset + b + Z @ w
+            # log(1 + exp(eta)) - y * eta, computed stably
+            loss = float(np.sum(np.logaddexp(0.0, eta) - y * eta)) + 0.5 * prior_b * b * b
+            r = sigmoid(eta) - y
+            grad_b = r.sum() + prior_b * b
+            if not use_w:
+                return loss, np.array([grad_b])
+            loss += 0.5 * ridge * float(w @ w)
+            grad_w = Z.T @ r + ridge * w
+            return loss, np.concatenate([[grad_b], grad_w])
+
+        theta0 = np.zeros(1 + (d if use_w else 0))
+        res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B",
+                       options={"maxiter": self.max_iter})
+        self.intercept_ = float(res.x[0])
+        self.coef_ = res.x[1:] if use_w else np.zeros(d)
+        self.n_features_in_ = d
+        return self
+
+    def decision_function(self, Z: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """Corrected logits: ``offset + intercept + Z . coef``."""
+        Z = np.asarray(Z, dtype=float)
+        if Z.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"correction expects {self.n_features_in_} features, got {Z.shape[1]}"
+            )
+        return np.asarray(offset, dtype=float) + self.intercept_ + Z @ self.coef_
+
+
+@dataclass
+class Correction:
+    """A site's fitted correction, everything needed to apply it to new rows.
+
+    Attributes
+    ----------
+    applied : bool
+        False when cross-validation found no benefit: the site uses the source model as is.
+    strength : float or None
+        The chosen ``C`` (0 = intercept only); None when not applied.
+    site_features : list of str
+        Site-only features the correction uses.
+    site_preprocessing : dict or None
+        State of the site-local preprocessing of the site features.
+    intercept : float
+        Intercept of the correction.
+    coef : list of float
+        Weights of ``[shared inputs, site inputs]``.
+    feature_names : list of str
+        Names of those weights' inputs.
+    cv : dict
+        Cross-validated scores on the training rows that justified the choice.
+    reason : str
+        Why the correction is not applied (empty when it is).
+    """
+
+    applied: bool
+    strength: float | None
+    site_features: list[str]
+    site_preprocessing: dict[str, Any] | None
+    intercept: float
+    coef: list[float]
+    feature_names: list[str]
+    cv: dict[str, float]
+    reason: str = ""
+
+    @classmethod
+    def none(
+        cls, site_features: list[str], cv: dict[str, float] | None = None, reason: str = ""
+    ) -> Correction:
+        """The "no correction" decision, with the reason."""
+        return cls(False, None, list(site_features), None, 0.0, [], [], dict(cv or {}), reason)
+
+    def alpha(
+        self, x_shared: np.ndarray, site_rows: pd.DataFrame, site_feature_defs: list[Feature]
+    ) -> np.ndarray:
+        """The correction term for rows (``x_shared``: the source model's inputs)."""
+        n = len(x_shared)
+        if not self.applied:
+            return np.zeros(n)
+        z = correction_inputs(x_shared, site_rows, self.site_prep(site_feature_defs))
+        if z.shape[1] != len(self.coef):
+            raise ValueError(
+                f"correction has {len(self.coef)} weights but the rows give {z.shape[1]} inputs"
+            )
+        return self.intercept + z @ np.asarray(self.coef, dtype=float)
+
+    def site_prep(self, site_feature_defs: list[Feature]) -> TabularPreprocessor | None:
+        """The fitted site-local preprocessing, or None without site features."""
+        if not self.site_preprocessing:
+            return None
+        return TabularPreprocessor.from_dict(self.site_preprocessing, site_feature_defs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state (what is sealed in the site's encrypted file)."""
+        return {
+            "applied": self.applied, "strength": self.strength,
+            "site_features": self.site_features, "site_preprocessing": self.site_preprocessing,
+            "intercept": self.intercept, "coef": list(self.coef),
+            "feature_names": self.feature_names, "cv": self.cv, "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Correction:
+        """Rebuild from :meth:`to_dict`."""
+        return cls(
+            applied=bool(state["applied"]), strength=state["strength"],
+            site_features=list(state["site_features"]),
+            site_preprocessing=state["site_preprocessing"],
+            intercept=float(state["intercept"]), coef=[float(c) for c in state["coef"]],
+            feature_names=list(state["feature_names"]), cv=dict(state["cv"]),
+            reason=str(state.get("reason", "")),
+        )
+
+
+def correction_inputs(
+    x_shared: np.ndarray, site_rows: pd.DataFrame, site_prep: TabularPreprocessor | None
+) -> np.ndarray:
+    """Inputs of the correction: the source model's inputs, then the site features'."""
+    if site_prep is None:
+        return np.asarray(x_shared, dtype=float)
+    return np.hstack([x_shared, site_prep.transform(site_rows)])
+
+
+def adapted_logit(source_logit: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The composition at the heart of fedadapt: ``logit_source + alpha_site``."""
+    return np.asarray(source_logit, dtype=float) + np.asarray(alpha, dtype=float)

@@ -1,0 +1,488 @@
+"""Seeded synthetic hospitals with a known diabetes model: site CSVs, a manifest and the truth."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+from sklearn.metrics import roc_auc_score
+
+log = logging.getLogger(__name__)
+
+SCHEMA_NAME = "synthetic"
+MANIFEST_NAME = "sites.toml"
+TRUTH_NAME = "truth.json"
+LABEL = "diabetes"
+
+# Shared effects of the true model, per unit of each centred variable.
+BETA_AGE = 0.04
+BETA_BMI = 0.06
+BETA_BP = 0.02
+BETA_GLUCOSE = 0.09
+CENTER_AGE = 50.0
+CENTER_BMI = 27.0
+CENTER_BP = 130.0
+CENTER_GLUCOSE = 105.0
+
+# Latent glucose: GLU_BASE + GLU_BMI*(bmi-27) + GLU_AGE*(age-50) + N(0, GLU_SD), clipped.
+GLU_BASE = 95.0
+GLU_BMI = 1.2
+GLU_AGE = 0.3
+GLU_SD = 15.0
+GLU_CLIP = (55.0, 400.0)
+
+# Systolic blood pressure: BP_BASE + offset + BP_AGE*(age-50) + BP_BMI*(bmi-27) + N(0, BP_SD).
+BP_BASE = 122.0
+BP_AGE = 0.5
+BP_BMI = 0.9
+BP_SD = 14.0
+BP_CLIP = (85.0, 220.0)
+
+AGE_CLIP = (18.0, 95.0)
+HEIGHT_CLIP = (140.0, 205.0)
+BMI_CLIP = (16.0, 55.0)
+
+ERROR_RATE = 0.003
+# Data-entry errors per column, every one outside the schema's valid range.
+ERROR_VALUES: dict[str, tuple[str, ...]] = {
+    "weight": ("0", "999"),
+    "height": ("0", "1.75"),
+    "systolic_bp": ("0", "999"),
+    "glucose": ("0", "9999"),
+}
+
+
+@dataclass(frozen=True)
+class HospitalSpec:
+    """Population and recording parameters of one generated hospital.
+
+    Parameters
+    ----------
+    name : str
+        Site name (``hospital-a``, ...).
+    role : str
+        What the site stands for in the simulation, for people.
+    n : int
+        Number of patients (rows).
+    age_mean, age_sd : float
+        Normal age distribution (years, clipped to 18-95).
+    bmi_mean, bmi_sd : float
+        Normal body-mass-index distribution (kg/m², clipped to 16-55).
+    height_mean, height_sd : float
+        Normal height distribution (cm, clipped to 140-205); weight follows from BMI.
+    bp_offset : float
+        Site shift of the mean systolic blood pressure (mmHg).
+    intercept : float
+        Site intercept ``b_site`` of the true logit (label shift).
+    glucose_measured : bool
+        Whether the site's file has a ``glucose`` column (a site feature).
+    has_bp : bool
+        Whether the site's file has a ``systolic_bp`` column.
+    missing_rate : float
+        Probability that a weight, height, blood-pressure or glucose cell is left empty.
+    label_noise : float
+        Probability that a drawn label is flipped.
+    extra_age_effect : float
+        Site-specific addition to the age slope: ``site_extra = extra_age_effect*(age-50)``.
+    error_rate : float
+        Fraction of rows with one data-entry error outside the valid range (at least one
+        per site).
+    """
+
+    name: str
+    role: str
+    n: int
+    age_mean: float
+    age_sd: float
+    bmi_mean: float
+    bmi_sd: float
+    height_mean: float
+    height_sd: float
+    bp_offset: float
+    intercept: float
+    glucose_measured: bool
+    has_bp: bool
+    missing_rate: float
+    label_noise: float = 0.0
+    extra_age_effect: float = 0.0
+    error_rate: float = ERROR_RATE
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Columns of the site's CSV file, label last."""
+        cols = ["age", "weight", "height"]
+        if self.has_bp:
+            cols.append("systolic_bp")
+        if self.glucose_measured:
+            cols.append("glucose")
+        return (*cols, LABEL)
+
+    @property
+    def site_features(self) -> tuple[str, ...]:
+        """Site-only features the manifest lists for this site."""
+        return ("glucose",) if self.glucose_measured else ()
+
+
+def site_name(index: int) -> str:
+    """Return the name of site ``index`` (0-based): ``hospital-a`` to ``-z``, then numbers.
+
+    Parameters
+    ----------
+    index : int
+        Position of the site, from 0.
+
+    Returns
+    -------
+    str
+        ``hospital-a`` ... ``hospital-z`` for 0-25, then ``hospital-27``, ``hospital-28``, ...
+    """
+    if index < 0:
+        raise ValueError("site index must be >= 0")
+    if index < 26:
+        return f"hospital-{chr(ord('a') + index)}"
+    return f"hospital-{index + 1}"
+
+
+def _role_spec(index: int) -> HospitalSpec:
+    """Return the fixed spec of one of the four role sites."""
+    name = site_name(index)
+    if index == 0:
+        return HospitalSpec(
+            name=name, role="baseline population; measures glucose", n=600,
+            age_mean=52.0, age_sd=13.0, bmi_mean=27.5, bmi_sd=5.0,
+            height_mean=170.0, height_sd=9.0, bp_offset=0.0, intercept=-1.3,
+            glucose_measured=True, has_bp=True, missing_rate=0.05,
+        )
+    if index == 1:
+        return HospitalSpec(
+            name=name, role="older population; age effect twice as strong; high prevalence",
+            n=500, age_mean=64.0, age_sd=11.0, bmi_mean=28.5, bmi_sd=5.0,
+            height_mean=168.0, height_sd=9.0, bp_offset=6.0, intercept=-1.4,
+            glucose_measured=False, has_bp=True, missing_rate=0.04,
+            extra_age_effect=BETA_AGE,
+        )
+    if index == 2:
+        return HospitalSpec(
+            name=name, role="small site; younger and lighter; low prevalence; measures glucose",
+            n=100, age_mean=38.0, age_sd=11.0, bmi_mean=24.5, bmi_sd=4.0,
+            height_mean=172.0, height_sd=9.0, bp_offset=-5.0, intercept=-0.6,
+            glucose_measured=True, has_bp=True, missing_rate=0.08,
+        )
+    if index == 3:
+        return HospitalSpec(
+            name=name, role="noisy labels (15% flipped); exports no blood pressure", n=400,
+            age_mean=56.0, age_sd=14.0, bmi_mean=29.5, bmi_sd=5.5,
+            height_mean=167.0, height_sd=9.5, bp_offset=3.0, intercept=-1.8,
+            glucose_measured=False, has_bp=False, missing_rate=0.06, label_noise=0.15,
+        )
+    raise ValueError(f"site {index} has no fixed role")
+
+
+def _random_spec(index: int, rng: np.random.Generator) -> HospitalSpec:
+    """Draw the spec of a site beyond the four roles."""
+
+    def draw(low: float, high: float) -> float:
+        return round(float(rng.uniform(low, high)), 3)
+
+    return HospitalSpec(
+        name=site_name(index),
+        role="randomly drawn shifts",
+        n=int(rng.integers(150, 601)),
+        age_mean=draw(35.0, 65.0),
+        age_sd=draw(9.0, 15.0),
+        bmi_mean=draw(24.0, 30.0),
+        bmi_sd=draw(4.0, 6.0),
+        height_mean=draw(164.0, 176.0),
+        height_sd=draw(8.0, 10.0),
+        bp_offset=draw(-8.0, 8.0),
+        intercept=draw(-1.8, -0.4),
+        glucose_measured=bool(rng.random() < 0.3),
+        has_bp=True,
+        missing_rate=draw(0.03, 0.10),
+    )
+
+
+def _seeds(n_sites: int, seed: int) -> list[tuple[np.random.SeedSequence, np.random.SeedSequence]]:
+    """Per-site (spec, data) seed sequences; site k's do not depend on ``n_sites``."""
+    return [
+        (pair[0], pair[1])
+        for pair in (child.spawn(2) for child in np.random.SeedSequence(seed).spawn(n_sites))
+    ]
+
+
+def hospital_specs(n_sites: int = 4, seed: int = 42) -> list[HospitalSpec]:
+    """Return the specs of ``n_sites`` generated hospitals.
+
+    Parameters
+    ----------
+    n_sites : int
+        Number of sites (at least 1). Sites 0-3 take the fixed roles (baseline, older with a
+        site-specific age effect, small, noisy without blood pressure); later sites draw
+        their shifts from ``seed``.
+    seed : int
+        Seed of the random shifts of sites 4 and later.
+
+    Returns
+    -------
+    list of HospitalSpec
+        One spec per site, in order.
+    """
+    if n_sites < 1:
+        raise ValueError("n_sites must be at least 1")
+    specs = []
+    for k, (spec_seed, _) in enumerate(_seeds(n_sites, seed)):
+        if k < 4:
+            specs.append(_role_spec(k))
+        else:
+            specs.append(_random_spec(k, np.random.default_rng(spec_seed)))
+    return specs
+
+
+def glucose_mean(age: np.ndarray, bmi: np.ndarray) -> np.ndarray:
+    """Conditional mean of the latent glucose given age and BMI (before clipping)."""
+    return GLU_BASE + GLU_BMI * (bmi - CENTER_BMI) + GLU_AGE * (age - CENTER_AGE)
+
+
+def true_logit(
+    spec: HospitalSpec, age: np.ndarray, bmi: np.ndarray, sbp: np.ndarray, glucose: np.ndarray
+) -> np.ndarray:
+    """Return the true log-odds of diabetes at the site of ``spec``."""
+    return (
+        spec.intercept
+        + (BETA_AGE + spec.extra_age_effect) * (age - CENTER_AGE)
+        + BETA_BMI * (bmi - CENTER_BMI)
+        + BETA_BP * (sbp - CENTER_BP)
+        + BETA_GLUCOSE * (glucose - CENTER_GLUCOSE)
+    )
+
+
+@dataclass
+class _Site:
+    """One generated site: file text and the statistics written to the truth."""
+
+    text: str
+    n: int
+    prevalence: float
+    fraction_flipped: float
+    auc_true_logit: float | None
+    auc_without_glucose: float | None
+    missing_cells: int
+    error_cells: int
+
+
+def _aucs(label: np.ndarray, *scores: np.ndarray) -> list[float | None]:
+    """AUC of each score against ``label`` (``None`` when only one class is present)."""
+    if label.min() == label.max():
+        return [None] * len(scores)
+    # One call for all scores (a multilabel problem, one column per score): with thousands of
+    # sites, sklearn's per-call checks cost more than the AUCs themselves.
+    with sklearn.config_context(assume_finite=True):
+        aucs = roc_auc_score(
+            np.repeat(label[:, None], len(scores), axis=1), np.column_stack(scores), average=None
+        )
+    return [round(float(a), 6) for a in np.atleast_1d(aucs)]
+
+
+def _format(values: np.ndarray, decimals: int) -> list[str]:
+    if decimals == 0:
+        return [str(v) for v in np.rint(values).astype(np.int64).tolist()]
+    return [f"{v:.{decimals}f}" for v in np.round(values, decimals).tolist()]
+
+
+def _generate_site(spec: HospitalSpec, rng: np.random.Generator) -> _Site:
+    """Draw one site's patients and labels and render its CSV text."""
+    n = spec.n
+    age = np.rint(np.clip(rng.normal(spec.age_mean, spec.age_sd, n), *AGE_CLIP))
+    height = np.rint(np.clip(rng.normal(spec.height_mean, spec.height_sd, n), *HEIGHT_CLIP))
+    bmi_drawn = np.clip(rng.normal(spec.bmi_mean, spec.bmi_sd, n), *BMI_CLIP)
+    weight = np.round(bmi_drawn * (height / 100.0) ** 2, 1)
+    bmi = weight / (height / 100.0) ** 2
+    sbp = np.rint(np.clip(
+        BP_BASE + spec.bp_offset + BP_AGE * (age - CENTER_AGE) + BP_BMI * (bmi - CENTER_BMI)
+        + rng.normal(0.0, BP_SD, n),
+        *BP_CLIP,
+    ))
+    glu_mean = glucose_mean(age, bmi)
+    glucose = np.rint(np.clip(glu_mean + rng.normal(0.0, GLU_SD, n), *GLU_CLIP))
+
+    logit = true_logit(spec, age, bmi, sbp, glucose)
+    logit_no_glucose = true_logit(spec, age, bmi, sbp, glu_mean)
+    label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    flipped = rng.random(n) < spec.label_noise
+    label = np.where(flipped, 1 - label, label)
+
+    columns: dict[str, list[str]] = {"age": _format(age, 0), "weight": _format(weight, 1),
+                                     "height": _format(height, 0)}
+    if spec.has_bp:
+        columns["systolic_bp"] = _format(sbp, 0)
+    if spec.glucose_measured:
+        columns["glucose"] = _format(glucose, 0)
+    columns[LABEL] = _format(label, 0)
+
+    # Missing at random: each measurable cell is left empty with the site's rate.
+    holes = [c for c in ("weight", "height", "systolic_bp", "glucose") if c in columns]
+    missing = rng.random((len(holes), n)) < spec.missing_rate
+    # Data-entry errors outside the valid range, on at least one row per site.
+    n_errors = min(n, max(1, int(rng.binomial(n, spec.error_rate))))
+    error_rows = rng.choice(n, size=n_errors, replace=False)
+    error_cols = rng.integers(0, len(holes), size=n_errors)
+    error_picks = rng.integers(0, 2, size=n_errors)
+    for j, col in enumerate(holes):
+        cells = columns[col]
+        for i in np.flatnonzero(missing[j]).tolist():
+            cells[i] = ""
+    for row, j, pick in zip(error_rows.tolist(), error_cols.tolist(), error_picks.tolist(),
+                            strict=True):
+        missing[j, row] = False
+        columns[holes[j]][row] = ERROR_VALUES[holes[j]][pick]
+
+    lines = [",".join(spec.columns)]
+    lines.extend(",".join(cells) for cells in zip(*(columns[c] for c in spec.columns),
+                                                  strict=True))
+    auc_true, auc_no_glucose = _aucs(label, logit, logit_no_glucose)
+    return _Site(
+        text="\n".join(lines) + "\n",
+        n=n,
+        prevalence=round(float(label.mean()), 6),
+        fraction_flipped=round(float(flipped.mean()), 6),
+        auc_true_logit=auc_true,
+        auc_without_glucose=auc_no_glucose,
+        missing_cells=int(missing.sum()),
+        error_cells=n_errors,
+    )
+
+
+def _toml_string(value: str) -> str:
+    """Quote ``value`` as a TOML basic string."""
+    out = []
+    for ch in value:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _manifest(specs: list[HospitalSpec], files: list[str], seed: int) -> str:
+    lines = [
+        f"# written by fedadapt's generator (seed {seed}, {len(specs)} sites)",
+        f"schema = {_toml_string(SCHEMA_NAME)}",
+    ]
+    for spec, file in zip(specs, files, strict=True):
+        features = ", ".join(_toml_string(f) for f in spec.site_features)
+        lines += [
+            "",
+            "[[sites]]",
+            f"name = {_toml_string(spec.name)}",
+            f"data-file = {_toml_string(file)}",
+            f"site-features = [{features}]",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _truth(specs: list[HospitalSpec], sites: list[_Site], seed: int) -> dict[str, Any]:
+    return {
+        "generator": "fedadapt simulations.generator",
+        "seed": seed,
+        "n_sites": len(specs),
+        "schema": SCHEMA_NAME,
+        "model": {
+            "logit": (
+                "b_site + (beta_age + extra_age_effect)*(age-50) + beta_bmi*(bmi-27) "
+                "+ beta_bp*(systolic_bp-130) + beta_glucose*(glucose-105)"
+            ),
+            "bmi": "weight / (height/100)^2",
+            "betas": {
+                "age": BETA_AGE, "bmi": BETA_BMI, "systolic_bp": BETA_BP, "glucose": BETA_GLUCOSE,
+            },
+            "centers": {
+                "age": CENTER_AGE, "bmi": CENTER_BMI, "systolic_bp": CENTER_BP,
+                "glucose": CENTER_GLUCOSE,
+            },
+            "label": "Bernoulli(sigmoid(logit)), then flipped with probability label_noise",
+        },
+        "glucose_model": {
+            "formula": (
+                f"round(clip({GLU_BASE:g} + {GLU_BMI:g}*(bmi-27) + {GLU_AGE:g}*(age-50) "
+                f"+ N(0, {GLU_SD:g}), {GLU_CLIP[0]:g}, {GLU_CLIP[1]:g}))"
+            ),
+            "conditional_mean": f"{GLU_BASE:g} + {GLU_BMI:g}*(bmi-27) + {GLU_AGE:g}*(age-50)",
+            "intercept": GLU_BASE, "bmi": GLU_BMI, "age": GLU_AGE, "noise_sd": GLU_SD,
+            "clip": list(GLU_CLIP),
+        },
+        "blood_pressure_model": {
+            "formula": (
+                f"round(clip({BP_BASE:g} + bp_offset + {BP_AGE:g}*(age-50) + {BP_BMI:g}*(bmi-27) "
+                f"+ N(0, {BP_SD:g}), {BP_CLIP[0]:g}, {BP_CLIP[1]:g}))"
+            ),
+            "intercept": BP_BASE, "age": BP_AGE, "bmi": BP_BMI, "noise_sd": BP_SD,
+            "clip": list(BP_CLIP),
+        },
+        "sites": [
+            {
+                "name": spec.name,
+                "spec": asdict(spec),
+                "n": site.n,
+                "prevalence": site.prevalence,
+                "fraction_flipped": site.fraction_flipped,
+                "auc_true_logit": site.auc_true_logit,
+                "auc_without_glucose": site.auc_without_glucose,
+                "missing_cells": site.missing_cells,
+                "out_of_range_cells": site.error_cells,
+            }
+            for spec, site in zip(specs, sites, strict=True)
+        ],
+    }
+
+
+def generate(out_dir: str | Path, n_sites: int = 4, seed: int = 42) -> Path:
+    """Write one CSV per site, `sites.toml` and `truth.json` into out_dir; return sites.toml.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Folder to write into (created if needed; files of the same names are replaced).
+    n_sites : int
+        Number of sites; see :func:`hospital_specs`.
+    seed : int
+        Seed of everything drawn. The same ``(n_sites, seed)`` gives byte-identical files,
+        and site k's file does not depend on how many sites follow it.
+
+    Returns
+    -------
+    Path
+        The path of the written ``sites.toml`` manifest.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = hospital_specs(n_sites, seed)
+    sites: list[_Site] = []
+    files: list[str] = []
+    for spec, (_, data_seed) in zip(specs, _seeds(n_sites, seed), strict=True):
+        site = _generate_site(spec, np.random.default_rng(data_seed))
+        file = f"{spec.name}.csv"
+        (out / file).write_text(site.text, encoding="utf-8", newline="")
+        sites.append(site)
+        files.append(file)
+        log.info("site %s: %d rows, prevalence %.3f", spec.name, site.n, site.prevalence)
+    manifest = out / MANIFEST_NAME
+    manifest.write_text(_manifest(specs, files, seed), encoding="utf-8", newline="")
+    truth = json.dumps(_truth(specs, sites, seed), indent=2, allow_nan=False) + "\n"
+    (out / TRUTH_NAME).write_text(truth, encoding="utf-8", newline="")
+    log.info("wrote %d sites to %s", len(specs), out)
+    return manifest

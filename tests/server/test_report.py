@@ -1,0 +1,243 @@
+"""Tests for server.report: JSON, Markdown, PNG plots and the terminal table."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from server.report import (
+    METHODS,
+    plot_loss,
+    plot_metrics,
+    render_markdown,
+    site_table,
+    to_jsonable,
+    write_report,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SITE_NAMES = ("north_general", "st_mary", "lakeside_clinic", "hill_county", "east_regional")
+
+
+def _metrics(rng: np.random.Generator, base: float, sd: bool, auc: bool = True) -> dict[str, Any]:
+    """Build one method's metrics at a site."""
+    return {
+        "auc": round(base + rng.uniform(0, 0.05), 4) if auc else None,
+        "accuracy": round(base - 0.05 + rng.uniform(0, 0.05), 4),
+        "brier": round(0.25 - base / 5 + rng.uniform(0, 0.02), 4),
+        "log_loss": round(0.7 - base / 3, 4),
+        "auc_sd": round(rng.uniform(0.01, 0.04), 4) if sd and auc else None,
+        "accuracy_sd": round(rng.uniform(0.01, 0.04), 4) if sd else None,
+        "brier_sd": round(rng.uniform(0.002, 0.01), 4) if sd else None,
+        "log_loss_sd": round(rng.uniform(0.01, 0.03), 4) if sd else None,
+        "auc_n": 3 if auc else 0,
+    }
+
+
+def _site(
+    rng: np.random.Generator, n_test: int, prevalence: float, auc: bool = True, pooled: bool = True
+) -> dict[str, Any]:
+    """Build a successful site entry with every method."""
+    methods = {"local": 0.70, "source": 0.76, "adapted": 0.80, "pooled": 0.82}
+    if not pooled:
+        methods.pop("pooled")
+    return {
+        "n_train": n_test * 2,
+        "n_test": n_test,
+        "positives_test": round(n_test * prevalence),
+        "prevalence_test": prevalence,
+        "site_features": ["lab_b"] if auc else [],
+        "status": "ok",
+        "error": None,
+        "metrics": {m: _metrics(rng, base, sd=True, auc=auc) for m, base in methods.items()},
+        "correction": {
+            "applied": auc,
+            "strength": 0.42 if auc else None,
+            "applied_fraction": 2 / 3 if auc else 0.0,
+        },
+    }
+
+
+def _report(n_sites: int = 5, pooled: bool = True) -> dict[str, Any]:
+    """Build a realistic report: one site with AUC null, one failed site, sd values, pooled."""
+    rng = np.random.default_rng(0)
+    names = list(SITE_NAMES) if n_sites == 5 else [f"site_{i:04d}" for i in range(n_sites)]
+    sites: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        sites[name] = _site(rng, 60 + 17 * (i % 9), 0.1 + 0.05 * (i % 7), pooled=pooled)
+    sites[names[2]] = _site(rng, 25, 0.04, auc=False, pooled=pooled)
+    sites[names[1]]["metrics"]["local"]["auc_n"] = 2  # AUC undefined in one of three repeats
+    sites[names[-1]] = {
+        "n_train": 0,
+        "n_test": 0,
+        "positives_test": 0,
+        "prevalence_test": 0.0,
+        "site_features": [],
+        "status": "failed",
+        "error": "schema mismatch: required column 'age' missing",
+        "metrics": {},
+        "correction": {"applied": False, "strength": None, "applied_fraction": 0.0},
+    }
+    methods = [m for m in METHODS if pooled or m != "pooled"]
+    return {
+        "config": {
+            "fedadapt_version": "0.1.0",
+            "flwr_version": "1.41.0",
+            "data": "simulations/demo/sites.toml",
+            "schema": "synthetic",
+            "protocol": "default",
+            "repeats": 3,
+            "seed": 42,
+            "num-server-rounds": 12,
+            "strategy": "fedavg",
+            "model": "logreg",
+            "learning-rate": 0.5,
+            "hidden-units": [16, 8],
+        },
+        "sites": sites,
+        "rounds": [
+            {"round": r, "loss": 0.69 * math.exp(-r / 5) + 0.3, "loss_sd": 0.02 + 0.01 / r}
+            for r in range(1, 13)
+        ],
+        "summary": {
+            "methods": {
+                m: {"mean_auc": 0.8, "mean_accuracy": 0.78, "mean_brier": 0.16, "log_loss": 0.45}
+                for m in methods
+            },
+            "majority_accuracy": 0.74,
+        },
+        "timing_s": {"total": 12.5, "stats": 0.4, "train": 9.1, "adapt": 1.2, "evaluate": 1.8},
+    }
+
+
+def _strict_loads(text: str) -> Any:
+    """Parse JSON, failing on NaN and infinities."""
+
+    def reject(name: str) -> Any:
+        raise ValueError(f"non-finite constant {name} in JSON")
+
+    return json.loads(text, parse_constant=reject)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Write the small report once for the file checks."""
+    report = _report()
+    return report, write_report(report, tmp_path_factory.mktemp("out"))
+
+
+def test_json_round_trips_without_nan(written: tuple[dict[str, Any], dict[str, Path]]) -> None:
+    """report.json parses strictly and equals the input report."""
+    report, paths = written
+    assert paths["json"].name == "report.json"
+    assert _strict_loads(paths["json"].read_text(encoding="utf-8")) == report
+    assert not list(paths["json"].parent.glob(".*.tmp"))
+
+
+def test_nan_and_numpy_become_plain_json(tmp_path: Path) -> None:
+    """NaN and infinities become null; numpy scalars and arrays become numbers and lists."""
+    report = _report()
+    site = report["sites"]["north_general"]["metrics"]["source"]
+    site["auc"] = float("nan")
+    site["brier_sd"] = np.float64("inf")
+    site["accuracy"] = np.float32(0.75)
+    site["auc_n"] = np.int64(2)
+    report["rounds"][0]["loss"] = float("nan")
+    report["config"]["weights"] = np.array([0.5, np.nan])
+    paths = write_report(report, tmp_path)
+    loaded = _strict_loads(paths["json"].read_text(encoding="utf-8"))
+    got = loaded["sites"]["north_general"]["metrics"]["source"]
+    assert got["auc"] is None and got["brier_sd"] is None
+    assert got["accuracy"] == pytest.approx(0.75) and got["auc_n"] == 2
+    assert loaded["rounds"][0]["loss"] is None
+    assert loaded["config"]["weights"] == [0.5, None]
+    assert math.isnan(report["sites"]["north_general"]["metrics"]["source"]["auc"])  # untouched
+    assert to_jsonable({1: (np.bool_(True), -math.inf)}) == {"1": [True, None]}
+
+
+def test_markdown_content(written: tuple[dict[str, Any], dict[str, Path]]) -> None:
+    """report.md names every site, shows sd and null AUC, and links both plots."""
+    _, paths = written
+    text = paths["markdown"].read_text(encoding="utf-8")
+    for name in SITE_NAMES:
+        assert name in text
+    assert "± " in text
+    assert " (n=2)" in text
+    assert "| lakeside_clinic | 25 | 1 (4.0%) | — | — | — | — |" in text
+    assert "![Per-site metrics by method](plots/metrics.png)" in text
+    assert "![Training loss by round](plots/loss.png)" in text
+    assert "schema mismatch" in text and "majority label" in text
+    assert "pooled" in text and "## Configuration" in text and "## Timing" in text
+
+
+def test_markdown_without_pooled_or_plots() -> None:
+    """Without pooled results no pooled column appears, and without plots no image link."""
+    text = render_markdown(_report(pooled=False))
+    assert "pooled" not in text
+    assert "![" not in text
+
+
+def test_pngs_written(written: tuple[dict[str, Any], dict[str, Path]]) -> None:
+    """Both plots exist, are PNG files, and have a plausible size."""
+    _, paths = written
+    for name in ("metrics", "loss"):
+        data = paths[name].read_bytes()
+        assert data.startswith(PNG_SIGNATURE), name
+        assert len(data) > 5_000, name
+
+
+def test_loss_plot_without_rounds(tmp_path: Path) -> None:
+    """An empty rounds list still gives a readable PNG."""
+    report = _report()
+    report["rounds"] = []
+    path = plot_loss(report, tmp_path / "loss.png")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_single_site_one_repeat(tmp_path: Path) -> None:
+    """One site and one repeat (sd null) render every output without any ± sign."""
+    report = _report()
+    report["config"]["repeats"] = 1
+    site = copy.deepcopy(report["sites"]["north_general"])
+    for metrics in site["metrics"].values():
+        metrics.update({key: None for key in metrics if key.endswith("_sd")})
+    report["sites"] = {"only": site}
+    paths = write_report(report, tmp_path)
+    text = paths["markdown"].read_text(encoding="utf-8")
+    assert "only" in text and "±" not in text
+    assert plot_metrics(report, tmp_path / "again.png").stat().st_size > 5_000
+
+
+def test_site_table_rows(written: tuple[dict[str, Any], dict[str, Path]]) -> None:
+    """The terminal table has one row per site plus a mean row and fits 160 columns."""
+    report, _ = written
+    table = site_table(report)
+    assert table.row_count == len(report["sites"]) + 1
+    console = Console(record=True, width=160)
+    console.print(table)
+    text = console.export_text()
+    for name in SITE_NAMES:
+        assert name in text
+    assert "failed" in text
+    assert max(len(line) for line in text.splitlines()) <= 160
+
+
+def test_thousand_sites(tmp_path: Path) -> None:
+    """A 1000-site report renders every output, and the Markdown lists only 50 sites."""
+    report = _report(n_sites=1000)
+    paths = write_report(report, tmp_path)
+    text = paths["markdown"].read_text(encoding="utf-8")
+    assert "site_0049" in text and "site_0050" not in text
+    assert "of 1000 sites" in text
+    assert paths["metrics"].read_bytes().startswith(PNG_SIGNATURE)
+    console = Console(record=True, width=160, file=io.StringIO())
+    console.print(site_table(report))
+    assert "site_0999" in console.export_text()
