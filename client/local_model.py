@@ -69,5 +69,6 @@ def fit_predict_local(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 API transition notices
         model.fit(prep.transform(train_rows), y_train)
     return np.asarray(model.predict_proba(prep.transform(test_rows))[:, 1], dtype=float)

@@ -12,6 +12,8 @@ import numpy as np
 import sklearn
 from sklearn.metrics import roc_auc_score
 
+from client.site import write_manifest
+
 log = logging.getLogger(__name__)
 
 SCHEMA_NAME = "synthetic"
@@ -87,8 +89,11 @@ class HospitalSpec:
         Probability that a weight, height, blood-pressure or glucose cell is left empty.
     label_noise : float
         Probability that a drawn label is flipped.
-    extra_age_effect : float
-        Site-specific addition to the age slope: ``site_extra = extra_age_effect*(age-50)``.
+    extra_bp_effect : float
+        Site-specific addition to the blood-pressure slope:
+        ``site_extra = extra_bp_effect*(systolic_bp-130)``. Negative at a referral centre whose
+        high-risk patients are already treated for hypertension, so that recorded pressure
+        runs against risk there: a local effect the shared model cannot capture.
     error_rate : float
         Fraction of rows with one data-entry error outside the valid range (at least one
         per site).
@@ -109,7 +114,7 @@ class HospitalSpec:
     has_bp: bool
     missing_rate: float
     label_noise: float = 0.0
-    extra_age_effect: float = 0.0
+    extra_bp_effect: float = 0.0
     error_rate: float = ERROR_RATE
 
     @property
@@ -160,11 +165,13 @@ def _role_spec(index: int) -> HospitalSpec:
         )
     if index == 1:
         return HospitalSpec(
-            name=name, role="older population; age effect twice as strong; high prevalence",
+            name=name,
+            role=("older population with a higher baseline risk than its covariates explain; "
+                  "treated hypertension reverses the blood-pressure effect"),
             n=500, age_mean=64.0, age_sd=11.0, bmi_mean=28.5, bmi_sd=5.0,
-            height_mean=168.0, height_sd=9.0, bp_offset=6.0, intercept=-1.4,
+            height_mean=168.0, height_sd=9.0, bp_offset=6.0, intercept=-0.3,
             glucose_measured=False, has_bp=True, missing_rate=0.04,
-            extra_age_effect=BETA_AGE,
+            extra_bp_effect=-2 * BETA_BP,
         )
     if index == 2:
         return HospitalSpec(
@@ -222,7 +229,7 @@ def hospital_specs(n_sites: int = 4, seed: int = 42) -> list[HospitalSpec]:
     ----------
     n_sites : int
         Number of sites (at least 1). Sites 0-3 take the fixed roles (baseline, older with a
-        site-specific age effect, small, noisy without blood pressure); later sites draw
+        reversed blood-pressure effect, small, noisy without blood pressure); later sites draw
         their shifts from ``seed``.
     seed : int
         Seed of the random shifts of sites 4 and later.
@@ -254,9 +261,9 @@ def true_logit(
     """Return the true log-odds of diabetes at the site of ``spec``."""
     return (
         spec.intercept
-        + (BETA_AGE + spec.extra_age_effect) * (age - CENTER_AGE)
+        + BETA_AGE * (age - CENTER_AGE)
         + BETA_BMI * (bmi - CENTER_BMI)
-        + BETA_BP * (sbp - CENTER_BP)
+        + (BETA_BP + spec.extra_bp_effect) * (sbp - CENTER_BP)
         + BETA_GLUCOSE * (glucose - CENTER_GLUCOSE)
     )
 
@@ -357,44 +364,6 @@ def _generate_site(spec: HospitalSpec, rng: np.random.Generator) -> _Site:
     )
 
 
-def _toml_string(value: str) -> str:
-    """Quote ``value`` as a TOML basic string."""
-    out = []
-    for ch in value:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch == '"':
-            out.append('\\"')
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04X}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _manifest(specs: list[HospitalSpec], files: list[str], seed: int) -> str:
-    lines = [
-        f"# written by fedadapt's generator (seed {seed}, {len(specs)} sites)",
-        f"schema = {_toml_string(SCHEMA_NAME)}",
-    ]
-    for spec, file in zip(specs, files, strict=True):
-        features = ", ".join(_toml_string(f) for f in spec.site_features)
-        lines += [
-            "",
-            "[[sites]]",
-            f"name = {_toml_string(spec.name)}",
-            f"data-file = {_toml_string(file)}",
-            f"site-features = [{features}]",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def _truth(specs: list[HospitalSpec], sites: list[_Site], seed: int) -> dict[str, Any]:
     return {
         "generator": "fedadapt simulations.generator",
@@ -403,8 +372,8 @@ def _truth(specs: list[HospitalSpec], sites: list[_Site], seed: int) -> dict[str
         "schema": SCHEMA_NAME,
         "model": {
             "logit": (
-                "b_site + (beta_age + extra_age_effect)*(age-50) + beta_bmi*(bmi-27) "
-                "+ beta_bp*(systolic_bp-130) + beta_glucose*(glucose-105)"
+                "b_site + beta_age*(age-50) + beta_bmi*(bmi-27) "
+                "+ (beta_bp + extra_bp_effect)*(systolic_bp-130) + beta_glucose*(glucose-105)"
             ),
             "bmi": "weight / (height/100)^2",
             "betas": {
@@ -480,8 +449,12 @@ def generate(out_dir: str | Path, n_sites: int = 4, seed: int = 42) -> Path:
         sites.append(site)
         files.append(file)
         log.info("site %s: %d rows, prevalence %.3f", spec.name, site.n, site.prevalence)
-    manifest = out / MANIFEST_NAME
-    manifest.write_text(_manifest(specs, files, seed), encoding="utf-8", newline="")
+    manifest = write_manifest(
+        out / MANIFEST_NAME, SCHEMA_NAME,
+        [{"name": spec.name, "data-file": file, "site-features": list(spec.site_features)}
+         for spec, file in zip(specs, files, strict=True)],
+        comment=f"written by fedadapt's generator (seed {seed}, {len(specs)} sites)",
+    )
     truth = json.dumps(_truth(specs, sites, seed), indent=2, allow_nan=False) + "\n"
     (out / TRUTH_NAME).write_text(truth, encoding="utf-8", newline="")
     log.info("wrote %d sites to %s", len(specs), out)

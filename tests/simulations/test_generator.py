@@ -112,7 +112,7 @@ def test_roles_of_the_four_default_sites(default_dir: Path) -> None:
     assert "systolic_bp" not in header_d.split(",")
     assert truth["hospital-d"]["spec"]["label_noise"] == pytest.approx(0.15)
     assert 0.08 <= truth["hospital-d"]["fraction_flipped"] <= 0.22
-    assert truth["hospital-b"]["spec"]["extra_age_effect"] > 0
+    assert truth["hospital-b"]["spec"]["extra_bp_effect"] < 0
 
     for site in _manifest(default_dir / "sites.toml")["sites"]:
         header = (default_dir / site["data-file"]).read_text(encoding="utf-8").splitlines()[0]

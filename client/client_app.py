@@ -1,0 +1,88 @@
+"""The site's Flower ClientApp: one handler per phase, every reply built by ``client.egress``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.egress import build_reply, error_reply
+from client.jobs import SiteRows, adapt_job, evaluate_job, open_site, stats_job, train_job
+from client.site import resolve_site
+from shared import keys, logs
+
+log = logging.getLogger(__name__)
+logs.configure()
+
+app = ClientApp()
+
+Work = Callable[[Message, SiteRows, dict[str, Any]], Message]
+
+
+def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
+    """Run one phase's work at this site; any failure becomes a safe error reply."""
+    try:
+        site = resolve_site(context.node_config, context.run_config)
+        config = dict(msg.content.config_records[keys.CONFIG])
+        rows = open_site(site, config)
+        return work(msg, rows, config)
+    except Exception as err:  # every failure must still produce a reply without cell values
+        return error_reply(msg, err, phase)
+
+
+def _stats(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
+    return build_reply(
+        msg, shared_features=rows.schema.shared_features, metrics=stats_job(rows),
+        site={keys.SITE_NAME: rows.site.name, keys.SCHEMA_DIGEST: rows.schema.digest()},
+    )
+
+
+def _train(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
+    arrays, metrics = train_job(rows, msg.content.array_records[keys.ARRAYS], config)
+    return build_reply(msg, shared_features=rows.schema.shared_features, metrics=metrics,
+                       arrays=arrays)
+
+
+def _adapt(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
+    metrics, status = adapt_job(rows, msg.content.array_records[keys.ARRAYS], config)
+    return build_reply(
+        msg, shared_features=rows.schema.shared_features, metrics=metrics,
+        site={keys.SITE_NAME: rows.site.name, keys.CORRECTION_STATUS: status,
+              keys.SITE_FEATURES: ",".join(rows.site.site_features)},
+    )
+
+
+def _evaluate(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
+    metrics, status = evaluate_job(rows, msg.content.array_records[keys.ARRAYS], config)
+    return build_reply(
+        msg, shared_features=rows.schema.shared_features, metrics=metrics,
+        site={keys.SITE_NAME: rows.site.name, keys.CORRECTION_STATUS: status,
+              keys.SITE_FEATURES: ",".join(rows.site.site_features)},
+    )
+
+
+@app.query("stats")
+def stats(msg: Message, context: Context) -> Message:
+    """Phase 1: aggregate counts and sums of the training rows' shared features."""
+    return _respond(msg, context, "stats", _stats)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Phase 2: one round of local training of the source model."""
+    return _respond(msg, context, "train", _train)
+
+
+@app.query("adapt")
+def adapt(msg: Message, context: Context) -> Message:
+    """Phase 3: fit and store the private correction; reply with its scores only."""
+    return _respond(msg, context, "adapt", _adapt)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Phase 4: held-out metrics of the local-only, source and adapted models."""
+    return _respond(msg, context, "evaluate", _evaluate)

@@ -1,0 +1,169 @@
+"""The single door out of a site: every reply a site sends is built and checked here.
+
+A reply may carry only the source model's arrays (train phase, same names and shapes as the
+weights the server sent), aggregate numbers under the keys of ``shared.keys`` and, in the
+``site`` record, the site's name and fixed status strings. Anything else is refused before it
+is sent. Errors go out as Flower error replies whose text is known to carry no cell value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+from collections.abc import Mapping, Sequence
+
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from client.data import DataError
+from client.site import SiteConfigError
+from client.store import CorrectionRefused, SiteDirError
+from shared import keys
+from shared.preprocessing import summary_keys
+from shared.schema import Feature, SchemaError
+from shared.settings import SettingsError
+
+log = logging.getLogger(__name__)
+
+MetricValue = float | int | list[float]
+
+# Error code of a reply refused by the site (Flower's own codes are 0-8).
+SITE_ERROR = 100
+MAX_TEXT = 2000
+
+
+class EgressViolation(RuntimeError):
+    """A reply that would carry something other than allowed aggregates: never sent."""
+
+
+# Exceptions whose messages fedadapt builds itself without any cell value (file, line, column,
+# feature names, identifiers); every other exception is reported by its type only.
+SAFE_ERRORS: tuple[type[BaseException], ...] = (
+    DataError, SchemaError, SiteConfigError, SettingsError, CorrectionRefused, SiteDirError,
+    EgressViolation,
+)
+
+
+def allowed_metric_keys(message_type: str, shared_features: Sequence[Feature]) -> set[str]:
+    """The metric keys a reply to ``message_type`` may carry."""
+    if message_type == keys.STATS:
+        return set(summary_keys(shared_features)) | set(keys.STATS_EXTRA)
+    if message_type == keys.TRAIN:
+        return set(keys.TRAIN_METRICS)
+    if message_type == keys.ADAPT:
+        return set(keys.ADAPT_METRICS)
+    if message_type == keys.EVALUATE:
+        return set(keys.EVALUATE_METRICS)
+    raise EgressViolation(f"no reply is allowed to messages of type {message_type!r}")
+
+
+ALLOWED_SITE_KEYS = {
+    keys.STATS: {keys.SITE_NAME, keys.SCHEMA_DIGEST},
+    keys.TRAIN: set(),
+    keys.ADAPT: {keys.SITE_NAME, keys.CORRECTION_STATUS, keys.SITE_FEATURES},
+    keys.EVALUATE: {keys.SITE_NAME, keys.CORRECTION_STATUS, keys.SITE_FEATURES},
+}
+
+
+def build_reply(
+    msg: Message,
+    *,
+    shared_features: Sequence[Feature],
+    metrics: Mapping[str, MetricValue],
+    arrays: ArrayRecord | None = None,
+    site: Mapping[str, str] | None = None,
+) -> Message:
+    """Build the reply to ``msg`` after checking that it holds only allowed aggregates.
+
+    Parameters
+    ----------
+    msg : Message
+        The message being answered; for a train message its ``arrays`` define the only
+        array names and shapes a reply may carry.
+    shared_features : sequence of Feature
+        The schema's shared features (they name the stats phase's summary keys).
+    metrics : mapping
+        Aggregate numbers under allowed keys; finite, except AUC-like keys, which may be NaN
+        where undefined.
+    arrays : ArrayRecord, optional
+        The locally trained source model weights (train phase only).
+    site : mapping, optional
+        The site's name and status strings.
+
+    Returns
+    -------
+    Message
+        The reply.
+
+    Raises
+    ------
+    EgressViolation
+        If anything in the reply is not allowed.
+    """
+    mtype = msg.metadata.message_type
+    allowed = allowed_metric_keys(mtype, shared_features)
+    extra = sorted(set(metrics) - allowed)
+    if extra:
+        raise EgressViolation(f"reply to {mtype} carries keys that are not allowed: {extra}")
+    for key, value in metrics.items():
+        _check_number(key, value)
+    content = RecordDict({keys.METRICS: MetricRecord(dict(metrics))})
+    if arrays is not None:
+        if mtype != keys.TRAIN:
+            raise EgressViolation(f"a reply to {mtype} may not carry arrays")
+        _check_arrays(arrays, msg.content.array_records.get(keys.ARRAYS))
+        content[keys.ARRAYS] = arrays
+    elif mtype == keys.TRAIN:
+        raise EgressViolation("a train reply must carry the trained source model")
+    if site:
+        bad = sorted(set(site) - ALLOWED_SITE_KEYS.get(mtype, set()))
+        if bad:
+            raise EgressViolation(f"reply to {mtype} carries site keys that are not allowed: {bad}")
+        for key, text in site.items():
+            if not isinstance(text, str) or len(text) > MAX_TEXT:
+                raise EgressViolation(f"site field {key!r} must be a short string")
+        content[keys.SITE] = ConfigRecord(dict(site))
+    return Message(content=content, reply_to=msg)
+
+
+def error_reply(msg: Message, err: BaseException, phase: str) -> Message:
+    """An error reply whose text carries no cell value.
+
+    fedadapt's own errors (data, schema, settings, stored correction) are sent with their
+    message; any other exception is sent by type only, and logged at the site with its stack
+    frames but without its message (which could quote a value).
+    """
+    if isinstance(err, SAFE_ERRORS):
+        reason = f"{type(err).__name__}: {err}"[:MAX_TEXT]
+        log.error("%s failed: %s", phase, reason)
+    else:
+        frames = "".join(traceback.format_tb(err.__traceback__))
+        log.error("%s failed with %s (message withheld: it may quote data)\n%s", phase,
+                  type(err).__name__, frames)
+        reason = f"{type(err).__name__} at the site during {phase}; see the site's log"
+    return Message(Error(code=SITE_ERROR, reason=reason), reply_to=msg)
+
+
+def _check_number(key: str, value: MetricValue) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise EgressViolation(f"metric {key!r} is not a number")
+        if not math.isfinite(v) and not (math.isnan(v) and _may_be_undefined(key)):
+            raise EgressViolation(f"metric {key!r} is not finite")
+
+
+def _may_be_undefined(key: str) -> bool:
+    """AUC (and scores derived from it) is undefined where a set has one class."""
+    return key.endswith("auc") or key.startswith("cv-") or key == "test-log-loss"
+
+
+def _check_arrays(arrays: ArrayRecord, sent: ArrayRecord | None) -> None:
+    if sent is None:
+        raise EgressViolation("a train reply needs the train message's arrays to compare with")
+    got = {k: tuple(arrays[k].shape) for k in arrays}
+    want = {k: tuple(sent[k].shape) for k in sent}
+    if got != want:
+        raise EgressViolation(
+            f"reply arrays {got} differ from the source model's {want}: refused"
+        )

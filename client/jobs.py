@@ -1,0 +1,212 @@
+"""What a site does in each phase of a run, on its own rows; each job returns aggregates only."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from flwr.app import ArrayRecord
+
+from client.adapt import fit_correction
+from client.data import SiteData, read_site_data
+from client.local_model import fit_predict_local
+from client.site import SiteConfigError, SiteSettings
+from client.split import Split, split_site
+from client.store import CorrectionRefused, check_writable, load_correction, save_correction
+from client.train import train_local
+from shared.correction import Correction, adapted_logit
+from shared.metrics import binary_metrics, sigmoid
+from shared.preprocessing import TabularPreprocessor, summarize
+from shared.schema import Feature, Schema, load_schema
+from shared.source_model import arrays_digest, build_model, load_arrays, predict_logit, to_arrays
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, float | list[float]]
+
+
+@dataclass
+class SiteRows:
+    """A site's validated rows and its split for this run (same on every message)."""
+
+    site: SiteSettings
+    schema: Schema
+    data: SiteData
+    split: Split
+    site_feature_defs: list[Feature] = field(default_factory=list)
+
+    @property
+    def shared(self) -> pd.DataFrame:
+        """The shared feature columns of all rows."""
+        return self.data.features[list(self.data.shared_columns)]
+
+    @property
+    def own(self) -> pd.DataFrame:
+        """The site-only feature columns of all rows (possibly none)."""
+        return self.data.features[list(self.data.site_columns)]
+
+
+def open_site(site: SiteSettings, config: Mapping[str, Any]) -> SiteRows:
+    """Read, validate and split the site's file as the server's config says.
+
+    Raises
+    ------
+    SiteConfigError
+        If the site's schema differs from the server's.
+    DataError
+        If the file does not fit the schema.
+    """
+    schema = load_schema(site.schema or str(config["schema"]))
+    if schema.digest() != config["schema-digest"]:
+        raise SiteConfigError(
+            f"the site's schema {schema.name!r} (version {schema.version}) differs from the "
+            "server's: use the same schema file on both sides"
+        )
+    data = read_site_data(site.data_file, schema, site.site_features)
+    split = split_site(
+        data,
+        protocol=str(config["protocol"]),
+        seed=int(config["split-seed"]),
+        test_fraction=float(config["test-fraction"]),
+    )
+    log.info("site %s: %d rows, %d train, %d held-out", site.name, data.n_rows,
+             len(split.train), len(split.test))
+    return SiteRows(site, schema, data, split, list(schema.resolve_site_features(
+        list(site.site_features))))
+
+
+def stats_job(rows: SiteRows) -> Metrics:
+    """Phase 1: counts and sums of the shared features over the training rows."""
+    check_writable(rows.site.site_dir)  # fail before training, not after it
+    train = rows.split.train
+    summary: Metrics = dict(summarize(rows.shared.iloc[train], rows.schema.shared_features))
+    y = rows.data.label[train]
+    summary.update({
+        "num-examples": float(len(train)),
+        "n-test": float(len(rows.split.test)),
+        "label-negative": float(len(y) - y.sum()),
+        "label-positive": float(y.sum()),
+    })
+    return summary
+
+
+def _prep(rows: SiteRows, config: Mapping[str, Any]) -> TabularPreprocessor:
+    return TabularPreprocessor.from_dict(
+        json.loads(str(config["preprocessing"])), list(rows.schema.shared_features)
+    )
+
+
+def _source(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> tuple[
+    Any, np.ndarray
+]:
+    """The source model loaded with ``arrays`` and the shared inputs of every row."""
+    x = _prep(rows, config).transform(rows.shared)
+    model = build_model(str(config["model"]), x.shape[1], int(config["hidden-units"]))
+    load_arrays(model, arrays)
+    return model, x
+
+
+def train_job(
+    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
+) -> tuple[ArrayRecord, Metrics]:
+    """Phase 2, one round: train the source model on the training rows."""
+    model, x = _source(rows, arrays, config)
+    train = rows.split.train
+    global_loss, train_loss = train_local(
+        model, x[train], rows.data.label[train],
+        epochs=int(config["local-epochs"]),
+        lr=float(config["learning-rate"]),
+        batch_size=int(config["batch-size"]),
+        weight_decay=float(config["weight-decay"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=int(config["split-seed"]) * 1000 + int(config.get("server-round", 0)),
+    )
+    metrics: Metrics = {
+        "num-examples": float(len(train)), "train-loss": train_loss, "global-loss": global_loss,
+    }
+    return to_arrays(model), metrics
+
+
+def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> tuple[
+    Metrics, str
+]:
+    """Phase 3: fit the private correction on the training rows and store it encrypted."""
+    model, x = _source(rows, arrays, config)
+    offset = predict_logit(model, x)
+    train, test = rows.split.train, rows.split.test
+    correction = fit_correction(
+        x[train], rows.own.iloc[train], offset[train], rows.data.label[train],
+        rows.site_feature_defs, folds=int(config["cv-folds"]), seed=int(config["split-seed"]),
+    )
+    digest = arrays_digest(arrays)
+    save_correction(rows.site.site_dir, rows.site.name, digest, correction.to_dict())
+    alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs)
+    held_out = binary_metrics(rows.data.label[test], sigmoid(adapted_logit(offset[test], alpha)))
+    cv = correction.cv
+    metrics: Metrics = {
+        "num-examples": float(len(train)),
+        "applied": float(correction.applied),
+        "strength": float(correction.strength) if correction.strength is not None else -1.0,
+        "cv-log-loss-source": cv.get("cv_log_loss_source", float("nan")),
+        "cv-log-loss": cv.get("cv_log_loss", float("nan")),
+        "cv-auc-source": cv.get("cv_auc_source", float("nan")),
+        "cv-auc": cv.get("cv_auc", float("nan")),
+        "folds": cv.get("folds", 0.0),
+        "test-auc": held_out["auc"],
+        "test-log-loss": held_out["log_loss"],
+    }
+    status = "applied" if correction.applied else f"not applied: {correction.reason}"
+    return metrics, status
+
+
+def evaluate_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> tuple[
+    Metrics, str
+]:
+    """Phase 4: held-out metrics of local-only, source and adapted models."""
+    model, x = _source(rows, arrays, config)
+    offset = predict_logit(model, x)
+    train, test = rows.split.train, rows.split.test
+    y_test = rows.data.label[test]
+    features = [*rows.schema.shared_features, *rows.site_feature_defs]
+    p_local = fit_predict_local(
+        rows.data.features.iloc[train], rows.data.label[train], rows.data.features.iloc[test],
+        features, folds=int(config["cv-folds"]), seed=int(config["split-seed"]),
+    )
+    fallback = 0.0
+    try:
+        state = load_correction(rows.site.site_dir, rows.site.name, arrays_digest(arrays))
+        correction = Correction.from_dict(state)
+        alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs)
+        status = "applied" if correction.applied else f"not applied: {correction.reason}"
+    except CorrectionRefused as err:
+        log.warning("site %s: correction refused (%s); using the source model", rows.site.name,
+                    err.reason)
+        correction = Correction.none(list(rows.site.site_features))
+        alpha = np.zeros(len(test))
+        status = f"refused ({err.reason}): fell back to the source model"
+        fallback = 1.0
+    metrics: Metrics = {
+        "num-examples": float(len(test)),
+        "n-train": float(len(train)),
+        "n-test": float(len(test)),
+        "positives-test": float(y_test.sum()),
+        "correction-applied": float(correction.applied),
+        "correction-strength": (
+            float(correction.strength) if correction.strength is not None else -1.0
+        ),
+        "correction-fallback": fallback,
+    }
+    for method, p in (
+        ("local", p_local),
+        ("source", sigmoid(offset[test])),
+        ("adapted", sigmoid(adapted_logit(offset[test], alpha))),
+    ):
+        for k, v in binary_metrics(y_test, p).items():
+            if k not in ("n", "positives"):
+                metrics[f"{method}.{k}"] = v
+    return metrics, status

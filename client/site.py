@@ -1,0 +1,208 @@
+"""Who this site is and where its files are: from ``node_config``, or a sites manifest in simulation.
+
+In deployment a SuperNode is started with ``--node-config`` naming its data file, its site-only
+features, its private folder (encrypted correction and key) and its name. In Flower's
+simulation engine a node only knows its ``partition-id``; the run config then names a sites
+manifest (TOML, written by ``fedadapt generate`` or ``fedadapt simulate``) whose
+``partition-id``-th entry holds the same settings.
+
+A relative manifest path resolves against the working directory of the process, which Flower
+sets to wherever the SuperLink (simulation) was started: for ``flwr run .`` from the project
+folder, the project folder. Data never travels inside Flower's app bundle.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# node_config keys of a deployed site.
+DATA_FILE = "data-file"
+SITE_FEATURES = "site-features"
+SITE_DIR = "site-dir"
+SITE_NAME = "site-name"
+SCHEMA = "schema"
+
+
+class SiteConfigError(ValueError):
+    """The site's settings are missing or inconsistent; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Everything a site needs to know about itself."""
+
+    name: str
+    data_file: Path
+    site_features: tuple[str, ...]
+    site_dir: Path
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A simulated federation: the schema and one entry per site."""
+
+    path: Path
+    schema: str
+    sites: tuple[SiteSettings, ...]
+
+
+def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteSettings:
+    """Return this site's settings.
+
+    Parameters
+    ----------
+    node_config : mapping
+        The SuperNode's ``node_config``: ``data-file`` (and ``site-dir``, ``site-name``,
+        ``site-features`` as a comma-separated list, optionally ``schema``) in deployment;
+        ``partition-id`` in simulation.
+    run_config : mapping
+        The run config: ``sites-manifest`` and ``out`` are used in simulation.
+
+    Returns
+    -------
+    SiteSettings
+        With absolute paths.
+
+    Raises
+    ------
+    SiteConfigError
+        If neither a data file nor a manifest entry can be found.
+    """
+    if DATA_FILE in node_config:
+        missing = [k for k in (SITE_DIR, SITE_NAME) if not str(node_config.get(k, "")).strip()]
+        if missing:
+            raise SiteConfigError(
+                f"node_config sets {DATA_FILE} but not {', '.join(missing)}: start the "
+                "SuperNode with --node-config 'data-file=\"...\" site-dir=\"...\" "
+                "site-name=\"...\" site-features=\"a,b\"'"
+            )
+        features = tuple(
+            f.strip() for f in str(node_config.get(SITE_FEATURES, "")).split(",") if f.strip()
+        )
+        return SiteSettings(
+            name=str(node_config[SITE_NAME]),
+            data_file=Path(str(node_config[DATA_FILE])).expanduser().resolve(),
+            site_features=features,
+            site_dir=Path(str(node_config[SITE_DIR])).expanduser().resolve(),
+            schema=str(node_config[SCHEMA]) if SCHEMA in node_config else None,
+        )
+    if "partition-id" in node_config:
+        manifest_ref = str(run_config.get("sites-manifest", "")).strip()
+        if not manifest_ref:
+            raise SiteConfigError(
+                "simulated site without data: set the run config 'sites-manifest' to a "
+                "sites.toml (`fedadapt generate --out DIR` writes one)"
+            )
+        manifest = read_manifest(_resolve(manifest_ref, Path.cwd()))
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(manifest.sites):
+            raise SiteConfigError(
+                f"simulated node {pid} has no entry in {manifest.path} "
+                f"({len(manifest.sites)} sites): run with num-supernodes={len(manifest.sites)}"
+            )
+        site = manifest.sites[pid]
+        if site.site_dir == Path():
+            out = _resolve(str(run_config.get("out", "fedadapt-out")), Path.cwd())
+            site = SiteSettings(site.name, site.data_file, site.site_features,
+                                out / "sites" / site.name, site.schema)
+        return site
+    raise SiteConfigError(
+        "this node has no data: start the SuperNode with --node-config "
+        "'data-file=\"...\" site-dir=\"...\" site-name=\"...\"'"
+    )
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read a sites manifest; paths inside resolve against the manifest's folder.
+
+    Raises
+    ------
+    SiteConfigError
+        If the file is missing, not TOML (with line and column), or an entry is incomplete.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SiteConfigError(f"sites manifest {path} not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise SiteConfigError(f"{path}: invalid TOML: {err}") from None
+    base = path.resolve().parent
+    sites = []
+    names: set[str] = set()
+    for i, entry in enumerate(raw.get("sites", [])):
+        if "name" not in entry or "data-file" not in entry:
+            raise SiteConfigError(f"{path}: [[sites]] #{i + 1} needs 'name' and 'data-file'")
+        name = str(entry["name"])
+        if name in names:
+            raise SiteConfigError(f"{path}: site name {name!r} appears twice")
+        names.add(name)
+        site_dir = entry.get("site-dir")
+        sites.append(SiteSettings(
+            name=name,
+            data_file=_resolve(str(entry["data-file"]), base),
+            site_features=tuple(str(f) for f in entry.get("site-features", [])),
+            site_dir=_resolve(str(site_dir), base) if site_dir else Path(),
+            schema=str(raw["schema"]) if "schema" in raw else None,
+        ))
+    if not sites:
+        raise SiteConfigError(f"{path}: no [[sites]] entries")
+    schema = str(raw.get("schema", "synthetic"))
+    return Manifest(path=path, schema=schema, sites=tuple(sites))
+
+
+def write_manifest(
+    path: str | Path, schema: str, sites: list[dict[str, Any]], comment: str = ""
+) -> Path:
+    """Write a sites manifest (the format :func:`read_manifest` reads).
+
+    Parameters
+    ----------
+    path : str or Path
+        Where to write.
+    schema : str
+        Built-in schema name or schema file path.
+    sites : list of dict
+        Entries with ``name``, ``data-file`` and optionally ``site-features``, ``site-dir``.
+    comment : str
+        A first comment line (what wrote the file).
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    lines = [f"# {comment}"] if comment else []
+    lines += [f"schema = {_q(schema)}", ""]
+    for s in sites:
+        lines += ["[[sites]]", f"name = {_q(s['name'])}", f"data-file = {_q(str(s['data-file']))}"]
+        feats = ", ".join(_q(f) for f in s.get("site-features", []))
+        lines.append(f"site-features = [{feats}]")
+        if s.get("site-dir"):
+            lines.append(f"site-dir = {_q(str(s['site-dir']))}")
+        lines.append("")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8", newline="")
+    return path
+
+
+def _q(text: str) -> str:
+    """Quote ``text`` as a TOML basic string (control characters escaped)."""
+    escaped = "".join(
+        {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(
+            ch, f"\\u{ord(ch):04X}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
+        )
+        for ch in text
+    )
+    return f'"{escaped}"'
+
+
+def _resolve(ref: str, base: Path) -> Path:
+    p = Path(ref).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()

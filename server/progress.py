@@ -1,0 +1,33 @@
+"""Progress of a run as JSON lines in the output folder, for whoever watches the run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EVENTS_FILE = "events.jsonl"
+
+
+class Progress:
+    """Append one JSON object per event (phase started, round done, run finished).
+
+    The ServerApp runs in a process of its own (the SuperLink's); a command that started the
+    run follows its progress by reading this file.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / EVENTS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("", encoding="utf-8")
+        self.t0 = time.monotonic()
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """Record an event with its fields (aggregates and identifiers only)."""
+        record = {"event": event, "t": round(time.monotonic() - self.t0, 3), **fields}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=str) + "\n")

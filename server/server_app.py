@@ -1,0 +1,42 @@
+"""The coordinator's Flower ServerApp: reads the run settings, runs the phases, writes the report."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import version
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+import shared
+from shared import logs
+from server.federation import resolve_out, run_federation
+from server.progress import Progress
+from server.report import write_report
+from shared.settings import RunSettings
+
+log = logging.getLogger(__name__)
+logs.configure()
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run fedadapt's phases over the connected sites and write the report."""
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    out = resolve_out(settings.out)
+    progress = Progress(out)
+    config = {
+        **settings.to_run_config(),
+        "fedadapt_version": shared.__version__,
+        "flwr_version": version("flwr"),
+        "run_id": context.run_id,
+    }
+    try:
+        report = run_federation(grid, settings, progress, config)
+    except Exception as err:
+        progress.emit("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    paths = write_report(report, out)
+    log.info("report written to %s", paths["json"])

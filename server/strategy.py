@@ -1,0 +1,143 @@
+"""Flower's FedAvg and FedProx, extended by one method: replies are checked before aggregation."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+from shared import keys
+from shared.settings import RunSettings
+
+log = logging.getLogger(__name__)
+
+RoundHook = Callable[[int, MetricRecord | None, list[str]], None]
+
+# A reply claiming more examples than this is absurd for one hospital's training rows.
+MAX_EXAMPLES = 10_000_000
+
+
+def reply_problem(reply: Message, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why a train reply must not be aggregated, or None if it is sound.
+
+    Checks what a buggy or hostile site could send: missing or extra arrays, wrong shapes,
+    NaN or infinite weights, and an example count that is not a positive, plausible integer.
+    """
+    if reply.has_error():
+        return f"error reply: {reply.error.reason}"
+    content = reply.content
+    if set(content.array_records) != {keys.ARRAYS} or set(content.metric_records) != {
+        keys.METRICS
+    }:
+        return "reply does not hold exactly the 'arrays' and 'metrics' records"
+    arrays = content.array_records[keys.ARRAYS]
+    got = {k: tuple(arrays[k].shape) for k in arrays}
+    if got != dict(shapes):
+        return f"array names or shapes {got} differ from the source model's {dict(shapes)}"
+    for name in arrays:
+        if not np.all(np.isfinite(arrays[name].numpy())):
+            return f"array {name!r} holds NaN or infinite values"
+    metrics = content.metric_records[keys.METRICS]
+    n = metrics.get(keys.NUM_EXAMPLES)
+    if not isinstance(n, int | float) or not math.isfinite(n) or n < 1 or n > MAX_EXAMPLES or (
+        float(n) != int(n)
+    ):
+        return "num-examples is missing, not a positive integer, or implausibly large"
+    for key in keys.TRAIN_METRICS:
+        value = metrics.get(key)
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            return f"metric {key!r} is missing or not finite"
+    return None
+
+
+class GuardedAggregation:
+    """Mixin for a Flower strategy: check every train reply, then aggregate the sound ones.
+
+    Parameters
+    ----------
+    shapes : mapping
+        Array names and shapes of the source model; replies must match them exactly.
+    site_names : mapping
+        Site name per node id, so that logs and the report name sites, not numbers.
+    on_round : callable, optional
+        Called after each round with the aggregated metrics and the rejected sites.
+    """
+
+    def __init__(
+        self,
+        *args: object,
+        shapes: Mapping[str, tuple[int, ...]],
+        site_names: Mapping[int, str],
+        on_round: RoundHook | None = None,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.shapes = dict(shapes)
+        self.site_names = dict(site_names)
+        self.on_round = on_round
+        self.rejected: dict[int, list[str]] = {}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Drop unsound replies (logged with the site's name), aggregate the rest."""
+        sound, rejected = [], []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            site = self.site_names.get(node, f"node {node}")
+            problem = reply_problem(reply, self.shapes)
+            if problem is None:
+                sound.append(reply)
+            else:
+                log.warning("round %d: reply of site %s rejected: %s", server_round, site,
+                            problem)
+                rejected.append(site)
+        self.rejected[server_round] = rejected
+        result: tuple[ArrayRecord | None, MetricRecord | None] = (None, None)
+        if sound:
+            result = super().aggregate_train(server_round, sound)  # type: ignore[misc]
+        else:
+            log.warning("round %d: no sound reply; the global model is unchanged", server_round)
+        if self.on_round is not None:
+            self.on_round(server_round, result[1], rejected)
+        return result
+
+
+class GuardedFedAvg(GuardedAggregation, FedAvg):
+    """FedAvg (weighted by examples) over checked replies."""
+
+
+class GuardedFedProx(GuardedAggregation, FedProx):
+    """FedProx over checked replies; sites add the proximal term."""
+
+
+def make_strategy(
+    settings: RunSettings,
+    n_sites: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    site_names: Mapping[int, str],
+    on_round: RoundHook | None = None,
+) -> Strategy:
+    """The strategy named in the settings, training on every healthy site each round.
+
+    Federated evaluation during training is off: phase 4 evaluates once, on held-out rows.
+    """
+    common: dict[str, object] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": n_sites,
+        "min_available_nodes": n_sites,
+        "weighted_by_key": keys.NUM_EXAMPLES,
+        "arrayrecord_key": keys.ARRAYS,
+        "configrecord_key": keys.CONFIG,
+        "shapes": shapes,
+        "site_names": site_names,
+        "on_round": on_round,
+    }
+    if settings.strategy == "fedprox":
+        return GuardedFedProx(proximal_mu=settings.proximal_mu, **common)
+    return GuardedFedAvg(**common)

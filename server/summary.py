@@ -1,0 +1,174 @@
+"""Building ``report.json``'s content from the sites' aggregate replies, over repeated splits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shared.keys import METHODS, METRIC_NAMES
+from shared.metrics import mean_sd
+
+
+@dataclass
+class RepeatResult:
+    """What one repeat (one seeded split) of the pipeline produced, per site name.
+
+    Attributes
+    ----------
+    evaluate : dict
+        Phase-4 metrics per site (keys ``"<method>.<metric>"``, ``n-test``, ...).
+    adapt : dict
+        Phase-3 metrics per site.
+    status : dict
+        Correction status text per site.
+    failures : dict
+        Error text per site that failed in this repeat (phase: reason).
+    rounds : list of dict
+        Per round: ``round``, ``loss``, ``global_loss``, ``rejected`` sites.
+    timing : dict
+        Seconds per phase.
+    """
+
+    repeat: int
+    split_seed: int
+    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
+    adapt: dict[str, dict[str, float]] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    site_features: dict[str, list[str]] = field(default_factory=dict)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+    source_digest: str = ""
+
+
+def method_metrics(values: Sequence[dict[str, float]], method: str) -> dict[str, Any]:
+    """Mean, sd and count over repeats of one method's metrics at one site."""
+    out: dict[str, Any] = {}
+    for name in METRIC_NAMES:
+        mean, sd, n = mean_sd([v.get(f"{method}.{name}", math.nan) for v in values])
+        out[name] = mean
+        out[f"{name}_sd"] = sd
+        if name == "auc":
+            out["auc_n"] = n
+    return out
+
+
+def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
+    """The report entry of one site: sizes, metrics per method, correction, status."""
+    evals = [r.evaluate[name] for r in results if name in r.evaluate]
+    adapts = [r.adapt[name] for r in results if name in r.adapt]
+    errors = [r.failures[name] for r in results if name in r.failures]
+    features = next((r.site_features[name] for r in results if name in r.site_features), [])
+    if not evals:
+        return {
+            "n_train": 0, "n_test": 0, "positives_test": 0, "prevalence_test": None,
+            "site_features": features, "status": "failed",
+            "error": errors[0] if errors else "no evaluation reply", "metrics": {},
+            "correction": {"applied": False, "strength": None, "applied_fraction": 0.0},
+            "repeats_failed": len(errors),
+        }
+    first = evals[0]
+    n_test = int(first["n-test"])
+    positives = int(first["positives-test"])
+    applied = [v.get("correction-applied", 0.0) == 1.0 for v in evals]
+    strengths = [
+        v["correction-strength"] for v, a in zip(evals, applied, strict=True) if a
+    ]
+    fraction = float(np.mean(applied))
+    return {
+        "n_train": int(first["n-train"]),
+        "n_test": n_test,
+        "positives_test": positives,
+        "prevalence_test": positives / n_test if n_test else None,
+        "site_features": features,
+        "status": "ok",
+        "error": errors[0] if errors else None,
+        "metrics": {m: method_metrics(evals, m) for m in METHODS},
+        "correction": {
+            # With repeats: applied in at least half of them; strength = median when applied.
+            "applied": fraction >= 0.5,
+            "strength": float(np.median(strengths)) if strengths and fraction >= 0.5 else None,
+            "applied_fraction": fraction,
+            "fallbacks": int(sum(v.get("correction-fallback", 0.0) for v in evals)),
+            "status": next((r.status[name] for r in reversed(results) if name in r.status), ""),
+            "cv_log_loss_source": _mean([a.get("cv-log-loss-source") for a in adapts]),
+            "cv_log_loss": _mean([a.get("cv-log-loss") for a in adapts]),
+        },
+        "repeats_failed": len(errors),
+    }
+
+
+def summarize_methods(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Means over sites per method; log-loss weighted by held-out examples (all rows pooled)."""
+    ok = {k: v for k, v in sites.items() if v["status"] == "ok"}
+    methods: dict[str, Any] = {}
+    names = [m for m in ("local", "source", "adapted", "pooled")
+             if any(m in s["metrics"] for s in ok.values())]
+    for m in names:
+        entries = [(s["metrics"][m], s["n_test"]) for s in ok.values() if m in s["metrics"]]
+        weights = [n for _, n in entries]
+        methods[m] = {
+            "mean_auc": _mean([e["auc"] for e, _ in entries]),
+            "mean_accuracy": _mean([e["accuracy"] for e, _ in entries]),
+            "mean_brier": _mean([e["brier"] for e, _ in entries]),
+            "log_loss": (
+                float(np.average([e["log_loss"] for e, _ in entries], weights=weights))
+                if entries and sum(weights) > 0 else None
+            ),
+        }
+    majority = [
+        max(s["prevalence_test"], 1 - s["prevalence_test"]) for s in ok.values()
+        if s["prevalence_test"] is not None
+    ]
+    return {"methods": methods, "majority_accuracy": _mean(majority)}
+
+
+def rounds_entry(results: Sequence[RepeatResult]) -> list[dict[str, Any]]:
+    """Training loss per round, mean and sd over repeats."""
+    by_round: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        for entry in r.rounds:
+            by_round.setdefault(int(entry["round"]), []).append(entry)
+    out = []
+    for rnd in sorted(by_round):
+        entries = by_round[rnd]
+        loss, loss_sd, _ = mean_sd([e.get("loss", math.nan) for e in entries])
+        gl, gl_sd, _ = mean_sd([e.get("global_loss", math.nan) for e in entries])
+        out.append({
+            "round": rnd, "loss": loss, "loss_sd": loss_sd, "global_loss": gl,
+            "global_loss_sd": gl_sd,
+            "rejected": sorted({s for e in entries for s in e.get("rejected", [])}),
+        })
+    return out
+
+
+def build_report(
+    config: dict[str, Any], results: Sequence[RepeatResult], total_seconds: float
+) -> dict[str, Any]:
+    """The report of a run (contract in DESIGN.md; keys are added, never renamed)."""
+    names: list[str] = []
+    for r in results:
+        for name in [*r.evaluate, *r.failures, *r.adapt]:
+            if name not in names:
+                names.append(name)
+    sites = {name: site_entry(name, results) for name in sorted(names)}
+    timing = {"total": total_seconds}
+    for phase in ("stats", "train", "adapt", "evaluate"):
+        timing[phase] = float(sum(r.timing.get(phase, 0.0) for r in results))
+    return {
+        "config": config,
+        "sites": sites,
+        "rounds": rounds_entry(results),
+        "summary": summarize_methods(sites),
+        "timing_s": timing,
+        "source_models": [r.source_digest for r in results],
+    }
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    mean, _, _ = mean_sd([v for v in values if v is not None])
+    return mean

@@ -1,0 +1,41 @@
+"""Names both sides agree on: message types, record keys and the keys of every reply."""
+
+from __future__ import annotations
+
+from flwr.app import MessageType
+
+# Message types: one per phase of a run (DESIGN.md, "Phases of one run").
+STATS = f"{MessageType.QUERY}.stats"
+TRAIN = MessageType.TRAIN
+ADAPT = f"{MessageType.QUERY}.adapt"
+EVALUATE = MessageType.EVALUATE
+
+# Records in a message's RecordDict (Flower's strategies use "arrays" and "config" too).
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+
+# The weight FedAvg reads from a train reply: examples, never batches.
+NUM_EXAMPLES = "num-examples"
+
+# Keys of the "site" ConfigRecord of a reply: identifiers and status, never patient data.
+SITE_NAME = "site-name"
+SCHEMA_DIGEST = "schema-digest"
+CORRECTION_STATUS = "correction-status"
+SITE_FEATURES = "site-features"  # names of the features the correction uses, comma-separated
+
+# Metric keys of the phases' replies (besides the per-feature summary keys of phase 1).
+TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "global-loss")
+STATS_EXTRA = (NUM_EXAMPLES, "n-test", "label-negative", "label-positive")
+ADAPT_METRICS = (
+    NUM_EXAMPLES, "applied", "strength", "cv-log-loss-source", "cv-log-loss", "cv-auc-source",
+    "cv-auc", "folds", "test-auc", "test-log-loss",
+)
+METHODS = ("local", "source", "adapted")
+METRIC_NAMES = ("auc", "accuracy", "brier", "log_loss")
+EVALUATE_METRICS = (
+    NUM_EXAMPLES, "n-train", "n-test", "positives-test", "correction-applied",
+    "correction-strength", "correction-fallback",
+    *(f"{m}.{k}" for m in METHODS for k in METRIC_NAMES),
+)
