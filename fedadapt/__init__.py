@@ -1,0 +1,1 @@
+"""The fedadapt command-line face (``fedadapt.cli``); the work lives in the other packages."""

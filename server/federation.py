@@ -57,9 +57,7 @@ def run_federation(
     results = []
     for repeat in range(settings.repeats):
         results.append(_run_repeat(grid, nodes, schema, settings, progress, repeat))
-    report = build_report(config_record, results, time.monotonic() - t0)
-    progress.emit("finished", seconds=round(time.monotonic() - t0, 2))
-    return report
+    return build_report(config_record, results, time.monotonic() - t0)
 
 
 def _base_config(schema: Schema, settings: RunSettings, repeat: int) -> dict[str, Any]:

@@ -40,3 +40,4 @@ def main(grid: Grid, context: Context) -> None:
         raise
     paths = write_report(report, out)
     log.info("report written to %s", paths["json"])
+    progress.emit("finished", report=str(paths["json"]), seconds=report["timing_s"]["total"])

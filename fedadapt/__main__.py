@@ -1,0 +1,5 @@
+"""Run the fedadapt command: ``python -m fedadapt``."""
+
+from fedadapt.cli import main
+
+main()

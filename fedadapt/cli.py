@@ -1,0 +1,186 @@
+"""The ``fedadapt`` command: parses arguments and hands each job to the package that owns it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="fedadapt: hospitals learn one risk model together, then each makes it its own.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+# Tables are about 140 columns wide; when the output is not a terminal (a log, CI), do not
+# squeeze them to the 80 columns rich assumes.
+console = Console() if Console().is_terminal else Console(width=160)
+err_console = Console(stderr=True)
+
+
+@app.command()
+def simulate(
+    data: Annotated[str, typer.Option(
+        help="'synthetic' (generated hospitals), 'heart:DIR' (UCI files) or a folder with "
+             "sites.toml")] = "synthetic",
+    sites: Annotated[int, typer.Option(help="Generated hospitals (synthetic data only).")] = 4,
+    rounds: Annotated[int, typer.Option(help="Federated training rounds.")] = 30,
+    repeats: Annotated[int, typer.Option(
+        help="Seeded train/held-out splits; metrics are mean and sd over them.")] = 1,
+    protocol: Annotated[str, typer.Option(
+        help="'default' (every row, imputed) or 'flamby' (FLamby's Fed-Heart-Disease rows "
+             "and split)")] = "default",
+    seed: Annotated[int, typer.Option(help="Seed of data generation, splits and models.")] = 42,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-out"),
+    strategy: Annotated[str, typer.Option(help="'fedavg' or 'fedprox'.")] = "fedavg",
+    proximal_mu: Annotated[float, typer.Option(help="FedProx's proximal term.")] = 0.01,
+    model: Annotated[str, typer.Option(help="'logreg' or 'mlp'.")] = "logreg",
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 5,
+    learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 0.5,
+    timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,
+) -> None:
+    """Run the whole pipeline over virtual hospitals in Flower's simulation engine."""
+    from shared.settings import RunSettings, SettingsError
+    from simulations.datasets import DatasetError
+    from simulations.flower import SimulationError
+    from simulations.simulate import simulate as run
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The pooled reference re-reads the site files here: their warnings are the sites' own
+    # (and already in logs/flwr-run.log); do not repeat them under the progress bar.
+    logging.getLogger("client").setLevel(logging.ERROR)
+    try:
+        settings = RunSettings.from_run_config({
+            "num-server-rounds": rounds, "repeats": repeats, "protocol": protocol, "seed": seed,
+            "strategy": strategy, "proximal-mu": proximal_mu if strategy == "fedprox" else 0.0,
+            "model": model, "local-epochs": local_epochs, "learning-rate": learning_rate,
+        })
+    except SettingsError as err:
+        _fail(str(err))
+    progress = _RunProgress(repeats, rounds)
+    try:
+        with progress:
+            report = run(data, out, settings, n_sites=sites, on_event=progress.update,
+                         timeout=timeout)
+    except (DatasetError, SimulationError) as err:
+        _fail(str(err))
+    _print_results(report, out)
+
+
+@app.command("check-data")
+def check_data(
+    file: Annotated[Path, typer.Argument(help="The site's data file.")],
+    schema: Annotated[str, typer.Option(
+        help="'heart', 'synthetic' or a schema TOML file.")] = "synthetic",
+    site_features: Annotated[str, typer.Option(
+        help="Comma-separated site-only features this site will use.")] = "",
+) -> None:
+    """Check a site's data file against a schema: a summary, or the errors to fix."""
+    from rich.table import Table
+
+    from client.check import check_file
+
+    result = check_file(file, schema, [f for f in site_features.split(",") if f.strip()])
+    if not result.ok:
+        err_console.print(f"[bold red]{file} does not fit schema {schema!r}:[/]")
+        for line in result.errors:
+            err_console.print(f"  {line}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    console.print(f"[bold green]{file} fits schema {schema!r}[/]: {result.rows} rows, "
+                  f"{result.negatives} negative / {result.positives} positive "
+                  f"({result.positives / result.rows:.0%} positive)")
+    table = Table("feature", "used", "present", "missing", "of which coded", "out of range")
+    for f in result.features:
+        table.add_row(f["feature"], "yes" if f["used"] else "no",
+                      "yes" if f["present"] else "[yellow]absent[/]", str(f["missing"]),
+                      str(f["missing_coded"]), str(f["out_of_range"]))
+    console.print(table)
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="Folder for the site files and sites.toml.")],
+    sites: Annotated[int, typer.Option(help="Number of hospitals.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 42,
+) -> None:
+    """Write generated hospitals (one CSV each), their sites.toml and the ground truth."""
+    from simulations.generator import generate as gen
+
+    manifest = gen(out, n_sites=sites, seed=seed)
+    console.print(f"wrote {sites} site files and {manifest}")
+
+
+class _RunProgress:
+    """A progress bar fed by the ServerApp's events."""
+
+    def __init__(self, repeats: int, rounds: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.rounds = rounds
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                            console=console)
+        # Per repeat: stats, the rounds, adapt, evaluate; then the pooled reference.
+        self.task = self.bar.add_task("starting Flower", total=repeats * (rounds + 3) + 1)
+
+    def __enter__(self) -> _RunProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def update(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        rep = f"repeat {event.get('repeat', 0) + 1}/{event.get('repeats', 1)}"
+        if kind == "waiting":
+            self.bar.update(self.task, description="waiting for sites")
+        elif kind == "phase":
+            phase = event["phase"]
+            if phase != "train":
+                self.bar.advance(self.task)
+            self.bar.update(self.task, description=f"{rep}: {phase}")
+        elif kind == "round":
+            loss = event.get("loss")
+            text = f" loss {loss:.4f}" if isinstance(loss, float) else ""
+            self.bar.advance(self.task)
+            self.bar.update(self.task, description=(
+                f"{rep}: round {event['round']}/{event['rounds']}{text}"))
+        elif kind == "pooled":
+            self.bar.advance(self.task)
+            self.bar.update(self.task, description="pooled reference")
+
+
+def _print_results(report: dict[str, Any], out: Path) -> None:
+    from server.report import site_table
+
+    console.print(site_table(report))
+    summary = report.get("summary", {})
+    methods = summary.get("methods", {})
+    parts = [f"{m} {v['mean_accuracy']:.3f}" for m, v in methods.items()
+             if v.get("mean_accuracy") is not None]
+    if parts:
+        majority = summary.get("majority_accuracy")
+        base = f" (majority label {majority:.3f})" if majority is not None else ""
+        console.print("mean accuracy over sites: " + ", ".join(parts) + base)
+    fvp = summary.get("federated_vs_pooled")
+    if fvp and fvp.get("difference") is not None:
+        console.print(f"held-out log-loss: federated source {fvp['source_log_loss']:.4f}, "
+                      f"pooled {fvp['pooled_log_loss']:.4f} (difference "
+                      f"{fvp['difference']:+.4f})")
+    console.print(f"took {report['timing_s']['total']:.1f} s in Flower; report: "
+                  f"{out / 'report.json'}, {out / 'report.md'}, plots in {out / 'plots'}")
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point for ``python -m fedadapt``."""
+    app()

@@ -1,0 +1,258 @@
+"""Running the fedadapt Flower app in Flower's simulation engine, with a SuperLink of our own.
+
+``flwr run`` with its default local connection starts a detached SuperLink on a fixed port
+that outlives the run and is shared by later runs. A simulation here instead starts its own
+``flower-superlink --simulation`` on a free loopback port, with a private ``FLWR_HOME``,
+submits the run with ``flwr run``, follows the ServerApp's progress file, and stops the
+SuperLink (and with it the simulation engine) when the run ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+EventHook = Callable[[dict[str, Any]], None]
+
+APP_DIR = Path(__file__).resolve().parent.parent
+EVENTS_FILE = "events.jsonl"  # written by server.progress
+STARTUP_TIMEOUT = 60.0
+
+FLOWER_ENV = {
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    # Otherwise the SuperLink runs `uv sync` of the app's dependencies (it would fetch torch).
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+class SimulationError(RuntimeError):
+    """The simulated run did not complete; the message says where its logs are."""
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower command installed beside this Python (the project's environment)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_run_config(path: Path, run_config: dict[str, Any]) -> Path:
+    """Write run-config overrides as TOML (``flwr run --run-config FILE``)."""
+    path.write_text(
+        "".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()), encoding="utf-8"
+    )
+    return path
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, name: str, grace: float = 10.0) -> None:
+    """Stop a process and everything it started, and wait until all of it is gone.
+
+    Flower's SuperLink starts its SuperExec and the simulation process in sessions of their
+    own (so a process-group signal misses them); they exit when they notice their parent is
+    gone. The whole tree is therefore recorded first, the root is asked to stop (SIGTERM),
+    and any process of the tree still alive after ``grace`` seconds is killed.
+    """
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        log.warning("%s: pid %d did not stop within %.0f s; killing it", name, p.pid, grace)
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+    proc.wait(timeout=grace)
+
+
+def wait_healthy(port: int, proc: subprocess.Popen[Any], timeout: float, log_path: Path) -> None:
+    """Wait until the SuperLink answers ``GET /health``; fail early if it exits."""
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/health"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(
+                f"the SuperLink exited with code {proc.returncode}; see {log_path}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise SimulationError(f"the SuperLink did not become healthy in {timeout:.0f} s; see {log_path}")
+
+
+@contextmanager
+def simulation_superlink(logs: Path) -> Iterator[tuple[dict[str, str], str]]:
+    """Start a private simulation SuperLink; yield the environment and connection name for it.
+
+    The SuperLink is stopped on exit, whatever happened inside the block.
+    """
+    with tempfile.TemporaryDirectory(prefix="fedadapt-flwr-") as home:
+        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": home}
+        # The SuperLink starts `flower-superexec` by name: put this environment's commands first.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        port = free_port()
+        Path(home, "config.toml").write_text(
+            '[superlink]\ndefault = "fedadapt-sim"\n\n[superlink.fedadapt-sim]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n',
+            encoding="utf-8",
+        )
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / "superlink.log"
+        with log_path.open("w", encoding="utf-8") as out:
+            proc = subprocess.Popen(
+                [flower_bin("flower-superlink"), "--insecure", "--simulation",
+                 "--host", "127.0.0.1", "--port", str(port),
+                 "--disable-runtime-dependency-installation"],
+                cwd=APP_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                wait_healthy(port, proc, STARTUP_TIMEOUT, log_path)
+                log.info("simulation SuperLink on 127.0.0.1:%d (pid %d)", port, proc.pid)
+                yield env, "fedadapt-sim"
+            finally:
+                stop_process(proc, "flower-superlink")
+
+
+def run_app(
+    run_config: dict[str, Any],
+    num_sites: int,
+    out: Path,
+    *,
+    on_event: EventHook | None = None,
+    timeout: float = 3600.0,
+) -> dict[str, Any]:
+    """Run the fedadapt app in Flower's simulation engine and return its report.
+
+    Parameters
+    ----------
+    run_config : dict
+        Run-config overrides (keys of ``[tool.flwr.app.config]``); ``out`` is set here.
+    num_sites : int
+        Number of simulated SuperNodes (one per site of the manifest).
+    out : Path
+        Output folder: the report, plots, progress events and logs go here.
+    on_event : callable, optional
+        Called with each progress event of the ServerApp.
+    timeout : float
+        Seconds after which the run is stopped and reported as failed.
+
+    Returns
+    -------
+    dict
+        The content of ``report.json``.
+
+    Raises
+    ------
+    SimulationError
+        If the run failed, timed out, or wrote no report.
+    """
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    events = out / EVENTS_FILE
+    for stale in (events, out / "report.json"):
+        stale.unlink(missing_ok=True)
+    with simulation_superlink(logs) as (env, connection):
+        config_file = write_run_config(
+            Path(env["FLWR_HOME"]) / "run-config.toml", {**run_config, "out": str(out)}
+        )
+        run_log = logs / "flwr-run.log"
+        with run_log.open("w", encoding="utf-8") as sink:
+            proc = subprocess.Popen(
+                [flower_bin("flwr"), "run", str(APP_DIR), connection, "--stream",
+                 "--federation-config", f"num-supernodes={num_sites}",
+                 "--run-config", str(config_file)],
+                cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                last = _follow(proc, events, on_event, timeout, run_log)
+            finally:
+                stop_process(proc, "flwr run")
+    if last.get("event") == "failed":
+        raise SimulationError(f"the run failed: {last.get('error')}; logs in {logs}")
+    report = out / "report.json"
+    if last.get("event") != "finished" or not report.exists():
+        raise SimulationError(f"the run ended without a report; see {run_log}")
+    return dict(json.loads(report.read_text(encoding="utf-8")))
+
+
+def _follow(
+    proc: subprocess.Popen[Any], events: Path, on_event: EventHook | None, timeout: float,
+    run_log: Path,
+) -> dict[str, Any]:
+    """Follow the progress file until the run finishes, fails, or ``flwr run`` exits."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    handle: TextIO | None = None
+    try:
+        while True:
+            if handle is None and events.exists():
+                handle = events.open(encoding="utf-8")
+            for line in handle.readlines() if handle else []:
+                if not line.strip():
+                    continue
+                last = json.loads(line)
+                if on_event is not None:
+                    on_event(last)
+            if last.get("event") in ("finished", "failed"):
+                return last
+            if proc.poll() is not None:
+                # `flwr run --stream` exits 0 even when the ServerApp failed; read what is left.
+                for line in handle.readlines() if handle else []:
+                    if line.strip():
+                        last = json.loads(line)
+                        if on_event is not None:
+                            on_event(last)
+                return last
+            if time.monotonic() > deadline:
+                raise SimulationError(f"the run took longer than {timeout:.0f} s; see {run_log}")
+            time.sleep(0.2)
+    finally:
+        if handle is not None:
+            handle.close()
