@@ -10,14 +10,18 @@ import csv
 import io
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from shared.schema import Feature, Schema
+
+if TYPE_CHECKING:
+    from _csv import Reader as CsvReader  # the stubs' csv module does not re-export it
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +168,8 @@ def read_site_data(
 
     rows = csv.reader(io.StringIO(text, newline=""), delimiter=schema.file.delimiter)
     problems: list[Problem] = []
-    columns, first_line = _columns(rows, schema, name, problems)
+    records = _records(rows, name, problems)
+    columns, first_line = _columns(records, rows, schema, name, problems)
     if problems:
         raise DataError(problems, _COLUMN_HINT)
 
@@ -186,7 +191,7 @@ def read_site_data(
     label_pos = position[schema.label.column]
     n_cols = len(columns)
 
-    for record in rows:
+    for record in records:
         line = rows.line_num
         if not any(cell.strip() for cell in record):
             continue  # blank line
@@ -277,8 +282,27 @@ def _decode(raw: bytes, name: str) -> str:
         ) from None
 
 
+def _records(
+    rows: CsvReader, name: str, problems: list[Problem]
+) -> Iterator[list[str]]:
+    """Yield the reader's records; a line the csv module cannot parse becomes a problem."""
+    while True:
+        try:
+            record = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            # csv's messages are fixed texts ("field larger than field limit (131072)"),
+            # never the field itself. The rest of the file cannot be trusted: stop here.
+            problems.append(Problem(name, rows.line_num, 1, "",
+                                    f"the line cannot be read as CSV ({err})"))
+            return
+        yield record
+
+
 def _columns(
-    rows: csv.Reader, schema: Schema, name: str, problems: list[Problem]
+    records: Iterator[list[str]], rows: CsvReader, schema: Schema, name: str,
+    problems: list[Problem],
 ) -> tuple[list[str], int]:
     """Return the column names of the file and the line its data starts on."""
     known = {f.name for f in schema.features} | {schema.label.column}
@@ -286,11 +310,22 @@ def _columns(
         columns = list(schema.file.columns)
         return columns, 1
     header: list[str] = []
-    for record in rows:
+    for record in records:
         if any(cell.strip() for cell in record):
             header = [cell.strip() for cell in record]
             break
     line = rows.line_num
+    if problems:
+        return header, line + 1
+    if not known & set(header):
+        # No schema column at all: most likely a file exported without its header line, so
+        # these "names" are the first patient's values. Never repeat them.
+        problems.append(Problem(
+            name, line, 1, "",
+            f"the first line names none of the columns of schema {schema.name!r}: the file "
+            f"needs a header line ({', '.join(_expected_columns(schema))})",
+        ))
+        return header, line + 1
     for i, col in enumerate(header, start=1):
         if not col:
             problems.append(Problem(name, line, i, "", "empty column name in the header"))
@@ -310,6 +345,10 @@ def _columns(
             problems.append(Problem(name, line, 0, f.name,
                                     "required column is missing from the header"))
     return header, line + 1
+
+
+def _expected_columns(schema: Schema) -> list[str]:
+    return [*(f.name for f in schema.features), schema.label.column]
 
 
 def _matches(value: float, codes: tuple[float | str, ...]) -> bool:

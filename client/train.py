@@ -76,5 +76,5 @@ def train_local(
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return start_loss, float(np.mean(losses))

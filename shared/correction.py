@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +162,10 @@ class Correction:
             "applied": self.applied, "strength": self.strength,
             "site_features": self.site_features, "site_preprocessing": self.site_preprocessing,
             "intercept": self.intercept, "coef": list(self.coef),
-            "feature_names": self.feature_names, "cv": self.cv, "reason": self.reason,
+            "feature_names": self.feature_names,
+            # An undefined score (AUC with one class) is stored as null, not NaN.
+            "cv": {k: (v if math.isfinite(v) else None) for k, v in self.cv.items()},
+            "reason": self.reason,
         }
 
     @classmethod
@@ -172,7 +176,8 @@ class Correction:
             site_features=list(state["site_features"]),
             site_preprocessing=state["site_preprocessing"],
             intercept=float(state["intercept"]), coef=[float(c) for c in state["coef"]],
-            feature_names=list(state["feature_names"]), cv=dict(state["cv"]),
+            feature_names=list(state["feature_names"]),
+            cv={k: (math.nan if v is None else float(v)) for k, v in state["cv"].items()},
             reason=str(state.get("reason", "")),
         )
 

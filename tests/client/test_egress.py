@@ -1,0 +1,244 @@
+"""Proof that a site's replies carry only the source model's arrays and aggregate numbers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client import client_app as client_module
+from client.client_app import app as client_app
+from client.egress import EgressViolation, build_reply
+from client.store import load_correction
+from shared import keys
+from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
+from shared.schema import load_schema
+from shared.source_model import arrays_digest, build_model, to_arrays
+from simulations.generator import generate
+
+# Patient values planted in the site's file; none may leave the site in any form.
+CANARY_WEIGHT = 173.71
+CANARY_GLUCOSE = 313.37
+CANARY_TEXT = "CANARY-9931"
+SCHEMA = load_schema("synthetic")
+
+
+def _site_file(tmp_path: Path) -> Path:
+    """A generated hospital with ten planted canary patients (in train and held-out rows)."""
+    manifest = generate(tmp_path / "data", n_sites=1, seed=5)
+    path = manifest.parent / "hospital-a.csv"
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    for i in range(10):
+        row = dict.fromkeys(header, "")
+        row.update({"age": str(40 + i), "weight": str(CANARY_WEIGHT), "height": "171",
+                    "systolic_bp": "133", "glucose": str(CANARY_GLUCOSE),
+                    "diabetes": str(i % 2)})
+        lines.insert(5 + 7 * i, ",".join(row[c] for c in header))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _context(data_file: Path, site_dir: Path) -> Context:
+    node_config: dict[str, Any] = {
+        "data-file": str(data_file), "site-dir": str(site_dir), "site-name": "canary-site",
+        "site-features": "glucose",
+    }
+    return Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(),
+                   run_config={})
+
+
+def _base() -> dict[str, Any]:
+    return {
+        "schema": "synthetic", "schema-digest": SCHEMA.digest(), "protocol": "default",
+        "split-seed": 42, "test-fraction": 0.3, "model": "logreg", "hidden-units": 16,
+        "cv-folds": 5, "repeat": 0,
+    }
+
+
+def _send(mtype: str, content: RecordDict, ctx: Context) -> Message:
+    return client_app(Message(content=content, dst_node_id=1, message_type=mtype), ctx)
+
+
+def _wire_bytes(obj: Any) -> bytes:
+    """Every byte of a reply as Flower serialises it (the object and all its children)."""
+    return obj.deflate() + b"".join(_wire_bytes(c) for c in obj.children.values()) if (
+        obj.children
+    ) else obj.deflate()
+
+
+def _numbers(reply: Message) -> list[float]:
+    out: list[float] = []
+    for record in reply.content.metric_records.values():
+        for value in record.values():
+            out += [float(v) for v in (value if isinstance(value, list) else [value])]
+    for record in reply.content.array_records.values():
+        for name in record:
+            out += [float(v) for v in record[name].numpy().ravel()]
+    return out
+
+
+def _assert_no_canary(reply: Message, extra: list[float] = ()) -> None:  # type: ignore[assignment]
+    wire = _wire_bytes(reply)
+    for value in (CANARY_WEIGHT, CANARY_GLUCOSE, *extra):
+        assert struct.pack("<d", value) not in wire and struct.pack(">d", value) not in wire
+        assert struct.pack("<f", value) not in wire
+        assert str(value).encode() not in wire
+        assert not np.isclose(_numbers(reply), value, rtol=0, atol=1e-9).any()
+    assert CANARY_TEXT.encode() not in wire
+
+
+def _run_phases(tmp_path: Path) -> tuple[dict[str, Message], Path]:
+    """Drive the site's ClientApp through every phase, as the ServerApp does."""
+    site_dir = tmp_path / "site"
+    ctx = _context(_site_file(tmp_path), site_dir)
+    base = _base()
+    replies = {"stats": _send(keys.STATS, RecordDict({keys.CONFIG: ConfigRecord(base)}), ctx)}
+    metrics = replies["stats"].content.metric_records[keys.METRICS]
+    summary = {k: [float(v) for v in (metrics[k] if isinstance(metrics[k], list)
+                                      else [metrics[k]])]
+               for k in summary_keys(SCHEMA.shared_features)}
+    prep = TabularPreprocessor(features=list(SCHEMA.shared_features)).fit_summary(
+        merge_summaries([summary]))
+    model = build_model("logreg", len(prep.feature_names_out_))
+    config = {**base, "preprocessing": json.dumps(prep.to_dict()), "local-epochs": 2,
+              "learning-rate": 0.5, "batch-size": 0, "weight-decay": 0.001, "server-round": 1}
+    replies["train"] = _send(keys.TRAIN, RecordDict({
+        keys.ARRAYS: to_arrays(model), keys.CONFIG: ConfigRecord(config)}), ctx)
+    final = replies["train"].content.array_records[keys.ARRAYS]
+    content = RecordDict({keys.ARRAYS: final, keys.CONFIG: ConfigRecord(config)})
+    replies["adapt"] = _send(keys.ADAPT, content, ctx)
+    replies["evaluate"] = _send(keys.EVALUATE, content, ctx)
+    return replies, site_dir
+
+
+def test_replies_hold_only_model_arrays_and_aggregates(
+    tmp_path: Path, task_identity: None, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every phase's reply: allowed keys only, the model's arrays only, no planted value."""
+    caplog.set_level(logging.DEBUG)
+    replies, site_dir = _run_phases(tmp_path)
+    allowed = {
+        "stats": set(summary_keys(SCHEMA.shared_features)) | set(keys.STATS_EXTRA),
+        "train": set(keys.TRAIN_METRICS),
+        "adapt": set(keys.ADAPT_METRICS),
+        "evaluate": set(keys.EVALUATE_METRICS),
+    }
+    model_shapes = {"net.weight": (1, 7), "net.bias": (1,)}
+    for phase, reply in replies.items():
+        assert not reply.has_error(), (phase, reply.error.reason if reply.has_error() else "")
+        content = reply.content
+        assert set(content.metric_records) == {keys.METRICS}
+        assert set(content[keys.METRICS]) <= allowed[phase]
+        if phase == "train":
+            arrays = content.array_records[keys.ARRAYS]
+            assert set(content.array_records) == {keys.ARRAYS}
+            assert {k: tuple(arrays[k].shape) for k in arrays} == model_shapes
+        else:
+            assert not content.array_records
+        for record in content.config_records.values():
+            assert set(record) <= {keys.SITE_NAME, keys.SCHEMA_DIGEST, keys.CORRECTION_STATUS,
+                                   keys.SITE_FEATURES}
+        _assert_no_canary(reply)
+
+    # The correction stays at the site: none of its weights is in any reply.
+    final = replies["train"].content.array_records[keys.ARRAYS]
+    correction = load_correction(site_dir, "canary-site", arrays_digest(final))
+    assert correction["applied"], "the planted glucose effect should be worth a correction"
+    weights = [c for c in correction["coef"] if abs(c) > 1e-6] + [correction["intercept"]]
+    for reply in replies.values():
+        _assert_no_canary(reply, extra=weights)
+
+    printed = capsys.readouterr()
+    for text in (str(CANARY_WEIGHT), str(CANARY_GLUCOSE), CANARY_TEXT):
+        assert text not in caplog.text
+        assert text not in printed.out + printed.err
+
+
+def test_a_bad_cell_gives_an_error_reply_without_its_value(
+    tmp_path: Path, task_identity: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A malformed cell is reported by file, line and column, never by its content."""
+    caplog.set_level(logging.DEBUG)
+    path = _site_file(tmp_path)
+    lines = path.read_text().splitlines()
+    cells = lines[3].split(",")
+    cells[1] = CANARY_TEXT  # the weight of the patient on line 4
+    lines[3] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    reply = _send(keys.STATS, RecordDict({keys.CONFIG: ConfigRecord(_base())}),
+                  _context(path, tmp_path / "site"))
+    assert reply.has_error()
+    reason = str(reply.error.reason)
+    assert f"{path}:4:2 (column 'weight')" in reason
+    assert CANARY_TEXT not in reason and CANARY_TEXT not in caplog.text
+
+
+def test_an_unexpected_failure_is_reported_by_type_only(
+    tmp_path: Path, task_identity: None, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception fedadapt did not write (its text may quote data) is sent by type only."""
+    caplog.set_level(logging.DEBUG)
+
+    def leaky(*args: object, **kwargs: object) -> None:
+        raise ValueError(f"could not convert {CANARY_WEIGHT} at row 12")
+
+    monkeypatch.setattr(client_module, "stats_job", leaky)
+    reply = _send(keys.STATS, RecordDict({keys.CONFIG: ConfigRecord(_base())}),
+                  _context(_site_file(tmp_path), tmp_path / "site"))
+    assert reply.has_error()
+    assert reply.error.reason == "ValueError at the site during stats; see the site's log"
+    assert str(CANARY_WEIGHT) not in caplog.text
+
+
+def _train_message(shapes: dict[str, tuple[int, ...]]) -> Message:
+    arrays = ArrayRecord({k: _array(v) for k, v in shapes.items()})
+    return Message(content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({})}),
+                   dst_node_id=1, message_type=keys.TRAIN)
+
+
+def _array(shape: tuple[int, ...]) -> Any:
+    from flwr.app import Array
+
+    return Array(np.zeros(shape))
+
+
+def test_build_reply_refuses_anything_else(task_identity: None) -> None:
+    """Unknown metric keys, foreign arrays, non-numbers and long texts are never sent."""
+    shapes = {"net.weight": (1, 3), "net.bias": (1,)}
+    msg = _train_message(shapes)
+    good = {"num-examples": 10.0, "train-loss": 0.5, "global-loss": 0.6}
+    feats = SCHEMA.shared_features
+    sound = ArrayRecord({k: _array(v) for k, v in shapes.items()})
+    assert not build_reply(msg, shared_features=feats, metrics=good, arrays=sound).has_error()
+    with pytest.raises(EgressViolation, match="not allowed"):
+        build_reply(msg, shared_features=feats, metrics={**good, "age-of-row-3": 61.0},
+                    arrays=sound)
+    with pytest.raises(EgressViolation, match="differ"):
+        build_reply(msg, shared_features=feats, metrics=good, arrays=ArrayRecord(
+            {"net.weight": _array((1, 3)), "net.bias": _array((1,)),
+             "correction.coef": _array((5,))}))
+    with pytest.raises(EgressViolation, match="not finite"):
+        build_reply(msg, shared_features=feats, metrics={**good, "train-loss": float("inf")},
+                    arrays=sound)
+    with pytest.raises(EgressViolation, match="must carry"):
+        build_reply(msg, shared_features=feats, metrics=good)
+    stats = Message(content=RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=1,
+                    message_type=keys.STATS)
+    with pytest.raises(EgressViolation, match="may not carry arrays"):
+        build_reply(stats, shared_features=feats, metrics={"rows": [3.0]}, arrays=sound)
+    with pytest.raises(EgressViolation, match="site keys"):
+        build_reply(stats, shared_features=feats, metrics={"rows": [3.0]},
+                    site={"patient-notes": "x"})
+    with pytest.raises(EgressViolation, match="short string"):
+        build_reply(stats, shared_features=feats, metrics={"rows": [3.0]},
+                    site={keys.SITE_NAME: "x" * 5000})
+

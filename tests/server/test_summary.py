@@ -1,0 +1,42 @@
+"""Report numbers over repeated splits: means, standard deviations, undefined AUC."""
+
+from __future__ import annotations
+
+import math
+
+from server.summary import RepeatResult, build_report, method_metrics
+
+
+def _metrics(auc: float, acc: float) -> dict[str, float]:
+    values = {"n-test": 10.0, "n-train": 20.0, "positives-test": 4.0,
+              "correction-applied": 1.0, "correction-strength": 0.1}
+    for method in ("local", "source", "adapted"):
+        values.update({f"{method}.auc": auc, f"{method}.accuracy": acc,
+                       f"{method}.brier": 0.2, f"{method}.log_loss": 0.5})
+    return values
+
+
+def test_method_metrics_mean_sd_and_undefined_auc() -> None:
+    """Means and sample sds over repeats; an undefined AUC is skipped and counted."""
+    out = method_metrics([_metrics(0.8, 0.7), _metrics(math.nan, 0.9), _metrics(0.6, 0.8)],
+                         "source")
+    assert math.isclose(out["auc"], 0.7) and out["auc_n"] == 2
+    assert math.isclose(out["auc_sd"], math.sqrt(0.02))
+    assert math.isclose(out["accuracy"], 0.8)
+    assert method_metrics([_metrics(math.nan, 0.7)], "source")["auc"] is None
+
+
+def test_build_report_marks_failed_sites_and_keeps_the_others() -> None:
+    """A site that failed every repeat is listed as failed with its error."""
+    r = RepeatResult(repeat=0, split_seed=42, evaluate={"a": _metrics(0.8, 0.7)},
+                     failures={"b": "stats: DataError: x.csv:3:2: not a number"},
+                     rounds=[{"round": 1, "loss": 0.6, "global_loss": 0.69, "rejected": []}],
+                     timing={"stats": 1.0, "train": 2.0, "adapt": 0.5, "evaluate": 0.5})
+    report = build_report({"seed": 42}, [r], total_seconds=4.2)
+    assert report["sites"]["a"]["status"] == "ok"
+    assert report["sites"]["b"]["status"] == "failed"
+    assert "x.csv:3:2" in report["sites"]["b"]["error"]
+    assert report["timing_s"] == {"total": 4.2, "stats": 1.0, "train": 2.0, "adapt": 0.5,
+                                  "evaluate": 0.5}
+    assert report["rounds"][0]["loss"] == 0.6 and report["rounds"][0]["loss_sd"] is None
+    assert report["summary"]["majority_accuracy"] == 0.6
