@@ -169,7 +169,7 @@ def read_site_data(
     rows = csv.reader(io.StringIO(text, newline=""), delimiter=schema.file.delimiter)
     problems: list[Problem] = []
     records = _records(rows, name, problems)
-    columns, first_line = _columns(records, rows, schema, name, problems)
+    columns, first_line = _columns(records, rows, schema, name, problems, used_site)
     if problems:
         raise DataError(problems, _COLUMN_HINT)
 
@@ -209,8 +209,10 @@ def read_site_data(
             if f.name not in position:
                 continue
             col = position[f.name]
-            parsed[f.name] = _cell(record[col], f, schema, summary[f.name], name, line,
-                                   col + 1, problems)
+            # Cells of a row skipped for its missing label are checked but not counted.
+            counts = summary[f.name] if label is not None else FeatureSummary(present=True)
+            parsed[f.name] = _cell(record[col], f, schema, counts, name, line, col + 1,
+                                   problems)
         if label is None:
             no_label += 1
             continue
@@ -302,7 +304,7 @@ def _records(
 
 def _columns(
     records: Iterator[list[str]], rows: CsvReader, schema: Schema, name: str,
-    problems: list[Problem],
+    problems: list[Problem], used_site: tuple[Feature, ...],
 ) -> tuple[list[str], int]:
     """Return the column names of the file and the line its data starts on."""
     known = {f.name for f in schema.features} | {schema.label.column}
@@ -341,7 +343,9 @@ def _columns(
         problems.append(Problem(name, line, 0, schema.label.column,
                                 "label column is missing from the header"))
     for f in schema.features:
-        if f.required and f.name not in header:
+        # A site-only feature is required only at a site that uses it.
+        needed = f.required and (f.scope == "shared" or f in used_site)
+        if needed and f.name not in header:
             problems.append(Problem(name, line, 0, f.name,
                                     "required column is missing from the header"))
     return header, line + 1

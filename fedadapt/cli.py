@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -48,9 +50,6 @@ def simulate(
     from simulations.simulate import simulate as run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # The pooled reference re-reads the site files here: their warnings are the sites' own
-    # (and already in logs/flwr-run.log); do not repeat them under the progress bar.
-    logging.getLogger("client").setLevel(logging.ERROR)
     try:
         settings = RunSettings.from_run_config({
             "num-server-rounds": rounds, "repeats": repeats, "protocol": protocol, "seed": seed,
@@ -61,7 +60,9 @@ def simulate(
         _fail(str(err))
     progress = _RunProgress(repeats, rounds)
     try:
-        with progress:
+        # The pooled reference re-reads the site files here: their warnings are the sites' own
+        # (already in logs/flwr-run.log); do not repeat them under the progress bar.
+        with progress, _quiet("client"):
             report = run(data, out, settings, n_sites=sites, on_event=progress.update,
                          timeout=timeout)
     except (DatasetError, SimulationError) as err:
@@ -82,7 +83,9 @@ def check_data(
 
     from client.check import check_file
 
-    result = check_file(file, schema, [f for f in site_features.split(",") if f.strip()])
+
+    with _quiet("client"):  # the reader's warnings are printed below, once
+        result = check_file(file, schema, [f for f in site_features.split(",") if f.strip()])
     if not result.ok:
         err_console.print(f"[bold red]{file} does not fit schema {schema!r}:[/]")
         for line in result.errors:
@@ -112,6 +115,18 @@ def generate(
 
     manifest = gen(out, n_sites=sites, seed=seed)
     console.print(f"wrote {sites} site files and {manifest}")
+
+
+@contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    """Show only errors of ``logger`` inside the block."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class _RunProgress:

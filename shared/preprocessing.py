@@ -22,6 +22,9 @@ from shared.schema import Feature
 
 Summary = dict[str, list[float]]
 
+# Relative variance (to the second moment) below which a feature counts as constant.
+_CONSTANT_RTOL = 1e-10
+
 
 def summary_keys(features: Sequence[Feature]) -> list[str]:
     """Names of the summary entries for ``features``, in a fixed order.
@@ -136,7 +139,12 @@ class TabularPreprocessor(TransformerMixin, BaseEstimator):  # type: ignore[misc
             count = summary[f"{f.name}.count"][0]
             if count > 0:
                 mean = summary[f"{f.name}.sum"][0] / count
-                var = max(summary[f"{f.name}.sumsq"][0] / count - mean * mean, 0.0)
+                second = summary[f"{f.name}.sumsq"][0] / count
+                var = max(second - mean * mean, 0.0)
+                # sumsq/n - mean^2 cancels: a constant feature leaves a rounding residue of a
+                # few 1e-16 of the second moment, which must not become a tiny scale.
+                if var <= _CONSTANT_RTOL * second:
+                    var = 0.0
             else:
                 mean, var = 0.0, 0.0
             std = math.sqrt(var)

@@ -200,7 +200,15 @@ def parse_schema(text: str, source: str = "<string>") -> Schema:
         # tomllib's message already carries "(at line L, column C)".
         raise SchemaError(f"{source}: invalid TOML: {err}") from None
     problems: list[str] = []
-    schema = _build(raw, problems)
+    shape = {"schema": dict, "file": dict, "label": dict, "features": list}
+    for key, kind in shape.items():
+        if key in raw and not isinstance(raw[key], kind):
+            problems.append(f"'{key}' must be a {'table' if kind is dict else 'list of tables'}")
+    if isinstance(raw.get("features"), list) and not all(
+        isinstance(f, dict) for f in raw["features"]
+    ):
+        problems.append("every entry of 'features' must be a [[features]] table")
+    schema = None if problems else _build(raw, problems)
     if problems or schema is None:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise SchemaError(f"{source}: {len(problems)} problem(s) in the schema:\n{listing}")

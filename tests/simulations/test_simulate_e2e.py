@@ -1,0 +1,100 @@
+"""End to end in Flower's simulation engine (real SuperLink, ray): slow, bounded, leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from simulations.flower import APP_DIR, flower_bin, simulation_superlink
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+FLOWER_NAMES = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp",
+                "flwr-clientapp", "raylet", "gcs_server")
+
+
+def _flower_processes() -> set[int]:
+    """PIDs of Flower and ray processes running now."""
+    found = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(name in cmd for name in FLOWER_NAMES):
+            found.add(p.info["pid"])
+    return found
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[None]:
+    """Fail if the test leaves a Flower or ray process behind."""
+    before = _flower_processes()
+    yield
+    left = _flower_processes() - before
+    assert not left, f"processes left running: {left}"
+
+
+def _fedadapt(*args: str, timeout: float = 360) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedadapt", *args], capture_output=True, text=True,
+        timeout=timeout, check=False, env={**os.environ, "COLUMNS": "160"},
+    )
+
+
+def test_simulate_synthetic_from_the_command_line(tmp_path: Path, no_leftovers: None) -> None:
+    """`fedadapt simulate` runs the pipeline and writes the report, table and plots."""
+    out = tmp_path / "out"
+    result = _fedadapt("simulate", "--sites", "3", "--rounds", "3", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hospital-c" in result.stdout and "held-out log-loss" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["sites"]) == {"hospital-a", "hospital-b", "hospital-c"}
+    for site in report["sites"].values():
+        assert site["status"] == "ok"
+        assert set(site["metrics"]) == {"local", "source", "adapted", "pooled"}
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert report["config"]["flwr_version"].startswith("1.4")
+    assert report["summary"]["federated_vs_pooled"]["difference"] is not None
+    assert (out / "report.md").stat().st_size > 1000
+    for png in ("metrics.png", "loss.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The correction files exist only in each site's own folder.
+    assert sorted(p.parent.parent.name for p in out.glob("sites/*/corrections/*.enc")) == [
+        "hospital-a", "hospital-b", "hospital-c"]
+
+
+def test_flamby_protocol_reproduces_the_test_split(
+    tmp_path: Path, heart_dir: Path, no_leftovers: None
+) -> None:
+    """FLamby's rows and split: held-out sizes 104, 89, 16 and 45, majority baseline 0.721."""
+    out = tmp_path / "out"
+    result = _fedadapt("simulate", "--data", f"heart:{heart_dir}", "--protocol", "flamby",
+                       "--rounds", "10", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    sizes = {name: site["n_test"] for name, site in report["sites"].items()}
+    assert sizes == {"cleveland": 104, "hungarian": 89, "switzerland": 16, "va": 45}
+    assert abs(report["summary"]["majority_accuracy"] - 0.721) < 0.001
+    assert report["sites"]["cleveland"]["site_features"] == ["slope", "ca", "thal"]
+
+
+def test_flwr_run_uses_the_pyproject_settings(tmp_path: Path, no_leftovers: None) -> None:
+    """`flwr run` of the project with [tool.flwr.app.config] defaults runs the demo sites."""
+    out = tmp_path / "out"
+    with simulation_superlink(tmp_path / "logs") as (env, connection):
+        result = subprocess.run(
+            [flower_bin("flwr"), "run", str(APP_DIR), connection, "--stream",
+             "--federation-config", "num-supernodes=4",
+             "--run-config", f"out=\"{out}\" num-server-rounds=2"],
+            cwd=APP_DIR, env=env, capture_output=True, text=True, timeout=300, check=False,
+        )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["sites-manifest"] == "simulations/demo/sites.toml"
+    assert sorted(report["sites"]) == ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    assert all(site["status"] == "ok" for site in report["sites"].values())
