@@ -109,8 +109,11 @@ def fit_correction(
         np.mean([_row_loss(y, oof[r, j]) for r in range(CV_REPEATS)], axis=0)
         for j in range(len(candidates))
     ])
+    # With fewer than two rows of a class, out-of-fold AUC (pooled over folds fitted apart)
+    # means nothing: report it as undefined.
     aucs = [_auc(y, offset)] + [
-        float(np.mean([_auc(y, oof[r, j]) for r in range(CV_REPEATS)]))
+        float(np.mean([_auc(y, oof[r, j]) for r in range(CV_REPEATS)])) if minority >= 2
+        else math.nan
         for j in range(len(candidates))
     ]
     eligible = [0] + [

@@ -26,7 +26,9 @@ class CheckResult:
     errors: list[str] = field(default_factory=list)
 
 
-def check_file(path: str | Path, schema: str, site_features: list[str] | None = None) -> CheckResult:
+def check_file(
+    path: str | Path, schema: str, site_features: list[str] | None = None
+) -> CheckResult:
     """Validate ``path`` against a schema and summarise it (counts only, never values).
 
     Parameters

@@ -1,4 +1,4 @@
-"""Who this site is and where its files are: from ``node_config``, or a sites manifest in simulation.
+"""Who this site is and where its files are: ``node_config``, or a manifest in simulation.
 
 In deployment a SuperNode is started with ``--node-config`` naming its data file, its site-only
 features, its private folder (encrypted correction and key) and its name. In Flower's

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from client.data import SiteData
+from client.data import DataError, Problem, SiteData
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,14 @@ def split_site(
         Indices into the site's rows.
     """
     rows = protocol_rows(data, protocol)
+    if len(rows) < 2:
+        absent = [c for c in data.shared_columns if not data.summary[c].present]
+        why = f" (the file has no column {', '.join(map(repr, absent))})" if absent else ""
+        raise DataError([Problem(
+            str(data.path), 0, 0, "",
+            f"protocol {protocol!r} keeps only rows with every shared feature present: "
+            f"{len(rows)} row(s) left{why}",
+        )], "use the default protocol, which imputes missing values")
     y = data.label[rows]
     counts = np.bincount(y, minlength=2)
     if protocol == "flamby":

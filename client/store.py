@@ -41,7 +41,7 @@ REASONS = (
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-class CorrectionRefused(ValueError):  # noqa: N818 (the name is the project's API)
+class CorrectionRefused(ValueError):
     """A stored correction was refused; ``reason`` says why, the message says what to do.
 
     Attributes

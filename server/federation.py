@@ -123,8 +123,8 @@ def _run_repeat(
     shapes = {k: tuple(initial[k].shape) for k in initial}
 
     def on_round(rnd: int, metrics: MetricRecord | None, rejected: list[str]) -> None:
-        loss = float(metrics["train-loss"]) if metrics and "train-loss" in metrics else None
-        gl = float(metrics["global-loss"]) if metrics and "global-loss" in metrics else None
+        loss = _scalar(metrics, "train-loss")
+        gl = _scalar(metrics, "global-loss")
         result.rounds.append({"round": rnd, "loss": loss, "global_loss": gl,
                               "rejected": rejected})
         progress.emit("round", repeat=repeat, repeats=settings.repeats, round=rnd,
@@ -190,6 +190,11 @@ def _rename_failures(result: RepeatResult, names: dict[int, str]) -> None:
     for node, name in names.items():
         if f"node-{node}" in result.failures:
             result.failures[name] = result.failures.pop(f"node-{node}")
+
+
+def _scalar(metrics: MetricRecord | None, key: str) -> float | None:
+    value = metrics.get(key) if metrics is not None else None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _as_list(value: Any) -> list[float]:

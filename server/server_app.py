@@ -1,4 +1,4 @@
-"""The coordinator's Flower ServerApp: reads the run settings, runs the phases, writes the report."""
+"""The coordinator's Flower ServerApp: reads the settings, runs the phases, writes the report."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 import shared
-from shared import logs
 from server.federation import resolve_out, run_federation
 from server.progress import Progress
 from server.report import write_report
+from shared import logs
 from shared.settings import RunSettings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Reaching the sites: a bounded wait for them, one-off queries, and a grid limited to healthy ones."""
+"""Reaching the sites: a bounded wait, one-off queries, a grid limited to healthy sites."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 log = logging.getLogger(__name__)
 

@@ -126,18 +126,13 @@ def make_strategy(
 
     Federated evaluation during training is off: phase 4 evaluates once, on held-out rows.
     """
-    common: dict[str, object] = {
-        "fraction_train": 1.0,
-        "fraction_evaluate": 0.0,
-        "min_train_nodes": n_sites,
-        "min_available_nodes": n_sites,
-        "weighted_by_key": keys.NUM_EXAMPLES,
-        "arrayrecord_key": keys.ARRAYS,
-        "configrecord_key": keys.CONFIG,
-        "shapes": shapes,
-        "site_names": site_names,
-        "on_round": on_round,
-    }
-    if settings.strategy == "fedprox":
-        return GuardedFedProx(proximal_mu=settings.proximal_mu, **common)
-    return GuardedFedAvg(**common)
+    cls: type[GuardedFedAvg | GuardedFedProx] = (
+        GuardedFedProx if settings.strategy == "fedprox" else GuardedFedAvg
+    )
+    extra = {"proximal_mu": settings.proximal_mu} if settings.strategy == "fedprox" else {}
+    return cls(
+        shapes=shapes, site_names=site_names, on_round=on_round,
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_sites,
+        min_available_nodes=n_sites, weighted_by_key=keys.NUM_EXAMPLES,
+        arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG, **extra,
+    )

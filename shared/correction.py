@@ -1,4 +1,4 @@
-"""A site's correction and its composition: ``logit_site = logit_source + alpha_site(x_shared, x_site)``."""
+"""A site's correction and its use: ``logit_site = logit_source + alpha_site(x_shared, x_site)``."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class OffsetLogisticRegression:
         Z = np.asarray(Z, dtype=float)
         y = np.asarray(y, dtype=float)
         offset = np.asarray(offset, dtype=float)
-        n, d = Z.shape
+        d = Z.shape[1]
         use_w = self.C > 0
         ridge = 1.0 / self.C if use_w else 0.0
         prior_b = 1.0 / self.intercept_sd**2

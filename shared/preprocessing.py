@@ -92,7 +92,7 @@ def merge_summaries(summaries: Sequence[Summary]) -> Summary:
     return total
 
 
-class TabularPreprocessor(TransformerMixin, BaseEstimator):  # type: ignore[misc]
+class TabularPreprocessor(TransformerMixin, BaseEstimator):
     """Standardise numbers, one-hot code categories, impute and flag missing values.
 
     Parameters

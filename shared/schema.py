@@ -1,4 +1,4 @@
-"""The data contract: a feature schema read from TOML, with the built-ins ``synthetic`` and ``heart``."""
+"""The data contract: a feature schema read from TOML; built-ins ``synthetic`` and ``heart``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Run settings: read from Flower's run config (``[tool.flwr.app.config]``), checked in one place."""
+"""Run settings: read from Flower's run config (``[tool.flwr.app.config]``), checked once."""
 
 from __future__ import annotations
 
@@ -10,6 +10,23 @@ from shared.source_model import MODELS
 STRATEGIES = ("fedavg", "fedprox")
 PROTOCOLS = ("default", "flamby")
 FLAMBY_SPLIT_SEED = 43
+
+
+def _coerce(value: Any, default: int | float | str) -> int | float | str:
+    """Convert a run-config value to the type of the setting's default, strictly."""
+    if isinstance(value, bool):
+        raise TypeError("booleans are not numbers or strings here")
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if not isinstance(value, int | float):
+        raise TypeError
+    if isinstance(default, int):
+        if float(value) != int(value):
+            raise ValueError
+        return int(value)
+    return float(value)
 
 
 class SettingsError(ValueError):
@@ -62,19 +79,12 @@ class RunSettings:
                 problems.append(f"unknown setting {key!r}")
                 continue
             default = f.default
+            assert isinstance(default, int | float | str)  # every field has a plain default
             try:
-                if isinstance(default, bool) or not isinstance(default, int | float | str):
-                    raise TypeError
-                if isinstance(default, int) and not isinstance(default, bool):
-                    if isinstance(value, float) and not value.is_integer():
-                        raise ValueError
-                    values[f.name] = int(value)
-                elif isinstance(default, float):
-                    values[f.name] = float(value)
-                else:
-                    values[f.name] = str(value)
+                values[f.name] = _coerce(value, default)
             except (TypeError, ValueError):
-                problems.append(f"{key} = {value!r} is not a {type(default).__name__}")
+                kind = {int: "an integer", float: "a number", str: "a string"}[type(default)]
+                problems.append(f"{key} = {value!r} is not {kind}")
         settings = cls(**values)
         problems += settings._check()
         if problems:

@@ -39,9 +39,10 @@ def build_model(kind: str, n_inputs: int, hidden_units: int = 16, seed: int = 0)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if kind == "logreg":
-            model: nn.Module = _Logit(nn.Linear(n_inputs, 1))
-            nn.init.zeros_(model.net.weight)
-            nn.init.zeros_(model.net.bias)
+            linear = nn.Linear(n_inputs, 1)
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+            model: nn.Module = _Logit(linear)
         else:
             model = _Logit(nn.Sequential(
                 nn.Linear(n_inputs, hidden_units), nn.ReLU(), nn.Linear(hidden_units, 1)

@@ -1,0 +1,1 @@
+"""Many virtual sites on one machine: generated hospitals, simulated runs, the pooled reference."""

@@ -9,6 +9,7 @@ SuperLink (and with it the simulation engine) when the run ends, fails or is int
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -90,17 +91,13 @@ def stop_process(proc: subprocess.Popen[Any] | None, name: str, grace: float = 1
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         tree = []
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
     _, alive = psutil.wait_procs(tree, timeout=grace)
     for p in alive:
         log.warning("%s: pid %d did not stop within %.0f s; killing it", name, p.pid, grace)
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=grace)
     proc.wait(timeout=grace)
 
@@ -121,7 +118,9 @@ def wait_healthy(port: int, proc: subprocess.Popen[Any], timeout: float, log_pat
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise SimulationError(f"the SuperLink did not become healthy in {timeout:.0f} s; see {log_path}")
+    raise SimulationError(
+        f"the SuperLink did not become healthy in {timeout:.0f} s; see {log_path}"
+    )
 
 
 @contextmanager

@@ -111,7 +111,9 @@ def manifest_contexts(manifest: Manifest, out: Path, run_config: dict[str, Any])
             "data-file": str(site.data_file),
             "site-name": site.name,
             "site-features": ",".join(site.site_features),
-            "site-dir": str(site.site_dir if site.site_dir != Path() else out / "sites" / site.name),
+            "site-dir": str(
+                site.site_dir if site.site_dir != Path() else out / "sites" / site.name
+            ),
         }
         contexts[node] = Context(run_id=1, node_id=node, node_config=node_config,
                                  state=RecordDict(), run_config=run_config)

@@ -17,7 +17,7 @@ SHARED_COLUMNS = 10  # age .. oldpeak: the first ten columns of processed.*.data
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
-    """Generated hospital-a (600 rows, about 22 % positive, some missing cells)."""
+    """Generate hospital-a (600 rows, about 22 % positive, some missing cells)."""
     out = tmp_path_factory.mktemp("sites")
     generate(out, n_sites=4, seed=42)
     return read_site_data(out / "hospital-a.csv", load_schema("synthetic"), ["glucose"])

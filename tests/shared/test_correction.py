@@ -92,7 +92,6 @@ def test_decision_function_checks_feature_count() -> None:
 
 
 def _applied() -> Correction:
-    x = np.random.default_rng(5).normal(size=(30, 2))
     rows = pd.DataFrame({"glucose": np.r_[np.nan, np.linspace(70.0, 160.0, 29)]})
     prep = TabularPreprocessor(GLUCOSE).fit(rows)
     return Correction(

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 # The project is not installed into the venv: make its packages importable from here.
-
 from client.data import read_site_data
 from shared.schema import load_schema
 from simulations.generator import generate, hospital_specs, site_name
