@@ -46,22 +46,22 @@ def _train(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
                        arrays=arrays)
 
 
-def _adapt(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
-    metrics, status = adapt_job(rows, msg.content.array_records[keys.ARRAYS], config)
-    return build_reply(
-        msg, shared_features=rows.schema.shared_features, metrics=metrics,
-        site={keys.SITE_NAME: rows.site.name, keys.CORRECTION_STATUS: status,
-              keys.SITE_FEATURES: ",".join(rows.site.site_features)},
-    )
+def _corrections(job: Callable[..., tuple[dict[str, Any], str]]) -> Work:
+    """The adapt and evaluate replies: aggregate scores, the correction's status, its features."""
+
+    def work(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
+        metrics, status = job(rows, msg.content.array_records[keys.ARRAYS], config)
+        return build_reply(
+            msg, shared_features=rows.schema.shared_features, metrics=metrics,
+            site={keys.SITE_NAME: rows.site.name, keys.CORRECTION_STATUS: status,
+                  keys.SITE_FEATURES: ",".join(rows.site.site_features)},
+        )
+
+    return work
 
 
-def _evaluate(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
-    metrics, status = evaluate_job(rows, msg.content.array_records[keys.ARRAYS], config)
-    return build_reply(
-        msg, shared_features=rows.schema.shared_features, metrics=metrics,
-        site={keys.SITE_NAME: rows.site.name, keys.CORRECTION_STATUS: status,
-              keys.SITE_FEATURES: ",".join(rows.site.site_features)},
-    )
+_adapt = _corrections(adapt_job)
+_evaluate = _corrections(evaluate_job)
 
 
 @app.query("stats")
