@@ -125,6 +125,7 @@ def read_site_data(
     path: str | Path,
     schema: Schema,
     site_features: Sequence[str] = (),
+    labelled: bool = True,
 ) -> SiteData:
     """Read and validate one site's file.
 
@@ -136,6 +137,9 @@ def read_site_data(
         The data contract the file must follow.
     site_features : sequence of str
         Site-only features this site's correction will use (scope ``site`` in the schema).
+    labelled : bool
+        False for new patients to score: the label column may be absent or empty, and
+        ``label`` is -1 for every row.
 
     Returns
     -------
@@ -169,7 +173,7 @@ def read_site_data(
     rows = csv.reader(io.StringIO(text, newline=""), delimiter=schema.file.delimiter)
     problems: list[Problem] = []
     records = _records(rows, name, problems)
-    columns, first_line = _columns(records, rows, schema, name, problems, used_site)
+    columns, first_line = _columns(records, rows, schema, name, problems, used_site, labelled)
     if problems:
         raise DataError(problems, _COLUMN_HINT)
 
@@ -188,7 +192,7 @@ def read_site_data(
     labels: list[int] = []
     lines: list[int] = []
     no_label = 0
-    label_pos = position[schema.label.column]
+    label_pos = position.get(schema.label.column, -1)
     n_cols = len(columns)
 
     for record in records:
@@ -203,7 +207,10 @@ def read_site_data(
             if len(problems) > 5 * MAX_LISTED_PROBLEMS:
                 break
             continue
-        label = _label(record[label_pos], schema, name, line, label_pos + 1, problems)
+        label = (
+            _label(record[label_pos], schema, name, line, label_pos + 1, problems)
+            if labelled else -1
+        )
         parsed: dict[str, tuple[float, bool]] = {}
         for f in schema.features:
             if f.name not in position:
@@ -230,7 +237,8 @@ def read_site_data(
                         "`fedadapt check-data` again")
     if not labels:
         raise DataError(
-            [Problem(name, first_line, 1, "", "the file has no data rows with a label")],
+            [Problem(name, first_line, 1, "", "the file has no data rows with a label"
+                     if labelled else "the file has no data rows")],
             "export the site's patients into this file",
         )
     data = SiteData(
@@ -248,7 +256,7 @@ def read_site_data(
     if no_label:
         data.warnings.append(f"{name}: {no_label} row(s) without a label were skipped")
     neg, pos = data.label_counts
-    if neg == 0 or pos == 0:
+    if labelled and (neg == 0 or pos == 0):
         data.warnings.append(
             f"{name}: every row has the same label class; the site can help train the shared "
             "model but cannot fit or evaluate a correction (AUC is undefined)"
@@ -262,7 +270,10 @@ def read_site_data(
             )
     for w in data.warnings:
         log.warning("%s", w)
-    log.info("read %s: %d rows (%d negative, %d positive)", name, data.n_rows, neg, pos)
+    if labelled:
+        log.info("read %s: %d rows (%d negative, %d positive)", name, data.n_rows, neg, pos)
+    else:
+        log.info("read %s: %d rows to score", name, data.n_rows)
     return data
 
 
@@ -304,7 +315,7 @@ def _records(
 
 def _columns(
     records: Iterator[list[str]], rows: CsvReader, schema: Schema, name: str,
-    problems: list[Problem], used_site: tuple[Feature, ...],
+    problems: list[Problem], used_site: tuple[Feature, ...], labelled: bool = True,
 ) -> tuple[list[str], int]:
     """Return the column names of the file and the line its data starts on."""
     known = {f.name for f in schema.features} | {schema.label.column}
@@ -339,7 +350,7 @@ def _columns(
             ))
         elif header.index(col) != i - 1:
             problems.append(Problem(name, line, i, col, "column appears twice in the header"))
-    if schema.label.column not in header:
+    if labelled and schema.label.column not in header:
         problems.append(Problem(name, line, 0, schema.label.column,
                                 "label column is missing from the header"))
     for f in schema.features:

@@ -10,20 +10,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from client.adapt import fit_correction
 from client.data import SiteData, read_site_data
-from client.local_model import fit_predict_local
+from client.model_store import save_source_model
 from client.site import SiteConfigError, SiteSettings
 from client.split import Split, split_site
 from client.store import CorrectionRefused, check_writable, load_correction, save_correction
-from client.train import train_local
-from shared.correction import Correction, adapted_logit
-from shared.metrics import binary_metrics, sigmoid
 from shared.preprocessing import TabularPreprocessor, summarize
 from shared.schema import Feature, Schema, load_schema
-from shared.source_model import arrays_digest, build_model, load_arrays, predict_logit, to_arrays
+
+# torch, scipy and scikit-learn are imported inside the phases that need them: at a deployed
+# site every message starts a fresh ClientApp process, and a training round needs only torch.
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +49,16 @@ class SiteRows:
         return self.data.features[list(self.data.site_columns)]
 
 
-def open_site(site: SiteSettings, config: Mapping[str, Any]) -> SiteRows:
+SPLIT_STATE = "fedadapt-split"
+
+
+def open_site(
+    site: SiteSettings, config: Mapping[str, Any], state: RecordDict | None = None
+) -> SiteRows:
     """Read, validate and split the site's file as the server's config says.
+
+    The split is kept in ``state`` (Flower's per-node ``context.state``, which stays at the
+    site) and reused while the file and the split settings are unchanged.
 
     Raises
     ------
@@ -68,16 +74,40 @@ def open_site(site: SiteSettings, config: Mapping[str, Any]) -> SiteRows:
             "server's: use the same schema file on both sides"
         )
     data = read_site_data(site.data_file, schema, site.site_features)
+    split = _cached_split(data, config, state)
+    log.info("site %s: %d rows, %d train, %d held-out", site.name, data.n_rows,
+             len(split.train), len(split.test))
+    return SiteRows(site, schema, data, split, list(schema.resolve_site_features(
+        list(site.site_features))))
+
+
+def _cached_split(
+    data: SiteData, config: Mapping[str, Any], state: RecordDict | None
+) -> Split:
+    stat = data.path.stat()
+    key = "|".join(str(v) for v in (
+        config["protocol"], config["split-seed"], config["test-fraction"], data.path,
+        stat.st_size, stat.st_mtime_ns, data.n_rows,
+    ))
+    cached = state.config_records.get(SPLIT_STATE) if state is not None else None
+    if cached is not None and cached.get("key") == key:
+        log.debug("split reused from the node's state")
+        return Split(train=np.asarray(cached["train"], dtype=np.int64),
+                     test=np.asarray(cached["test"], dtype=np.int64))
+    log.info("split computed (%s)", "state had another split" if cached is not None else
+             "no split in the node's state yet")
     split = split_site(
         data,
         protocol=str(config["protocol"]),
         seed=int(config["split-seed"]),
         test_fraction=float(config["test-fraction"]),
     )
-    log.info("site %s: %d rows, %d train, %d held-out", site.name, data.n_rows,
-             len(split.train), len(split.test))
-    return SiteRows(site, schema, data, split, list(schema.resolve_site_features(
-        list(site.site_features))))
+    if state is not None:
+        state[SPLIT_STATE] = ConfigRecord({
+            "key": key, "train": [int(i) for i in split.train],
+            "test": [int(i) for i in split.test],
+        })
+    return split
 
 
 def stats_job(rows: SiteRows) -> Metrics:
@@ -105,6 +135,12 @@ def _source(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> t
     Any, np.ndarray
 ]:
     """The source model loaded with ``arrays`` and the shared inputs of every row."""
+    import torch
+
+    from shared.source_model import build_model, load_arrays
+
+    torch.set_num_threads(1)  # see client.client_app: tiny models, shared cores
+
     x = _prep(rows, config).transform(rows.shared)
     model = build_model(str(config["model"]), x.shape[1], int(config["hidden-units"]))
     load_arrays(model, arrays)
@@ -115,6 +151,9 @@ def train_job(
     rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
 ) -> tuple[ArrayRecord, Metrics]:
     """Phase 2, one round: train the source model on the training rows."""
+    from client.train import train_local
+    from shared.source_model import to_arrays
+
     model, x = _source(rows, arrays, config)
     train = rows.split.train
     global_loss, train_loss = train_local(
@@ -136,6 +175,11 @@ def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) ->
     Metrics, str
 ]:
     """Phase 3: fit the private correction on the training rows and store it encrypted."""
+    from client.adapt import fit_correction
+    from shared.correction import adapted_logit
+    from shared.metrics import binary_metrics, sigmoid
+    from shared.source_model import arrays_digest, predict_logit
+
     model, x = _source(rows, arrays, config)
     offset = predict_logit(model, x)
     train, test = rows.split.train, rows.split.test
@@ -145,6 +189,12 @@ def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) ->
     )
     digest = arrays_digest(arrays)
     save_correction(rows.site.site_dir, rows.site.name, digest, correction.to_dict())
+    save_source_model(rows.site.site_dir, digest=digest, arrays=arrays, settings={
+        "schema": str(config["schema"]), "schema-digest": rows.schema.digest(),
+        "model": str(config["model"]), "hidden-units": int(config["hidden-units"]),
+        "preprocessing": json.loads(str(config["preprocessing"])),
+        "site-name": rows.site.name, "site-features": list(rows.site.site_features),
+    })
     alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs)
     held_out = binary_metrics(rows.data.label[test], sigmoid(adapted_logit(offset[test], alpha)))
     cv = correction.cv
@@ -168,6 +218,11 @@ def evaluate_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any])
     Metrics, str
 ]:
     """Phase 4: held-out metrics of local-only, source and adapted models."""
+    from client.local_model import fit_predict_local
+    from shared.correction import Correction, adapted_logit
+    from shared.metrics import binary_metrics, sigmoid
+    from shared.source_model import arrays_digest, predict_logit
+
     model, x = _source(rows, arrays, config)
     offset = predict_logit(model, x)
     train, test = rows.split.train, rows.split.test

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from client.data import DataError, Problem, SiteData
 
@@ -75,6 +74,10 @@ def split_site(
     Split
         Indices into the site's rows.
     """
+    # Imported here: scikit-learn takes ~0.6 s to import, and a site caches its split (see
+    # client.jobs) so that training rounds, each a fresh process, do not pay for it.
+    from sklearn.model_selection import train_test_split
+
     rows = protocol_rows(data, protocol)
     if len(rows) < 2:
         absent = [c for c in data.shared_columns if not data.summary[c].present]

@@ -21,6 +21,7 @@ from shared.crypto import (
     seal,
     unseal,
 )
+from shared.files import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -113,31 +114,6 @@ def _check_site(site_name: str) -> None:
         raise ValueError("the site name must be a non-empty string")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a 0600 temporary file in the same folder."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not every platform can open a folder
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
 def save_correction(
     site_dir: str | Path, site_name: str, source_digest: str, correction: dict[str, Any]
 ) -> Path:
@@ -195,7 +171,7 @@ def save_correction(
     }
     path = correction_path(site_dir, source_digest)
     ensure_private_dir(path.parent)
-    _write_atomically(path, seal(key, payload, header))
+    write_atomically(path, seal(key, payload, header), mode=0o600)
     log.info(
         "saved the correction of site %s for source model %s to %s",
         site_name,

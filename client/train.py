@@ -58,7 +58,7 @@ def train_local(
     model.train()
     with torch.no_grad():
         start_loss = float(objective(model, xt, yt, weight_decay))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    params = list(model.parameters())
     rng = np.random.default_rng(seed)
     size = n if batch_size <= 0 else min(batch_size, n)
     losses = []
@@ -66,7 +66,8 @@ def train_local(
         order = rng.permutation(n) if size < n else np.arange(n)
         for start in range(0, n, size):
             idx = torch.as_tensor(order[start:start + size])
-            optimizer.zero_grad()
+            for p in params:
+                p.grad = None
             loss = objective(model, xt[idx], yt[idx], weight_decay)
             if proximal_mu > 0:
                 prox = sum(
@@ -75,6 +76,11 @@ def train_local(
                 )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
-            optimizer.step()
+            # Plain SGD by hand: torch.optim's first use imports torch._dynamo (~1 s), and a
+            # deployed site starts a fresh process for every message.
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.sub_(lr * p.grad)
             losses.append(float(loss.detach()))
     return start_loss, float(np.mean(losses))

@@ -70,6 +70,110 @@ def simulate(
     _print_results(report, out)
 
 
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="Folder for the CA, SuperLink and site keys.")],
+    sites: Annotated[int, typer.Option(help="Number of sites.")],
+    host: Annotated[list[str] | None, typer.Option(
+        help="Name or IP the SuperLink is reached by (repeatable); localhost and 127.0.0.1 "
+             "are always included.")] = None,
+    names: Annotated[str, typer.Option(
+        help="Comma-separated site names (default site-1 ... site-N).")] = "",
+    force: Annotated[bool, typer.Option(
+        help="Replace existing keys and certificates (sites then need their new keys).")] = False,
+) -> None:
+    """Make the federation's CA, the SuperLink's TLS certificate and one key pair per site."""
+    from server.certs import make_certs
+
+    try:
+        files = make_certs(out, sites, host or [], [n.strip() for n in names.split(",")
+                                                      if n.strip()] or None, force=force)
+    except (ValueError, FileExistsError) as err:
+        _fail(str(err))
+    for path in files.written:
+        console.print(f"wrote {path}", highlight=False)
+    for path in files.kept:
+        console.print(f"[yellow]kept[/] {path} (exists; --force replaces it)", highlight=False)
+    if files.guide is not None:
+        console.print(files.guide.read_text(), highlight=False, markup=False)
+
+
+@app.command("deploy-local")
+def deploy_local(
+    sites: Annotated[int, typer.Option(help="Generated hospitals (synthetic data only).")] = 4,
+    data: Annotated[str, typer.Option(
+        help="'synthetic', 'heart:DIR' or a folder with sites.toml")] = "synthetic",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-deploy"),
+    rounds: Annotated[int, typer.Option(help="Federated training rounds.")] = 30,
+    repeats: Annotated[int, typer.Option(help="Seeded train/held-out splits.")] = 1,
+    protocol: Annotated[str, typer.Option(help="'default' or 'flamby'.")] = "default",
+    seed: Annotated[int, typer.Option(help="Seed of data, splits and models.")] = 42,
+    timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,
+) -> None:
+    """Run the federation for real on this machine: TLS, authenticated SuperNodes, report."""
+    import signal
+
+    from shared.settings import RunSettings, SettingsError
+    from simulations.datasets import DatasetError
+    from simulations.deploy import DeploymentError
+    from simulations.deploy import deploy_local as run
+
+    # `kill` (SIGTERM) must stop the processes we started, like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = RunSettings.from_run_config({
+            "num-server-rounds": rounds, "repeats": repeats, "protocol": protocol,
+            "seed": seed, "node-wait-timeout": 120.0})
+    except SettingsError as err:
+        _fail(str(err))
+
+    def show_logs(logs: dict[str, Path]) -> None:
+        console.print("logs: " + "; ".join(f"{k}: {v}" for k, v in logs.items())
+                      + f"; run: {out.resolve() / 'logs' / 'flwr-run.log'}", highlight=False)
+
+    progress = _RunProgress(repeats, rounds, pooled=False)
+    try:
+        with progress, _quiet("client"):
+            report = run(data, out, settings, n_sites=sites, on_event=progress.update,
+                         on_logs=show_logs, timeout=timeout)
+    except (DatasetError, DeploymentError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted: every process started was stopped")
+    _print_results(report, out)
+    d = report["deployment"]
+    mean = d["mean_round_latency_s"]
+    console.print(f"deployment: start-up {d['startup_s']:.1f} s, run {d['run_s']:.1f} s"
+                  + (f", {mean:.2f} s per round" if mean is not None else "")
+                  + "; TLS on every connection, authenticated SuperNodes")
+
+
+@app.command()
+def predict(
+    site_dir: Annotated[Path, typer.Option(help="The site's private folder (site-dir).")],
+    input: Annotated[Path, typer.Option(help="New patients (the schema's format).")],
+    output: Annotated[Path, typer.Option(help="Where to write one risk per row (CSV).")],
+) -> None:
+    """Score new patients at a site with the source model and the site's own correction."""
+    from client.data import DataError
+    from client.model_store import ModelStoreError
+    from client.predict import predict_file
+    from client.store import CorrectionRefused
+
+    try:
+        with _quiet("client"):
+            summary = predict_file(site_dir, input, output)
+    except CorrectionRefused as err:
+        _fail(f"the site's correction was refused ({err.reason}): {err}")
+    except (ModelStoreError, DataError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"scored {summary.rows} rows into {summary.output} (source model "
+                  f"{summary.source_model[:16]}, correction "
+                  f"{'applied' if summary.correction_applied else 'not applied'})",
+                  highlight=False)
+
+
 @app.command("check-data")
 def check_data(
     file: Annotated[Path, typer.Argument(help="The site's data file.")],
@@ -117,6 +221,11 @@ def generate(
     console.print(f"wrote {sites} site files and {manifest}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so that cleanup code runs."""
+    raise KeyboardInterrupt
+
+
 @contextmanager
 def _quiet(logger: str) -> Iterator[None]:
     """Show only errors of ``logger`` inside the block."""
@@ -132,7 +241,7 @@ def _quiet(logger: str) -> Iterator[None]:
 class _RunProgress:
     """A progress bar fed by the ServerApp's events."""
 
-    def __init__(self, repeats: int, rounds: int) -> None:
+    def __init__(self, repeats: int, rounds: int, pooled: bool = True) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.rounds = rounds
@@ -140,7 +249,8 @@ class _RunProgress:
                             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                             console=console)
         # Per repeat: stats, the rounds, adapt, evaluate; then the pooled reference.
-        self.task = self.bar.add_task("starting Flower", total=repeats * (rounds + 3) + 1)
+        self.task = self.bar.add_task("starting Flower",
+                                      total=repeats * (rounds + 3) + int(pooled))
 
     def __enter__(self) -> _RunProgress:
         self.bar.__enter__()

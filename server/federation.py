@@ -11,6 +11,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from server.audit import ReplyLog
 from server.progress import Progress
 from server.sites import SiteGrid, query_sites, wait_for_sites
 from server.strategy import make_strategy
@@ -29,7 +30,8 @@ class RunFailed(RuntimeError):
 
 
 def run_federation(
-    grid: Grid, settings: RunSettings, progress: Progress, config_record: dict[str, Any]
+    grid: Grid, settings: RunSettings, progress: Progress, config_record: dict[str, Any],
+    audit: ReplyLog | None = None,
 ) -> dict[str, Any]:
     """Run every repeat of the pipeline over the connected sites and return the report.
 
@@ -43,6 +45,8 @@ def run_federation(
         Where progress events go.
     config_record : dict
         Everything to record under the report's ``config``.
+    audit : ReplyLog, optional
+        Where every reply received is recorded.
 
     Returns
     -------
@@ -56,7 +60,7 @@ def run_federation(
     progress.emit("sites", count=len(nodes))
     results = []
     for repeat in range(settings.repeats):
-        results.append(_run_repeat(grid, nodes, schema, settings, progress, repeat))
+        results.append(_run_repeat(grid, nodes, schema, settings, progress, repeat, audit))
     return build_report(config_record, results, time.monotonic() - t0)
 
 
@@ -77,7 +81,7 @@ def _base_config(schema: Schema, settings: RunSettings, repeat: int) -> dict[str
 
 def _run_repeat(
     grid: Grid, nodes: list[int], schema: Schema, settings: RunSettings, progress: Progress,
-    repeat: int,
+    repeat: int, audit: ReplyLog | None,
 ) -> RepeatResult:
     result = RepeatResult(repeat=repeat, split_seed=settings.split_seed(repeat))
     base = _base_config(schema, settings, repeat)
@@ -86,8 +90,8 @@ def _run_repeat(
     # Phase 1: aggregate counts and sums -> global preprocessing.
     progress.emit("phase", phase="stats", repeat=repeat, repeats=settings.repeats)
     t = time.monotonic()
-    replies = query_sites(grid, nodes, keys.STATS,
-                          RecordDict({keys.CONFIG: ConfigRecord(base)}), settings.reply_timeout)
+    replies = query_sites(grid, nodes, keys.STATS, RecordDict({keys.CONFIG: ConfigRecord(base)}),
+                          settings.reply_timeout, audit)
     summaries = []
     expected = summary_keys(schema.shared_features)
     for node in nodes:
@@ -142,7 +146,7 @@ def _run_repeat(
     progress.emit("phase", phase="train", repeat=repeat, repeats=settings.repeats)
     t = time.monotonic()
     trained = strategy.start(
-        grid=SiteGrid(grid, names), initial_arrays=initial,
+        grid=SiteGrid(grid, names, audit), initial_arrays=initial,
         num_rounds=settings.num_server_rounds, timeout=settings.reply_timeout,
         train_config=train_config,
     )
@@ -159,7 +163,7 @@ def _run_repeat(
     for phase, mtype in (("adapt", keys.ADAPT), ("evaluate", keys.EVALUATE)):
         progress.emit("phase", phase=phase, repeat=repeat, repeats=settings.repeats)
         t = time.monotonic()
-        replies = query_sites(grid, list(names), mtype, content, settings.reply_timeout)
+        replies = query_sites(grid, list(names), mtype, content, settings.reply_timeout, audit)
         for node, name in names.items():
             reply = replies.get(node)
             if reply is None or reply.has_error():

@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 import shared
+from server.audit import ReplyLog
 from server.federation import resolve_out, run_federation
 from server.progress import Progress
 from server.report import write_report
@@ -27,6 +28,7 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
     out = resolve_out(settings.out)
     progress = Progress(out)
+    (out / "replies.jsonl").unlink(missing_ok=True)
     config = {
         **settings.to_run_config(),
         "fedadapt_version": shared.__version__,
@@ -34,7 +36,8 @@ def main(grid: Grid, context: Context) -> None:
         "run_id": context.run_id,
     }
     try:
-        report = run_federation(grid, settings, progress, config)
+        audit = ReplyLog(out / "replies.jsonl", values=settings.record_replies)
+        report = run_federation(grid, settings, progress, config, audit)
     except Exception as err:
         progress.emit("failed", error=f"{type(err).__name__}: {err}")
         raise

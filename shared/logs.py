@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 PACKAGES = ("shared", "client", "server", "simulations")
-FORMAT = "fedadapt %(levelname)s %(name)s: %(message)s"
+FORMAT = "%(asctime)s fedadapt %(levelname)s %(name)s: %(message)s"
 
 
 def configure(level: int = logging.INFO) -> None:

@@ -5,15 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from shared.source_model import MODELS
-
+MODELS = ("logreg", "mlp")  # shared.source_model builds them; not imported here (torch)
 STRATEGIES = ("fedavg", "fedprox")
 PROTOCOLS = ("default", "flamby")
 FLAMBY_SPLIT_SEED = 43
 
 
-def _coerce(value: Any, default: int | float | str) -> int | float | str:
+def _coerce(value: Any, default: bool | int | float | str) -> bool | int | float | str:
     """Convert a run-config value to the type of the setting's default, strictly."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
     if isinstance(value, bool):
         raise TypeError("booleans are not numbers or strings here")
     if isinstance(default, str):
@@ -60,6 +63,7 @@ class RunSettings:
     min_sites: int = 2
     node_wait_timeout: float = 60.0
     reply_timeout: float = 300.0
+    record_replies: bool = False
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> RunSettings:
@@ -83,7 +87,8 @@ class RunSettings:
             try:
                 values[f.name] = _coerce(value, default)
             except (TypeError, ValueError):
-                kind = {int: "an integer", float: "a number", str: "a string"}[type(default)]
+                kind = {bool: "true or false", int: "an integer", float: "a number",
+                        str: "a string"}[type(default)]
                 problems.append(f"{key} = {value!r} is not {kind}")
         settings = cls(**values)
         problems += settings._check()

@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-MODELS = ("logreg", "mlp")
+from shared.settings import MODELS
 
 
 def build_model(kind: str, n_inputs: int, hidden_units: int = 16, seed: int = 0) -> nn.Module:

@@ -191,28 +191,46 @@ def run_app(
         If the run failed, timed out, or wrote no report.
     """
     out = out.resolve()
+    with simulation_superlink(out / "logs") as (env, connection):
+        return submit_run(env, connection, run_config, out, on_event=on_event, timeout=timeout,
+                          extra=["--federation-config", f"num-supernodes={num_sites}"])
+
+
+def submit_run(
+    env: dict[str, str],
+    connection: str,
+    run_config: dict[str, Any],
+    out: Path,
+    *,
+    on_event: EventHook | None = None,
+    timeout: float = 3600.0,
+    extra: list[str] | None = None,
+) -> dict[str, Any]:
+    """Submit the app with ``flwr run`` to a running SuperLink, follow it, return the report.
+
+    ``env`` holds the ``FLWR_HOME`` whose ``config.toml`` names ``connection``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     events = out / EVENTS_FILE
     for stale in (events, out / "report.json"):
         stale.unlink(missing_ok=True)
-    with simulation_superlink(logs) as (env, connection):
-        config_file = write_run_config(
-            Path(env["FLWR_HOME"]) / "run-config.toml", {**run_config, "out": str(out)}
+    config_file = write_run_config(
+        Path(env["FLWR_HOME"]) / "run-config.toml", {**run_config, "out": str(out)}
+    )
+    run_log = logs / "flwr-run.log"
+    with run_log.open("w", encoding="utf-8") as sink:
+        proc = subprocess.Popen(
+            [flower_bin("flwr"), "run", str(APP_DIR), connection, "--stream",
+             "--run-config", str(config_file), *(extra or [])],
+            cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-        run_log = logs / "flwr-run.log"
-        with run_log.open("w", encoding="utf-8") as sink:
-            proc = subprocess.Popen(
-                [flower_bin("flwr"), "run", str(APP_DIR), connection, "--stream",
-                 "--federation-config", f"num-supernodes={num_sites}",
-                 "--run-config", str(config_file)],
-                cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                last = _follow(proc, events, on_event, timeout, run_log)
-            finally:
-                stop_process(proc, "flwr run")
+        try:
+            last = _follow(proc, events, on_event, timeout, run_log)
+        finally:
+            stop_process(proc, "flwr run")
     if last.get("event") == "failed":
         raise SimulationError(f"the run failed: {last.get('error')}; logs in {logs}")
     report = out / "report.json"

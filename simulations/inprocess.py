@@ -82,8 +82,9 @@ class InProcessGrid(Grid):
         """Deliver messages now; their replies wait to be pulled."""
         ids = []
         for message in messages:
-            reply = self._deliver(message)
             mid = f"m{next(self._ids)}"
+            message.metadata.__dict__["_message_id"] = mid  # as Flower's own grids do
+            reply = self._deliver(message)
             if reply is not None:
                 self._replies[mid] = reply
             ids.append(mid)

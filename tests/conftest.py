@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,3 +38,27 @@ def heart_dir() -> Path:
     if not (HEART_DIR / "processed.cleveland.data").is_file():
         pytest.skip(f"UCI Heart Disease files not found in {HEART_DIR}")
     return HEART_DIR
+
+
+FLOWER_NAMES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation",
+                "flwr-serverapp",
+                "flwr-clientapp", "raylet", "gcs_server")
+
+
+def _flower_processes() -> set[int]:
+    """PIDs of Flower and ray processes running now."""
+    found = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(name in cmd for name in FLOWER_NAMES):
+            found.add(p.info["pid"])
+    return found
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[None]:
+    """Fail if the test leaves a Flower or ray process behind."""
+    before = _flower_processes()
+    yield
+    left = _flower_processes() - before
+    assert not left, f"processes left running: {left}"

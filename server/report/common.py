@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,29 +72,6 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return obj.as_posix()
     return str(obj)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    Parameters
-    ----------
-    path : Path
-        Destination; readers see either the old file or the complete new one.
-    data : bytes
-        File contents.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        # "x" creates the file with the usual permissions (0o666 minus the umask).
-        with tmp.open("xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # noqa: PTH105  (atomic rename on the same filesystem)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _json_text(report: Report) -> str:

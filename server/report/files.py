@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server.report.common import _atomic_write_bytes, _json_text, to_jsonable
+from server.report.common import _json_text, to_jsonable
 from server.report.markdown import render_markdown
 from server.report.plots import plot_loss, plot_metrics
+from shared.files import write_atomically
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -31,10 +32,10 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     (out / "plots").mkdir(parents=True, exist_ok=True)
     clean = to_jsonable(report)
     paths = {"json": out / "report.json"}
-    _atomic_write_bytes(paths["json"], _json_text(clean).encode("utf-8"))
+    write_atomically(paths["json"], _json_text(clean).encode("utf-8"))
     paths["metrics"] = plot_metrics(clean, out / "plots" / "metrics.png")
     paths["loss"] = plot_loss(clean, out / "plots" / "loss.png")
     relative = {name: paths[name].relative_to(out) for name in ("metrics", "loss")}
     paths["markdown"] = out / "report.md"
-    _atomic_write_bytes(paths["markdown"], render_markdown(clean, relative).encode("utf-8"))
+    write_atomically(paths["markdown"], render_markdown(clean, relative).encode("utf-8"))
     return paths

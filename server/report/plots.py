@@ -14,7 +14,6 @@ from server.report.common import (
     _METRIC_SHORT,
     _METRIC_TITLES,
     METRICS,
-    _atomic_write_bytes,
     _fmt_int,
     _fmt_pct,
     _is_failed,
@@ -25,6 +24,7 @@ from server.report.common import (
     _value_sd,
     methods_in,
 )
+from shared.files import write_atomically
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -64,7 +64,7 @@ def _save_figure(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=_PLOT_DPI)
-    _atomic_write_bytes(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
     return path
 
 

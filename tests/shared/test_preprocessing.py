@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.exceptions import NotFittedError
 
 from shared.preprocessing import (
+    NotFittedError,
     TabularPreprocessor,
     merge_summaries,
     summarize,

@@ -6,38 +6,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from simulations.flower import APP_DIR, flower_bin, simulation_superlink
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
-
-FLOWER_NAMES = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr-serverapp",
-                "flwr-clientapp", "raylet", "gcs_server")
-
-
-def _flower_processes() -> set[int]:
-    """PIDs of Flower and ray processes running now."""
-    found = set()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(name in cmd for name in FLOWER_NAMES):
-            found.add(p.info["pid"])
-    return found
-
-
-@pytest.fixture
-def no_leftovers() -> Iterator[None]:
-    """Fail if the test leaves a Flower or ray process behind."""
-    before = _flower_processes()
-    yield
-    left = _flower_processes() - before
-    assert not left, f"processes left running: {left}"
-
 
 def _fedadapt(*args: str, timeout: float = 360) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -1,0 +1,267 @@
+"""``fedadapt deploy-local``: a real federation on this machine, over TLS with authenticated sites.
+
+It does what the coordinator and each site engineer do (README, "Deployment"), with real
+processes on loopback: certificates (``fedadapt certs``), one ``flower-superlink`` with TLS,
+SuperNode authentication and its state on disk, registration of every site's public key, one
+``flower-superexec``-backed ``flower-supernode`` per site (its own data file, key, folder and
+``FLWR_HOME``), the run (``flwr run``), the report; then it stops every process it started,
+also on Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from server.certs import CertFiles, make_certs
+from shared.settings import RunSettings
+from simulations.datasets import prepare_data
+from simulations.flower import (
+    FLOWER_ENV,
+    STARTUP_TIMEOUT,
+    EventHook,
+    SimulationError,
+    flower_bin,
+    free_port,
+    stop_process,
+    submit_run,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "fedadapt-local"
+
+
+class DeploymentError(RuntimeError):
+    """A process of the deployment could not start or register; the message names its log."""
+
+
+@dataclass
+class Deployment:
+    """The running federation: where its pieces are and how to reach them."""
+
+    out: Path
+    certs: CertFiles
+    port: int
+    env: dict[str, str]
+    logs: dict[str, Path] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
+
+
+# Flower's SuperExec checks for new work every second by default; every message of a round
+# waits for that check at each site. Flower documents this variable for tuning it.
+TASK_POLL_INTERVAL = "0.1"
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower commands: private ``FLWR_HOME``, no phoning home, our PATH."""
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(home),
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": TASK_POLL_INTERVAL}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def wait_https(port: int, ca: Path, proc: subprocess.Popen[Any], log_path: Path,
+               timeout: float = STARTUP_TIMEOUT) -> None:
+    """Wait until the SuperLink answers ``GET /health`` over TLS, verified against ``ca``."""
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeploymentError(f"the SuperLink exited with code {proc.returncode}; "
+                                  f"see {log_path}")
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context,
+                                        timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise DeploymentError(f"the SuperLink did not answer over TLS in {timeout:.0f} s; "
+                          f"see {log_path}")
+
+
+def _start(dep: Deployment, name: str, cmd: list[str], cwd: Path,
+           env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
+    log_path = dep.out / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w", encoding="utf-8") as sink:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or dep.env, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    dep.logs[name] = log_path
+    dep.processes[name] = proc
+    return proc
+
+
+def start_superlink(dep: Deployment) -> None:
+    """The coordinator's SuperLink: TLS, SuperNode authentication, state on disk."""
+    folder = dep.out / "superlink"
+    proc = _start(dep, "superlink", [
+        flower_bin("flower-superlink"),
+        "--ssl-ca-certfile", str(dep.certs.ca_cert),
+        "--ssl-certfile", str(dep.certs.server_cert),
+        "--ssl-keyfile", str(dep.certs.server_key),
+        "--host", "127.0.0.1", "--port", str(dep.port),
+        "--database", str(folder / "state.db"),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+    ], folder)
+    wait_https(dep.port, dep.certs.ca_cert, proc, dep.logs["superlink"])
+
+
+def register_site(dep: Deployment, name: str) -> None:
+    """Register a site's public key at the SuperLink (``flwr supernode register``)."""
+    public = dep.certs.site_keys[name][1]
+    result = subprocess.run(
+        [flower_bin("flwr"), "supernode", "register", str(public), CONNECTION, "--name", name],
+        env=dep.env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    if result.returncode != 0:
+        raise DeploymentError(f"registering site {name} failed:\n{result.stdout[-2000:]}"
+                              f"{result.stderr[-2000:]}")
+
+
+def supernode_command(
+    dep: Deployment, name: str, *, data_file: Path, site_dir: Path,
+    site_features: list[str], private_key: Path | None = None, ca: Path | None = None,
+    insecure: bool = False, auth: bool = True, extra: list[str] | None = None,
+) -> list[str]:
+    """The site engineer's ``flower-supernode`` command for one site."""
+    node_config = (
+        f'data-file="{data_file}" site-dir="{site_dir}" site-name="{name}" '
+        f'site-features="{",".join(site_features)}"'
+    )
+    cmd = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{dep.port}",
+           "--port", str(free_port()), "--node-config", node_config]
+    cmd += ["--insecure"] if insecure else ["--root-certificates", str(ca or dep.certs.ca_cert)]
+    key = private_key if private_key is not None else dep.certs.site_keys[name][0]
+    if auth:
+        cmd += ["--auth-supernode-private-key", str(key)]
+    return [*cmd, *(extra or [])]
+
+
+def start_supernode(dep: Deployment, name: str, cmd: list[str], site_dir: Path) -> None:
+    """Start a site's SuperNode with its own ``FLWR_HOME`` inside its private folder."""
+    env = {**dep.env, "FLWR_HOME": str(site_dir / ".flwr")}
+    _start(dep, name, cmd, site_dir, env)
+
+
+@contextmanager
+def coordinator(out: Path, site_names: list[str]) -> Iterator[Deployment]:
+    """Certificates, a TLS SuperLink with authentication and the ``flwr`` connection to it.
+
+    Every process started inside the block (also SuperNodes) is stopped on exit.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    certs = make_certs(out / "certs", len(site_names), names=site_names)
+    home = out / "coordinator" / ".flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs.ca_cert}"\n',
+        encoding="utf-8",
+    )
+    dep = Deployment(out=out, certs=certs, port=port, env=flower_env(home))
+    try:
+        start_superlink(dep)
+        yield dep
+    finally:
+        for name, proc in reversed(list(dep.processes.items())):
+            stop_process(proc, name)
+
+
+def deploy_local(
+    data: str,
+    out: Path,
+    settings: RunSettings,
+    *,
+    n_sites: int = 4,
+    on_event: EventHook | None = None,
+    on_logs: Callable[[dict[str, Path]], None] | None = None,
+    timeout: float = 3600.0,
+) -> dict[str, Any]:
+    """Run the whole pipeline over real processes with TLS and authenticated sites.
+
+    Parameters
+    ----------
+    data : str
+        ``synthetic``, ``heart:DIR`` or a folder with a sites manifest.
+    out : Path
+        Output folder: certs, SuperLink state, each site's private folder, logs, report.
+    settings : RunSettings
+        Run settings (``min-sites`` is set to the number of sites).
+    n_sites : int
+        Number of generated hospitals (``synthetic``).
+    on_event : callable, optional
+        Progress callback (the ServerApp's events).
+    on_logs : callable, optional
+        Called once with the log file of every process, when all have started.
+    timeout : float
+        Bound on the run, in seconds.
+
+    Returns
+    -------
+    dict
+        The report (same contract as the simulation's, without the pooled reference), with
+        ``deployment`` timings added: start-up, run and per-round latencies.
+    """
+    out = out.resolve()
+    manifest = prepare_data(data, out / "data", n_sites, settings.seed)
+    names = [s.name for s in manifest.sites]
+    settings = replace(settings, schema=manifest.schema, min_sites=len(names), out=str(out))
+    rounds: list[float] = []
+
+    def track(event: dict[str, Any]) -> None:
+        if event.get("event") == "round":
+            rounds.append(float(event["t"]))
+        if on_event is not None:
+            on_event(event)
+
+    t0 = time.monotonic()
+    with ExitStack() as stack:
+        dep = stack.enter_context(coordinator(out, names))
+        for site in manifest.sites:
+            register_site(dep, site.name)
+        for site in manifest.sites:
+            site_dir = out / "sites" / site.name
+            start_supernode(dep, site.name, supernode_command(
+                dep, site.name, data_file=site.data_file, site_dir=site_dir,
+                site_features=list(site.site_features)), site_dir)
+        startup = time.monotonic() - t0
+        if on_logs is not None:
+            on_logs(dict(dep.logs))
+        t1 = time.monotonic()
+        try:
+            report = submit_run(dep.env, CONNECTION, settings.to_run_config(), out,
+                                on_event=track, timeout=timeout)
+        except SimulationError as err:
+            raise DeploymentError(f"{err}; process logs: "
+                                  + ", ".join(str(p) for p in dep.logs.values())) from None
+        run_seconds = time.monotonic() - t1
+    deltas = [b - a for a, b in itertools.pairwise(rounds)]
+    report["deployment"] = {
+        "startup_s": startup, "run_s": run_seconds, "total_s": time.monotonic() - t0,
+        "round_latency_s": deltas,
+        "mean_round_latency_s": sum(deltas) / len(deltas) if deltas else None,
+        "tls": True, "supernode_auth": True, "logs": {k: str(v) for k, v in dep.logs.items()},
+    }
+    from server.report import write_report
+
+    report["config"]["data"] = data
+    write_report(report, out)
+    return report
