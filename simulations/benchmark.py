@@ -1,6 +1,6 @@
 """Measure the core targets: wall time of the default run, do-no-harm on heart, FLamby accuracy.
 
-Run ``python -m simulations.benchmark --out bench-out [--heart DIR]``. It prints a table and
+Run ``python -m simulations.benchmark --out bench-out [--heart DIR] [--deploy]``. It prints and
 writes ``bench-out/benchmark.json``. Numbers come from the same code path as ``fedadapt
 simulate``; nothing is tuned on held-out rows here.
 """
@@ -73,6 +73,35 @@ def flamby(out: Path, heart: Path) -> dict[str, Any]:
     }
 
 
+def deploy_vs_simulation(out: Path, sites: int = 4) -> dict[str, Any]:
+    """The same run deployed over TLS (real processes) and in simulation: wall time, rounds."""
+    from simulations.deploy import deploy_local
+
+    t0 = time.monotonic()
+    deployed = deploy_local("synthetic", out / "deploy", RunSettings(), n_sites=sites)
+    deploy_wall = time.monotonic() - t0
+    t0 = time.monotonic()
+    simulated = simulate("synthetic", out / "simulate", RunSettings(), n_sites=sites)
+    sim_wall = time.monotonic() - t0
+    rounds = RunSettings().num_server_rounds
+    latencies = deployed["deployment"]["round_latency_s"]
+    diff = max(
+        abs(deployed["sites"][n]["metrics"][m][k] - simulated["sites"][n]["metrics"][m][k])
+        for n in simulated["sites"] for m in ("local", "source", "adapted")
+        for k in ("auc", "accuracy", "brier", "log_loss")
+    )
+    return {
+        "sites": sites, "rounds": rounds,
+        "deploy_wall_s": deploy_wall, "simulation_wall_s": sim_wall,
+        "deploy_train_s": deployed["timing_s"]["train"],
+        "simulation_train_s": simulated["timing_s"]["train"],
+        "deploy_round_latency_s": {"median": float(sorted(latencies)[len(latencies) // 2]),
+                                   "min": min(latencies), "max": max(latencies)},
+        "simulation_round_latency_s": simulated["timing_s"]["train"] / rounds,
+        "max_metric_difference": diff,
+    }
+
+
 def main() -> None:
     """Run the benchmarks named on the command line and write benchmark.json."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -80,6 +109,8 @@ def main() -> None:
     parser.add_argument("--heart", type=Path, default=None,
                         help="folder with the UCI processed.*.data files")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--deploy", action="store_true",
+                        help="also time deploy-local --sites 4 against the same simulation")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("client").setLevel(logging.ERROR)
@@ -100,6 +131,13 @@ def main() -> None:
             f"{m} {v:.3f}" for m, v in acc.items())
             + f"; majority label {results['flamby']['majority_accuracy']:.3f}; "
             f"target 0.83: {'pass' if results['flamby']['passed'] else 'FAIL'}")
+    if args.deploy:
+        results["deploy"] = dep = deploy_vs_simulation(args.out)
+        median = dep["deploy_round_latency_s"]["median"]
+        print(f"deploy-local --sites 4: {dep['deploy_wall_s']:.1f} s wall vs simulation "
+              f"{dep['simulation_wall_s']:.1f} s; per round {median:.2f} s vs "
+              f"{dep['simulation_round_latency_s']:.2f} s; largest metric difference "
+              f"{dep['max_metric_difference']:.1e}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "benchmark.json"
     path.write_text(json.dumps(to_jsonable(results), indent=2, allow_nan=False))
