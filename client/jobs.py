@@ -163,7 +163,9 @@ def train_job(
         batch_size=int(config["batch-size"]),
         weight_decay=float(config["weight-decay"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=int(config["split-seed"]) * 1000 + int(config.get("server-round", 0)),
+        # The round number, counted over a resumed run too (the same seed as without a break).
+        seed=int(config["split-seed"]) * 1000 + int(config.get("server-round", 0))
+        + int(config.get("round-offset", 0)),
     )
     metrics: Metrics = {
         "num-examples": float(len(train)), "train-loss": train_loss, "global-loss": global_loss,

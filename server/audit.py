@@ -34,9 +34,14 @@ class ReplyLog:
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def record(self, replies: Iterable[Message]) -> None:
-        """Record replies (error replies too: their type and reason)."""
-        lines = [json.dumps(self._entry(r), allow_nan=True) for r in replies]
+    def record(self, replies: Iterable[Message], context: dict[str, Any] | None = None) -> None:
+        """Record replies (error replies too: their type and reason).
+
+        ``context`` is added to every line: the training round, and the ids of the messages
+        sent in the same exchange (each reply names the message it answers).
+        """
+        lines = [json.dumps({**(context or {}), **self._entry(r)}, allow_nan=True)
+                 for r in replies]
         if not lines:
             return
         with self._lock, self.path.open("a", encoding="utf-8") as fh:
@@ -46,6 +51,7 @@ class ReplyLog:
         entry: dict[str, Any] = {
             "type": reply.metadata.message_type,
             "node": reply.metadata.src_node_id,
+            "reply_to": reply.metadata.reply_to_message_id,
         }
         if reply.has_error():
             entry["error"] = str(reply.error.reason)

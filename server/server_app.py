@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 import shared
 from server.audit import ReplyLog
-from server.federation import resolve_out, run_federation
+from server.federation import make_checkpoint, resolve_out, run_federation
 from server.progress import Progress
 from server.report import write_report
 from shared import logs
@@ -37,10 +37,13 @@ def main(grid: Grid, context: Context) -> None:
     }
     try:
         audit = ReplyLog(out / "replies.jsonl", values=settings.record_replies)
-        report = run_federation(grid, settings, progress, config, audit)
+        checkpoint = make_checkpoint(out, settings)
+        report = run_federation(grid, settings, progress, config, audit, checkpoint)
     except Exception as err:
         progress.emit("failed", error=f"{type(err).__name__}: {err}")
         raise
     paths = write_report(report, out)
+    if checkpoint is not None:
+        checkpoint.clear()  # complete: the next run with these settings starts afresh
     log.info("report written to %s", paths["json"])
     progress.emit("finished", report=str(paths["json"]), seconds=report["timing_s"]["total"])

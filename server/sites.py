@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from server.audit import ReplyLog
+from shared import keys
 
 log = logging.getLogger(__name__)
 
@@ -19,26 +21,35 @@ class NotEnoughSites(RuntimeError):
     """Fewer sites than the configured minimum joined in time."""
 
 
-def wait_for_sites(grid: Grid, min_sites: int, timeout: float, poll: float = 0.2) -> list[int]:
-    """Wait until at least ``min_sites`` sites are connected, for at most ``timeout`` seconds.
+def wait_for_sites(
+    grid: Grid, min_sites: int, timeout: float, expected: int = 0, poll: float = 0.2
+) -> list[int]:
+    """Wait for the sites: until ``expected`` have joined, or ``timeout`` seconds have passed.
 
-    Flower's strategies wait for nodes without a bound; fedadapt never does.
+    Flower's strategies wait for nodes without a bound; fedadapt never does. After the
+    timeout the run goes on with the sites that joined, if they are at least ``min_sites``.
 
     Raises
     ------
     NotEnoughSites
         Naming how many joined and which setting to change.
     """
+    target = max(min_sites, expected)
     deadline = time.monotonic() + timeout
     last = -1
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) != last:
-            log.info("%d of at least %d site(s) connected", len(nodes), min_sites)
+            log.info("%d of %d expected site(s) connected (min-sites %d)", len(nodes), target,
+                     min_sites)
             last = len(nodes)
-        if len(nodes) >= min_sites:
+        if len(nodes) >= target:
             return nodes
         if time.monotonic() >= deadline:
+            if len(nodes) >= min_sites:
+                log.warning("going on with %d of %d expected sites after %.0f s", len(nodes),
+                            target, timeout)
+                return nodes
             raise NotEnoughSites(
                 f"only {len(nodes)} site(s) connected after {timeout:.0f} s, fewer than "
                 f"min-sites = {min_sites}: start more sites, or lower min-sites, or raise "
@@ -49,7 +60,7 @@ def wait_for_sites(grid: Grid, min_sites: int, timeout: float, poll: float = 0.2
 
 def send_and_receive(
     grid: Grid, messages: Iterable[Message], timeout: float | None, poll: float = 0.1,
-    max_poll: float = 0.5, audit: ReplyLog | None = None,
+    max_poll: float = 0.5, audit: ReplyLog | None = None, label: dict[str, Any] | None = None,
 ) -> list[Message]:
     """Push messages, then pull their replies until all arrived or ``timeout`` passed.
 
@@ -58,7 +69,9 @@ def send_and_receive(
     0.1 s up to 0.5 s instead. Replies to messages of an earlier call are never returned:
     only the ids pushed here are pulled.
     """
+    messages = list(messages)
     ids = set(grid.push_messages(messages))
+    sent = {m.metadata.message_id for m in messages}
     deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
     replies: list[Message] = []
     while ids:
@@ -70,7 +83,7 @@ def send_and_receive(
         time.sleep(poll)
         poll = min(poll * 1.5, max_poll)
     if audit is not None:
-        audit.record(replies)
+        audit.record(replies, {**(label or {}), "sent": sorted(sent)})
     return replies
 
 
@@ -93,16 +106,43 @@ def query_sites(
 
 
 class SiteGrid(Grid):
-    """The grid as a strategy sees it: only the sites that passed the stats phase.
+    """The grid as a strategy sees it: the healthy sites only, and never an endless wait.
 
-    Flower's strategies sample from ``grid.get_node_ids()``; narrowing that list keeps a site
-    whose data failed validation out of training without changing the strategy.
+    Flower's strategies sample from ``grid.get_node_ids()`` and wait, without bound, until
+    enough nodes are listed. This grid lists only the sites that passed the stats phase and
+    have not missed a round. A site that does not answer a training round in time (or answers
+    with an error) sits out the rest of this training phase: a dead site then costs one reply
+    timeout, not one per remaining round while Flower still lists it as connected. Its late
+    reply is never pulled into a later round (only the current round's message ids are).
+    When fewer than ``min_sites`` remain for longer than ``wait``, the run stops with
+    :class:`NotEnoughSites` instead of waiting forever.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid.
+    nodes : iterable of int
+        The healthy sites' node ids.
+    audit : ReplyLog, optional
+        Where replies are recorded.
+    min_sites : int
+        Fewest sites to go on with.
+    wait : float
+        Seconds to wait for enough sites before giving up.
     """
 
-    def __init__(self, grid: Grid, nodes: Iterable[int], audit: ReplyLog | None = None) -> None:
+    def __init__(
+        self, grid: Grid, nodes: Iterable[int], audit: ReplyLog | None = None,
+        min_sites: int = 1, wait: float = 60.0,
+    ) -> None:
         self._grid = grid
         self._nodes = sorted(nodes)
         self._audit = audit
+        self.min_sites = min_sites
+        self.wait = wait
+        self.dropped: dict[int, tuple[int, str]] = {}  # node -> (round, reason)
+        self.round = 0
+        self._short_since: float | None = None
 
     def set_run(self, run: Run) -> None:
         """Delegate to the wrapped grid."""
@@ -118,9 +158,27 @@ class SiteGrid(Grid):
         return self._grid.create_message(*args, **kwargs)  # type: ignore[arg-type]
 
     def get_node_ids(self) -> list[int]:
-        """The healthy sites that are still connected."""
+        """The healthy sites still connected; raises when too few remain for too long."""
         connected = set(self._grid.get_node_ids())
-        return [n for n in self._nodes if n in connected]
+        for n in self._nodes:
+            if n not in connected and n not in self.dropped:
+                self.dropped[n] = (self.round + 1, "disconnected")
+        nodes = [n for n in self._nodes if n not in self.dropped]
+        if len(nodes) >= self.min_sites:
+            self._short_since = None
+            return nodes
+        now = time.monotonic()
+        if self._short_since is None:
+            self._short_since = now
+            log.warning("only %d site(s) left for training, fewer than min-sites = %d; "
+                        "waiting up to %.0f s", len(nodes), self.min_sites, self.wait)
+        if now - self._short_since > self.wait:
+            raise NotEnoughSites(
+                f"only {len(nodes)} site(s) left for training after {self.wait:.0f} s, fewer "
+                f"than min-sites = {self.min_sites} (dropped: {len(self.dropped)}): restart "
+                "the missing sites, or lower min-sites"
+            )
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Delegate to the wrapped grid."""
@@ -133,5 +191,22 @@ class SiteGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Push and pull with short polling (see :func:`send_and_receive`)."""
-        return send_and_receive(self._grid, messages, timeout, audit=self._audit)
+        """Push and pull with short polling; drop the sites that did not answer soundly."""
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == keys.TRAIN:
+            config = messages[0].content.config_records.get(keys.CONFIG)
+            rnd = config.get("server-round", 0) if config is not None else 0
+            offset = config.get("round-offset", 0) if config is not None else 0
+            self.round = (rnd if isinstance(rnd, int) else 0) + (
+                offset if isinstance(offset, int) else 0)
+        replies = send_and_receive(self._grid, messages, timeout, audit=self._audit,
+                                   label={"round": self.round})
+        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        for r in replies:
+            if r.has_error():
+                self.dropped[r.metadata.src_node_id] = (self.round, str(r.error.reason))
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node not in answered and node not in self.dropped:
+                self.dropped[node] = (self.round, f"no reply within {timeout} s")
+        return replies

@@ -8,14 +8,14 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
 from shared import keys
 from shared.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
-RoundHook = Callable[[int, MetricRecord | None, list[str]], None]
+RoundHook = Callable[[int, ArrayRecord | None, MetricRecord | None, list[str]], None]
 
 # A reply claiming more examples than this is absurd for one hospital's training rows.
 MAX_EXAMPLES = 10_000_000
@@ -64,7 +64,8 @@ class GuardedAggregation:
     site_names : mapping
         Site name per node id, so that logs and the report name sites, not numbers.
     on_round : callable, optional
-        Called after each round with the aggregated metrics and the rejected sites.
+        Called after each round with the aggregated model (None if nothing was aggregated),
+        the aggregated metrics and the rejected sites.
     """
 
     def __init__(
@@ -103,7 +104,7 @@ class GuardedAggregation:
         else:
             log.warning("round %d: no sound reply; the global model is unchanged", server_round)
         if self.on_round is not None:
-            self.on_round(server_round, result[1], rejected)
+            self.on_round(server_round, result[0], result[1], rejected)
         return result
 
 
@@ -113,6 +114,14 @@ class GuardedFedAvg(GuardedAggregation, FedAvg):
 
 class GuardedFedProx(GuardedAggregation, FedProx):
     """FedProx over checked replies; sites add the proximal term."""
+
+
+class GuardedFedMedian(GuardedAggregation, FedMedian):
+    """Coordinate-wise median of checked replies: one wildly wrong site cannot move it far."""
+
+
+class GuardedFedTrimmedAvg(GuardedAggregation, FedTrimmedAvg):
+    """Trimmed mean of checked replies (``trim-beta`` of the sites cut at each end)."""
 
 
 def make_strategy(
@@ -125,14 +134,24 @@ def make_strategy(
     """The strategy named in the settings, training on every healthy site each round.
 
     Federated evaluation during training is off: phase 4 evaluates once, on held-out rows.
+    ``n_sites`` is the number of sites that passed the stats phase.
     """
-    cls: type[GuardedFedAvg | GuardedFedProx] = (
-        GuardedFedProx if settings.strategy == "fedprox" else GuardedFedAvg
-    )
-    extra = {"proximal_mu": settings.proximal_mu} if settings.strategy == "fedprox" else {}
-    return cls(
+    classes: dict[str, type[GuardedAggregation]] = {
+        "fedavg": GuardedFedAvg, "fedprox": GuardedFedProx, "fedmedian": GuardedFedMedian,
+        "fedtrimmedavg": GuardedFedTrimmedAvg,
+    }
+    extra: dict[str, float] = {
+        "fedprox": {"proximal_mu": settings.proximal_mu},
+        "fedtrimmedavg": {"beta": settings.trim_beta},
+    }.get(settings.strategy, {})
+    # Every healthy site trains each round; the strategy may go on with as few as min-sites
+    # (the grid ends the run, with a clear error, below that).
+    minimum = min(settings.min_sites, n_sites)
+    strategy = classes[settings.strategy](
         shapes=shapes, site_names=site_names, on_round=on_round,
-        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_sites,
-        min_available_nodes=n_sites, weighted_by_key=keys.NUM_EXAMPLES,
+        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=minimum,
+        min_available_nodes=minimum, weighted_by_key=keys.NUM_EXAMPLES,
         arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG, **extra,
     )
+    assert isinstance(strategy, Strategy)
+    return strategy

@@ -27,6 +27,8 @@ class RepeatResult:
         Correction status text per site.
     failures : dict
         Error text per site that failed in this repeat (phase: reason).
+    lost : dict
+        Per site dropped during training: the round, the reason, the rounds it missed.
     rounds : list of dict
         Per round: ``round``, ``loss``, ``global_loss``, ``rejected`` sites.
     timing : dict
@@ -39,6 +41,7 @@ class RepeatResult:
     adapt: dict[str, dict[str, float]] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    lost: dict[str, dict[str, Any]] = field(default_factory=dict)
     site_features: dict[str, list[str]] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
@@ -63,6 +66,16 @@ def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
     adapts = [r.adapt[name] for r in results if name in r.adapt]
     errors = [r.failures[name] for r in results if name in r.failures]
     features = next((r.site_features[name] for r in results if name in r.site_features), [])
+    lost = [r.lost[name] for r in results if name in r.lost]
+    if not evals and lost:
+        return {
+            "n_train": 0, "n_test": 0, "positives_test": 0, "prevalence_test": None,
+            "site_features": features, "status": "lost",
+            "error": f"lost in round {lost[0]['round']}: {lost[0]['reason']}",
+            "lost": lost, "metrics": {},
+            "correction": {"applied": False, "strength": None, "applied_fraction": 0.0},
+            "repeats_failed": len(lost),
+        }
     if not evals:
         return {
             "n_train": 0, "n_test": 0, "positives_test": 0, "prevalence_test": None,
@@ -142,6 +155,7 @@ def rounds_entry(results: Sequence[RepeatResult]) -> list[dict[str, Any]]:
             "round": rnd, "loss": loss, "loss_sd": loss_sd, "global_loss": gl,
             "global_loss_sd": gl_sd,
             "rejected": sorted({s for e in entries for s in e.get("rejected", [])}),
+            "dropped": sorted({s for e in entries for s in e.get("dropped", [])}),
         })
     return out
 
@@ -152,7 +166,7 @@ def build_report(
     """The report of a run (contract in DESIGN.md; keys are added, never renamed)."""
     names: list[str] = []
     for r in results:
-        for name in [*r.evaluate, *r.failures, *r.adapt]:
+        for name in [*r.evaluate, *r.failures, *r.adapt, *r.lost]:
             if name not in names:
                 names.append(name)
     sites = {name: site_entry(name, results) for name in sorted(names)}

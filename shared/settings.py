@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 MODELS = ("logreg", "mlp")  # shared.source_model builds them; not imported here (torch)
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
 PROTOCOLS = ("default", "flamby")
 FLAMBY_SPLIT_SEED = 43
 
@@ -53,6 +53,7 @@ class RunSettings:
     num_server_rounds: int = 30
     strategy: str = "fedavg"
     proximal_mu: float = 0.0
+    trim_beta: float = 0.25
     model: str = "logreg"
     hidden_units: int = 16
     local_epochs: int = 5
@@ -61,9 +62,11 @@ class RunSettings:
     weight_decay: float = 0.001
     cv_folds: int = 5
     min_sites: int = 2
+    expected_sites: int = 0
     node_wait_timeout: float = 60.0
     reply_timeout: float = 300.0
     record_replies: bool = False
+    resume: bool = True
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> RunSettings:
@@ -107,6 +110,10 @@ class RunSettings:
         for name in ("repeats", "num_server_rounds", "local_epochs", "hidden_units", "min_sites"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
+        if not 0.0 <= self.trim_beta < 0.5:
+            problems.append("trim-beta must be in [0, 0.5)")
+        if self.expected_sites < 0:
+            problems.append("expected-sites must not be negative (0: the same as min-sites)")
         if self.cv_folds < 2:
             problems.append("cv-folds must be at least 2")
         if not 0.0 < self.test_fraction < 1.0:
@@ -118,6 +125,11 @@ class RunSettings:
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', '-')} must not be negative")
         return problems
+
+    @property
+    def sites_to_wait_for(self) -> int:
+        """How many sites the server waits for before starting (at least min-sites)."""
+        return max(self.min_sites, self.expected_sites)
 
     def split_seed(self, repeat: int) -> int:
         """Seed of the sites' train/held-out split in repeat ``repeat``.

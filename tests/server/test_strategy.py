@@ -40,7 +40,7 @@ def test_guarded_fedavg_drops_bad_replies_and_weights_by_examples(task_identity:
     seen: list[Any] = []
     strategy = GuardedFedAvg(
         shapes=SHAPES, site_names={1: "a", 2: "b", 3: "evil"},
-        on_round=lambda rnd, metrics, rejected: seen.append((rnd, rejected)),
+        on_round=lambda rnd, arrays, metrics, rejected: seen.append((rnd, rejected)),
         min_train_nodes=1, min_available_nodes=1,
     )
     replies = [

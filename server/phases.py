@@ -1,0 +1,203 @@
+"""The four phases of one repeat, as the coordinator drives them: stats, train, adapt, evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from server.audit import ReplyLog
+from server.progress import Progress
+from server.sites import SiteGrid, query_sites
+from server.strategy import make_strategy
+from server.summary import RepeatResult
+from shared import keys
+from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
+from shared.schema import Schema
+from shared.settings import RunSettings
+from shared.source_model import arrays_digest, build_model, to_arrays
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (no usable site, no trained model); the message says why."""
+
+
+@dataclass
+class Repeat:
+    """What the phases of one repeat share."""
+
+    grid: Grid
+    schema: Schema
+    settings: RunSettings
+    progress: Progress
+    audit: ReplyLog | None
+    result: RepeatResult
+    names: dict[int, str] = field(default_factory=dict)  # node id -> site name
+
+    @property
+    def base(self) -> dict[str, Any]:
+        """What every message of the repeat tells the sites (no site-specific value)."""
+        s = self.settings
+        return {
+            "schema": s.schema, "schema-digest": self.schema.digest(), "protocol": s.protocol,
+            "split-seed": s.split_seed(self.result.repeat), "test-fraction": s.test_fraction,
+            "model": s.model, "hidden-units": s.hidden_units, "cv-folds": s.cv_folds,
+            "repeat": self.result.repeat,
+        }
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """A progress event tagged with the repeat."""
+        self.progress.emit(event, repeat=self.result.repeat, repeats=self.settings.repeats,
+                           **fields)
+
+
+def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
+    """Phase 1: every site's counts and sums -> the global preprocessing."""
+    rep.emit("phase", phase="stats")
+    t = time.monotonic()
+    replies = query_sites(rep.grid, nodes, keys.STATS,
+                          RecordDict({keys.CONFIG: ConfigRecord(rep.base)}),
+                          rep.settings.reply_timeout, rep.audit)
+    expected = summary_keys(rep.schema.shared_features)
+    summaries = []
+    for node in nodes:
+        reply = replies.get(node)
+        if reply is None or reply.has_error():
+            reason = "no reply in time" if reply is None else str(reply.error.reason)
+            rep.result.failures[f"node-{node}"] = f"stats: {reason}"
+            log.warning("site at node %d failed the stats phase: %s", node, reason)
+            continue
+        name = str(reply.content.config_records[keys.SITE][keys.SITE_NAME])
+        metrics = reply.content.metric_records[keys.METRICS]
+        summary = {k: _as_list(metrics[k]) for k in expected if k in metrics}
+        if len(summary) != len(expected):
+            rep.result.failures[name] = "stats: reply lacks summary entries"
+            continue
+        rep.names[node] = name
+        summaries.append(summary)
+    for node, name in rep.names.items():  # key failures by name where the site told it
+        if f"node-{node}" in rep.result.failures:
+            rep.result.failures[name] = rep.result.failures.pop(f"node-{node}")
+    if not rep.names:
+        raise RunFailed("no site passed the stats phase: " + "; ".join(
+            f"{k}: {v}" for k, v in rep.result.failures.items()))
+    prep = TabularPreprocessor(features=list(rep.schema.shared_features)).fit_summary(
+        merge_summaries(summaries)
+    )
+    rep.result.timing["stats"] = time.monotonic() - t
+    log.info("repeat %d: %d site(s) in the federation, %d model inputs", rep.result.repeat,
+             len(rep.names), len(prep.feature_names_out_))
+    return prep
+
+
+RoundSaved = Callable[[int, ArrayRecord], None]
+
+
+def train_phase(
+    rep: Repeat, prep: TabularPreprocessor, start: ArrayRecord | None = None,
+    done_rounds: int = 0, on_saved: RoundSaved | None = None,
+) -> ArrayRecord:
+    """Phase 2: federated training of the source model, from ``done_rounds`` on.
+
+    ``start`` and ``done_rounds`` resume from a checkpoint; ``on_saved`` is called after each
+    round with its number and the model (to write the checkpoint).
+    """
+    s = rep.settings
+    if start is None:
+        start = to_arrays(build_model(s.model, len(prep.feature_names_out_), s.hidden_units,
+                                      seed=s.seed + rep.result.repeat))
+    shapes = {k: tuple(start[k].shape) for k in start}
+    grid = SiteGrid(rep.grid, rep.names, rep.audit, min_sites=min(s.min_sites, len(rep.names)),
+                    wait=s.node_wait_timeout)
+    current = [start]
+
+    def on_round(rnd: int, arrays: ArrayRecord | None, metrics: MetricRecord | None,
+                 rejected: list[str]) -> None:
+        number = rnd + done_rounds
+        current[0] = arrays if arrays is not None else current[0]
+        dropped = sorted(rep.names.get(n, f"node-{n}") for n, (r, _) in grid.dropped.items()
+                         if r == number)
+        loss, gl = _scalar(metrics, "train-loss"), _scalar(metrics, "global-loss")
+        rep.result.rounds.append({"round": number, "loss": loss, "global_loss": gl,
+                                  "rejected": rejected, "dropped": dropped})
+        rep.emit("round", round=number, rounds=s.num_server_rounds, loss=loss,
+                 rejected=rejected, dropped=dropped)
+        if on_saved is not None:
+            on_saved(number, current[0])
+
+    strategy = make_strategy(s, len(rep.names), shapes, rep.names, on_round)
+    rep.emit("phase", phase="train", from_round=done_rounds + 1)
+    t = time.monotonic()
+    remaining = s.num_server_rounds - done_rounds
+    if remaining > 0:
+        strategy.start(
+            grid=grid, initial_arrays=start, num_rounds=remaining, timeout=s.reply_timeout,
+            train_config=ConfigRecord({
+                **rep.base, "preprocessing": json.dumps(prep.to_dict()),
+                "local-epochs": s.local_epochs, "learning-rate": s.learning_rate,
+                "batch-size": s.batch_size, "weight-decay": s.weight_decay,
+                "round-offset": done_rounds,
+            }),
+        )
+    rep.result.timing["train"] = time.monotonic() - t
+    for node, (rnd, reason) in grid.dropped.items():
+        name = rep.names.pop(node, f"node-{node}")
+        missed = [r for r in range(rnd, s.num_server_rounds + 1)]
+        rep.result.lost[name] = {"round": rnd, "reason": reason, "rounds_missed": missed}
+        log.warning("site %s dropped in round %d (%s)", name, rnd, reason)
+    if not rep.names:
+        raise RunFailed("every site was lost during training")
+    rep.result.source_digest = arrays_digest(current[0])
+    return current[0]
+
+
+def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> None:
+    """Phases 3 and 4, at the sites still in the federation: corrections, then evaluation."""
+    content = RecordDict({keys.ARRAYS: model, keys.CONFIG: ConfigRecord({
+        **rep.base, "preprocessing": json.dumps(prep.to_dict()),
+    })})
+    for phase, mtype in (("adapt", keys.ADAPT), ("evaluate", keys.EVALUATE)):
+        rep.emit("phase", phase=phase)
+        t = time.monotonic()
+        replies = query_sites(rep.grid, list(rep.names), mtype, content,
+                              rep.settings.reply_timeout, rep.audit)
+        for node, name in rep.names.items():
+            reply = replies.get(node)
+            if reply is None or reply.has_error():
+                reason = "no reply in time" if reply is None else str(reply.error.reason)
+                rep.result.failures.setdefault(name, f"{phase}: {reason}")
+                log.warning("site %s failed the %s phase: %s", name, phase, reason)
+                continue
+            _record(rep.result, phase, name, reply)
+        rep.result.timing[phase] = time.monotonic() - t
+
+
+def _record(result: RepeatResult, phase: str, name: str, reply: Message) -> None:
+    metrics = {k: float(v) for k, v in reply.content.metric_records[keys.METRICS].items()
+               if isinstance(v, int | float)}
+    site = reply.content.config_records.get(keys.SITE)
+    if phase == "adapt":
+        result.adapt[name] = metrics
+    else:
+        result.evaluate[name] = metrics
+    if site is not None and keys.CORRECTION_STATUS in site:
+        result.status[name] = str(site[keys.CORRECTION_STATUS])
+    if site is not None and keys.SITE_FEATURES in site:
+        result.site_features[name] = [f for f in str(site[keys.SITE_FEATURES]).split(",") if f]
+
+
+def _scalar(metrics: MetricRecord | None, key: str) -> float | None:
+    value = metrics.get(key) if metrics is not None else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _as_list(value: Any) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, list) else [float(value)]
