@@ -168,7 +168,8 @@ def write_manifest(
     schema : str
         Built-in schema name or schema file path.
     sites : list of dict
-        Entries with ``name``, ``data-file`` and optionally ``site-features``, ``site-dir``.
+        Entries with ``name``, ``data-file`` and optionally ``site-features``, ``site-dir``;
+        other keys are written as strings (and ignored by :func:`read_manifest`).
     comment : str
         A first comment line (what wrote the file).
 
@@ -185,6 +186,9 @@ def write_manifest(
         lines.append(f"site-features = [{feats}]")
         if s.get("site-dir"):
             lines.append(f"site-dir = {_q(str(s['site-dir']))}")
+        for key, value in s.items():  # anything else (a drill's fault), as a string
+            if key not in ("name", "data-file", "site-features", "site-dir"):
+                lines.append(f"{key} = {_q(str(value))}")
         lines.append("")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

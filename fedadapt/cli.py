@@ -174,6 +174,40 @@ def predict(
                   highlight=False)
 
 
+@app.command()
+def drill(
+    scenarios: Annotated[list[str] | None, typer.Argument(
+        help="Scenarios to run (all when none is named).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-drills"),
+    list_only: Annotated[bool, typer.Option("--list", help="List the scenarios.")] = False,
+) -> None:
+    """Run reliability drills for real: faults and bad input, each with its figure."""
+    from rich.table import Table
+
+    from simulations.drills.base import DRILLS
+    from simulations.drills.runner import load_drills, run_drills
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    load_drills()
+    if list_only:
+        for d in DRILLS.values():
+            console.print(f"[bold]{d.name}[/] ({d.engine}): {d.expected}", highlight=False)
+        return
+    try:
+        with _quiet("client"), console.status("running drills (each starts Flower)..."):
+            results = run_drills(scenarios or [], out)
+    except ValueError as err:
+        _fail(str(err))
+    table = Table("scenario", "expected", "observed", "pass", show_lines=True)
+    for r in results:
+        table.add_row(r.scenario, r.expected, r.observed,
+                      "[green]yes[/]" if r.passed else "[red]NO[/]")
+    console.print(table)
+    console.print(f"wrote {out / 'drills.json'}", highlight=False)
+    if not all(r.passed for r in results):
+        raise typer.Exit(1)
+
+
 @app.command("check-data")
 def check_data(
     file: Annotated[Path, typer.Argument(help="The site's data file.")],

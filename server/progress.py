@@ -23,11 +23,12 @@ class Progress:
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / EVENTS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("", encoding="utf-8")
+        self.path.touch()  # appended to: a resumed run's events follow the interrupted one's
         self.t0 = time.monotonic()
 
     def emit(self, event: str, **fields: Any) -> None:
         """Record an event with its fields (aggregates and identifiers only)."""
-        record = {"event": event, "t": round(time.monotonic() - self.t0, 3), **fields}
+        record = {"event": event, "t": round(time.monotonic() - self.t0, 3),
+                  "time": round(time.time(), 3), **fields}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=str) + "\n")

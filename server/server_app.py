@@ -28,7 +28,9 @@ def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
     out = resolve_out(settings.out)
     progress = Progress(out)
-    (out / "replies.jsonl").unlink(missing_ok=True)
+    checkpoint = make_checkpoint(out, settings)
+    if checkpoint is None or checkpoint.load() is None:  # a resumed run keeps its reply log
+        (out / "replies.jsonl").unlink(missing_ok=True)
     config = {
         **settings.to_run_config(),
         "fedadapt_version": shared.__version__,
@@ -37,7 +39,6 @@ def main(grid: Grid, context: Context) -> None:
     }
     try:
         audit = ReplyLog(out / "replies.jsonl", values=settings.record_replies)
-        checkpoint = make_checkpoint(out, settings)
         report = run_federation(grid, settings, progress, config, audit, checkpoint)
     except Exception as err:
         progress.emit("failed", error=f"{type(err).__name__}: {err}")

@@ -35,6 +35,7 @@ from simulations.flower import (
     SimulationError,
     flower_bin,
     free_port,
+    kill_tree,
     stop_process,
     submit_run,
 )
@@ -123,6 +124,16 @@ def start_superlink(dep: Deployment) -> None:
     wait_https(dep.port, dep.certs.ca_cert, proc, dep.logs["superlink"])
 
 
+def crash_superlink(dep: Deployment) -> None:
+    """Kill the SuperLink and its ServerApp at once, as a power cut would (drills)."""
+    kill_tree(dep.processes.get("superlink"))
+
+
+def restart_superlink(dep: Deployment) -> None:
+    """Start the SuperLink again on the same port, certificates and state database."""
+    start_superlink(dep)
+
+
 def register_site(dep: Deployment, name: str) -> None:
     """Register a site's public key at the SuperLink (``flwr supernode register``)."""
     public = dep.certs.site_keys[name][1]
@@ -194,6 +205,8 @@ def deploy_local(
     on_event: EventHook | None = None,
     on_logs: Callable[[dict[str, Path]], None] | None = None,
     timeout: float = 3600.0,
+    hook: Callable[[dict[str, Any], Deployment], None] | None = None,
+    absent: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run the whole pipeline over real processes with TLS and authenticated sites.
 
@@ -213,6 +226,10 @@ def deploy_local(
         Called once with the log file of every process, when all have started.
     timeout : float
         Bound on the run, in seconds.
+    hook : callable, optional
+        Called with each progress event and the running deployment (drills kill processes).
+    absent : tuple of str
+        Sites whose SuperNode is not started (drills).
 
     Returns
     -------
@@ -223,21 +240,28 @@ def deploy_local(
     out = out.resolve()
     manifest = prepare_data(data, out / "data", n_sites, settings.seed)
     names = [s.name for s in manifest.sites]
-    settings = replace(settings, schema=manifest.schema, min_sites=len(names), out=str(out))
+    settings = replace(settings, schema=manifest.schema, expected_sites=len(names),
+                       out=str(out))
     rounds: list[float] = []
+    running: list[Deployment] = []
 
     def track(event: dict[str, Any]) -> None:
         if event.get("event") == "round":
             rounds.append(float(event["t"]))
         if on_event is not None:
             on_event(event)
+        if hook is not None and running:
+            hook(event, running[0])
 
     t0 = time.monotonic()
     with ExitStack() as stack:
         dep = stack.enter_context(coordinator(out, names))
+        running.append(dep)
         for site in manifest.sites:
             register_site(dep, site.name)
         for site in manifest.sites:
+            if site.name in absent:
+                continue
             site_dir = out / "sites" / site.name
             start_supernode(dep, site.name, supernode_command(
                 dep, site.name, data_file=site.data_file, site_dir=site_dir,

@@ -102,6 +102,21 @@ def stop_process(proc: subprocess.Popen[Any] | None, name: str, grace: float = 1
     proc.wait(timeout=grace)
 
 
+def kill_tree(proc: subprocess.Popen[Any] | None) -> None:
+    """Kill a process and everything it started at once (SIGKILL: a crash, not a shutdown)."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(tree, timeout=10)
+    proc.wait(timeout=10)
+
+
 def wait_healthy(port: int, proc: subprocess.Popen[Any], timeout: float, log_path: Path) -> None:
     """Wait until the SuperLink answers ``GET /health``; fail early if it exits."""
     deadline = time.monotonic() + timeout
@@ -157,6 +172,29 @@ def simulation_superlink(logs: Path) -> Iterator[tuple[dict[str, str], str]]:
                 stop_process(proc, "flower-superlink")
 
 
+def app_variant(folder: Path, **components: str) -> Path:
+    """A Flower app folder that runs other components with this project's settings.
+
+    The folder holds only a ``pyproject.toml``: Flower then imports the components from the
+    installed packages. Drills use it to run a misbehaving ClientApp beside the real ServerApp.
+    """
+    import tomllib
+
+    import tomli_w
+
+    project = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))
+    flwr = project["tool"]["flwr"]
+    app = {**flwr["app"], "components": {**flwr["app"]["components"], **components}}
+    app.pop("fab-include", None)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps({
+        "build-system": project["build-system"],
+        "project": {**project["project"], "name": "fedadapt-drill"},
+        "tool": {"flwr": {"app": app}},
+    }), encoding="utf-8")
+    return folder
+
+
 def run_app(
     run_config: dict[str, Any],
     num_sites: int,
@@ -164,6 +202,7 @@ def run_app(
     *,
     on_event: EventHook | None = None,
     timeout: float = 3600.0,
+    app_dir: Path = APP_DIR,
 ) -> dict[str, Any]:
     """Run the fedadapt app in Flower's simulation engine and return its report.
 
@@ -179,6 +218,8 @@ def run_app(
         Called with each progress event of the ServerApp.
     timeout : float
         Seconds after which the run is stopped and reported as failed.
+    app_dir : Path
+        The Flower app to run (this project; a drill passes one with a misbehaving ClientApp).
 
     Returns
     -------
@@ -193,7 +234,12 @@ def run_app(
     out = out.resolve()
     with simulation_superlink(out / "logs") as (env, connection):
         return submit_run(env, connection, run_config, out, on_event=on_event, timeout=timeout,
-                          extra=["--federation-config", f"num-supernodes={num_sites}"])
+                          # One CPU per ClientApp: Flower's default (two) runs the sites of
+                          # a two-core machine one after another, so one slow site would
+                          # hold up all the others.
+                          extra=["--federation-config", f"num-supernodes={num_sites}",
+                                 "--federation-config", "client-resources-num-cpus=1"],
+                          app_dir=app_dir)
 
 
 def submit_run(
@@ -205,38 +251,47 @@ def submit_run(
     on_event: EventHook | None = None,
     timeout: float = 3600.0,
     extra: list[str] | None = None,
+    app_dir: Path = APP_DIR,
 ) -> dict[str, Any]:
     """Submit the app with ``flwr run`` to a running SuperLink, follow it, return the report.
 
     ``env`` holds the ``FLWR_HOME`` whose ``config.toml`` names ``connection``.
     """
+    proc, run_log = start_run(env, connection, run_config, out, extra=extra, app_dir=app_dir)
+    try:
+        last = _follow(proc, out / EVENTS_FILE, on_event, timeout, run_log)
+    finally:
+        stop_process(proc, "flwr run")
+    if last.get("event") == "failed":
+        raise SimulationError(f"the run failed: {last.get('error')}; logs in {out / 'logs'}")
+    report = out / "report.json"
+    if last.get("event") != "finished" or not report.exists():
+        raise SimulationError(f"the run ended without a report; see {run_log}")
+    return dict(json.loads(report.read_text(encoding="utf-8")))
+
+
+def start_run(
+    env: dict[str, str], connection: str, run_config: dict[str, Any], out: Path, *,
+    extra: list[str] | None = None, app_dir: Path = APP_DIR,
+) -> tuple[subprocess.Popen[Any], Path]:
+    """Start ``flwr run --stream`` in the background; return the process and its log."""
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    events = out / EVENTS_FILE
-    for stale in (events, out / "report.json"):
+    for stale in (out / EVENTS_FILE, out / "report.json"):
         stale.unlink(missing_ok=True)
     config_file = write_run_config(
         Path(env["FLWR_HOME"]) / "run-config.toml", {**run_config, "out": str(out)}
     )
     run_log = logs / "flwr-run.log"
-    with run_log.open("w", encoding="utf-8") as sink:
+    with run_log.open("a", encoding="utf-8") as sink:
         proc = subprocess.Popen(
-            [flower_bin("flwr"), "run", str(APP_DIR), connection, "--stream",
+            [flower_bin("flwr"), "run", str(app_dir), connection, "--stream",
              "--run-config", str(config_file), *(extra or [])],
             cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        try:
-            last = _follow(proc, events, on_event, timeout, run_log)
-        finally:
-            stop_process(proc, "flwr run")
-    if last.get("event") == "failed":
-        raise SimulationError(f"the run failed: {last.get('error')}; logs in {logs}")
-    report = out / "report.json"
-    if last.get("event") != "finished" or not report.exists():
-        raise SimulationError(f"the run ended without a report; see {run_log}")
-    return dict(json.loads(report.read_text(encoding="utf-8")))
+    return proc, run_log
 
 
 def _follow(

@@ -52,7 +52,7 @@ def simulate(
     manifest = prepare_data(data, out / "data", n_sites, settings.seed)
     settings = replace(
         settings, sites_manifest=str(manifest.path.resolve()), schema=manifest.schema,
-        min_sites=len(manifest.sites), out=str(out),
+        expected_sites=len(manifest.sites), out=str(out),
     )
     run_config = settings.to_run_config()
     report = run_app(run_config, len(manifest.sites), out, on_event=on_event, timeout=timeout)
