@@ -28,6 +28,7 @@ Work = Callable[[Message, SiteRows, dict[str, Any]], Message]
 def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
     """Run one phase's work at this site; any failure becomes a safe error reply."""
     t0 = time.perf_counter()
+    site = None
     try:
         site = resolve_site(context.node_config, context.run_config)
         config = dict(msg.content.config_records[keys.CONFIG])
@@ -38,7 +39,7 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
         with threadpool_limits(limits=1):
             reply = work(msg, rows, config)
     except Exception as err:  # every failure must still produce a reply without cell values
-        return error_reply(msg, err, phase)
+        return error_reply(msg, err, phase, site.name if site is not None else "")
     log.info("%s done in %.2f s (process up %.2f s)", phase, time.perf_counter() - t0,
              time.perf_counter() - _STARTED)
     return reply

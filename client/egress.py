@@ -126,12 +126,16 @@ def build_reply(
     return Message(content=content, reply_to=msg)
 
 
-def error_reply(msg: Message, err: BaseException, phase: str) -> Message:
+SITE_PREFIX = "[site {}] "
+
+
+def error_reply(msg: Message, err: BaseException, phase: str, site: str = "") -> Message:
     """An error reply whose text carries no cell value.
 
     fedadapt's own errors (data, schema, settings, stored correction) are sent with their
     message; any other exception is sent by type only, and logged at the site with its stack
-    frames but without its message (which could quote a value).
+    frames but without its message (which could quote a value). The reason starts with
+    ``[site NAME]`` when the site knows its name, so the coordinator can say who failed.
     """
     if isinstance(err, SAFE_ERRORS):
         reason = f"{type(err).__name__}: {err}"[:MAX_TEXT]
@@ -141,6 +145,8 @@ def error_reply(msg: Message, err: BaseException, phase: str) -> Message:
         log.error("%s failed with %s (message withheld: it may quote data)\n%s", phase,
                   type(err).__name__, frames)
         reason = f"{type(err).__name__} at the site during {phase}; see the site's log"
+    if site:
+        reason = SITE_PREFIX.format(site) + reason
     return Message(Error(code=SITE_ERROR, reason=reason), reply_to=msg)
 
 

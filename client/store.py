@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -367,11 +368,7 @@ def check_writable(site_dir: str | Path) -> None:
         try:
             ensure_private_dir(folder)
         except OSError as err:
-            raise SiteDirError(
-                f"cannot create the site folder {folder}: {err.strerror or err}; choose a "
-                "folder this user can create, or fix the path",
-                folder,
-            ) from err
+            raise SiteDirError(f"cannot create the site folder {folder}: {err}", folder) from err
         probe = folder / f".write-probe-{secrets.token_hex(8)}"
         try:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -382,9 +379,13 @@ def check_writable(site_dir: str | Path) -> None:
                 os.close(fd)
                 probe.unlink()
         except OSError as err:
+            advice = (
+                "the disk is full: free some space or choose a folder on another disk"
+                if err.errno == errno.ENOSPC else
+                "give this user write permission there or choose another folder"
+            )
             raise SiteDirError(
-                f"cannot write in the site folder {folder}: {err.strerror or err}; give this "
-                "user write permission there or choose another folder",
+                f"cannot write in the site folder {folder}: {err.strerror or err}; {advice}",
                 folder,
             ) from err
     free = shutil.disk_usage(site_dir).free

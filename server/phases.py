@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from shared.settings import RunSettings
 from shared.source_model import arrays_digest, build_model, to_arrays
 
 log = logging.getLogger(__name__)
+
+# An error reply's reason starts with "[site NAME] " when the site knew its name.
+SITE_NAMED = re.compile(r"^\[site ([^\]]+)\] ")
 
 
 class RunFailed(RuntimeError):
@@ -72,8 +76,11 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
         reply = replies.get(node)
         if reply is None or reply.has_error():
             reason = "no reply in time" if reply is None else str(reply.error.reason)
-            rep.result.failures[f"node-{node}"] = f"stats: {reason}"
-            log.warning("site at node %d failed the stats phase: %s", node, reason)
+            named = SITE_NAMED.match(reason)
+            who = named.group(1) if named else f"node-{node}"
+            reason = reason[named.end():] if named else reason
+            rep.result.failures[who] = f"stats: {reason}"
+            log.warning("site %s failed the stats phase: %s", who, reason)
             continue
         name = str(reply.content.config_records[keys.SITE][keys.SITE_NAME])
         metrics = reply.content.metric_records[keys.METRICS]

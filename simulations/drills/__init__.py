@@ -1,1 +1,1 @@
-"""Reliability drills: faults and bad input run for real, each with an expected outcome and a figure."""
+"""Reliability drills: faults and bad input, run for real, each with its expected outcome."""

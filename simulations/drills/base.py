@@ -11,7 +11,7 @@ from typing import Any
 
 from client.site import read_manifest, write_manifest
 from shared.settings import RunSettings
-from simulations.flower import app_variant, run_app
+from simulations.flower import APP_DIR, app_variant, run_app
 from simulations.generator import generate
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,6 @@ def simulate_with_faults(
     settings = replace(settings, sites_manifest=str(manifest.resolve()), schema=sites.schema,
                        expected_sites=len(sites.sites), out=str(out.resolve()))
     app = app_variant(out / "app", clientapp="simulations.drills.faulty_app:app") if faulty \
-        else None
-    kwargs = {"app_dir": app} if app is not None else {}
-    return run_app(settings.to_run_config(), len(sites.sites), out, timeout=timeout, **kwargs)
+        else APP_DIR
+    return run_app(settings.to_run_config(), len(sites.sites), out, timeout=timeout,
+                   app_dir=app)

@@ -178,15 +178,18 @@ def malformed_data(out: Path) -> DrillResult:
     report = simulate_with_faults(run, manifest, RunSettings(num_server_rounds=2, min_sites=2),
                                   faulty=False)
     entries = report["sites"]
-    errors = [str(e.get("error") or "") for e in entries.values() if e["status"] == "failed"]
+    failed = [n for n, e in entries.items() if e["status"] == "failed"]
+    errors = [str(entries[n].get("error") or "") for n in failed]
+    by_name = sorted(failed) == sorted(s.name for s in sites[len(HEALTHY):])
     located = {kind: any(re.search(re.escape(file) + r":\d+:\d+", e) for e in errors)
                for file, kind in broken.items()}
     healthy_ok = sum(entries.get(n, {}).get("status") == "ok" for n in HEALTHY)
     hits, absent = canary_hits(run, canaries)
     figure = {"broken_sites": len(broken), "reported_with_location": sum(located.values()),
+              "reported_by_site_name": len(failed) if by_name else 0,
               "healthy_ok": healthy_ok, "canary_occurrences": hits}
     passed = (figure["reported_with_location"] == len(broken) and len(errors) == len(broken)
-              and healthy_ok == len(HEALTHY) and hits == 0 and not absent
+              and by_name and healthy_ok == len(HEALTHY) and hits == 0 and not absent
               and n_planted == len(canaries))
     observed = (f"{figure['reported_with_location']}/{len(broken)} broken sites failed with "
                 f"file:line:column ({len(errors)} failed in all), {healthy_ok}/{len(HEALTHY)} "

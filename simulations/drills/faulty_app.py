@@ -58,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
     """The real training round, then the site's fault applied to the reply."""
     fault = _fault(context)
     config = msg.content.config_records[keys.CONFIG]
-    number = int(config["server-round"]) + int(config.get("round-offset", 0))
+    number = int(str(config["server-round"])) + int(str(config.get("round-offset", 0)))
     if fault.startswith("slow:"):
         _, rnd, seconds = fault.split(":")
         if number == int(rnd):

@@ -195,7 +195,8 @@ def test_an_unexpected_failure_is_reported_by_type_only(
     reply = _send(keys.STATS, RecordDict({keys.CONFIG: ConfigRecord(_base())}),
                   _context(_site_file(tmp_path), tmp_path / "site"))
     assert reply.has_error()
-    assert reply.error.reason == "ValueError at the site during stats; see the site's log"
+    assert reply.error.reason == (
+        "[site canary-site] ValueError at the site during stats; see the site's log")
     assert str(CANARY_WEIGHT) not in caplog.text
 
 

@@ -63,8 +63,8 @@ def test_a_site_with_a_broken_file_is_reported_and_the_others_go_on(tmp_path: Pa
     bad.write_text("\n".join(lines) + "\n")
     report = _run(grid, tmp_path)
     failed = [n for n, s in report["sites"].items() if s["status"] == "failed"]
-    assert failed == ["node-102"]
-    assert f"{bad}:8:" in report["sites"]["node-102"]["error"]
+    assert failed == ["hospital-b"]  # named by the site itself in its error reply
+    assert f"{bad}:8:" in report["sites"]["hospital-b"]["error"]
     assert sum(s["status"] == "ok" for s in report["sites"].values()) == 3
 
 
