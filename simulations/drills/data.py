@@ -21,7 +21,7 @@ from simulations.generator import LABEL, generate
 MALFORMED = ("each of 7 broken site files (bad row, wrong type, missing column, extra column, "
              "unknown category, empty, Latin-1) fails its site with file:line:column; the 2 "
              "healthy sites complete; no planted canary appears in any report or log")
-NOISE = ("with 20% of hospital-a's labels flipped, the other sites' mean adapted AUC drops by at "
+NOISE = ("with 20% of hospital-a's labels flipped, each other site's adapted AUC drops by at "
          "most 0.01 against a clean run, and hospital-a's adapted AUC is not below its source "
          "AUC")
 HEALTHY = ("hospital-a", "hospital-b")
@@ -250,7 +250,8 @@ def label_noise(out: Path) -> DrillResult:
     figure = {"others_mean_auc_drop": round(mean_drop, 4),
               "others_max_auc_drop": round(max(drops.values()), 4),
               "noisy_adapted_minus_source_auc": round(gain, 4)}
-    passed = bool(mean_drop <= 0.01 and gain >= 0.0)  # False if any AUC was undefined (NaN)
+    # Each other site on its own (stricter than their mean); False if an AUC was undefined.
+    passed = bool(max(drops.values()) <= 0.01 and gain >= 0.0)
     observed = (f"{flipped} labels of {noisy_site} flipped: the other sites' mean adapted AUC "
                 f"drop {mean_drop:+.4f} (max per site {max(drops.values()):+.4f}); "
                 f"{noisy_site} adapted - source AUC = {gain:+.4f}")
