@@ -217,7 +217,7 @@ def deploy_local(
     out : Path
         Output folder: certs, SuperLink state, each site's private folder, logs, report.
     settings : RunSettings
-        Run settings (``min-sites`` is set to the number of sites).
+        Run settings (``expected-sites`` is set to the number of sites).
     n_sites : int
         Number of generated hospitals (``synthetic``).
     on_event : callable, optional

@@ -35,7 +35,7 @@ def simulate(
     out : Path
         Output folder (report.json, report.md, plots, logs, generated data, site folders).
     settings : RunSettings
-        Run settings; ``sites-manifest``, ``schema``, ``min-sites`` and ``out`` are set here.
+        Run settings; ``sites-manifest``, ``schema``, ``expected-sites`` and ``out`` are set here.
     n_sites : int
         Number of generated hospitals for ``synthetic``.
     on_event : callable, optional

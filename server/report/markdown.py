@@ -70,7 +70,7 @@ def _metric_section(
     for name, site in shown:
         row = [_md(name), _fmt_int(site.get("n_test")), _positives(site)]
         if _is_failed(site):
-            rows.append(row + ["failed"] * len(methods))
+            rows.append(row + [_md(site.get("status", "failed"))] * len(methods))
             continue
         best = _best_method(site, methods, metric) if metric == "auc" else None
         for method in methods:
@@ -115,7 +115,7 @@ def _correction_section(shown: Sequence[tuple[str, dict[str, Any]]]) -> list[str
         rows.append(
             [
                 _md(name),
-                "site failed"
+                f"site {_md(site.get('status', 'failed'))}"
                 if _is_failed(site)
                 else (_DASH if applied is None else ("yes" if applied else "no")),
                 _fmt(_num(corr.get("strength"))),

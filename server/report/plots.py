@@ -141,7 +141,7 @@ def _bar_panels(
                 ax.text(
                     x[i],
                     top / 2,
-                    "failed",
+                    str(site.get("status", "failed")),
                     ha="center",
                     va="center",
                     fontsize=9,
