@@ -32,7 +32,7 @@ def _imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_package_imports_only_what_the_layout_allows(package: str) -> None:
-    """server and client never import each other; no package imports the command."""
+    """Server and client never import each other; no package imports the command."""
     offenders = {
         str(path.relative_to(REPO)): sorted(_imports(path) - ALLOWED[package])
         for path in (REPO / package).rglob("*.py")

@@ -75,12 +75,12 @@ def _wire_bytes(obj: Any) -> bytes:
 
 def _numbers(reply: Message) -> list[float]:
     out: list[float] = []
-    for record in reply.content.metric_records.values():
-        for value in record.values():
+    for metric_record in reply.content.metric_records.values():
+        for value in metric_record.values():
             out += [float(v) for v in (value if isinstance(value, list) else [value])]
-    for record in reply.content.array_records.values():
-        for name in record:
-            out += [float(v) for v in record[name].numpy().ravel()]
+    for array_record in reply.content.array_records.values():
+        for name in array_record:
+            out += [float(v) for v in array_record[name].numpy().ravel()]
     return out
 
 
@@ -101,8 +101,7 @@ def _run_phases(tmp_path: Path) -> tuple[dict[str, Message], Path]:
     base = _base()
     replies = {"stats": _send(keys.STATS, RecordDict({keys.CONFIG: ConfigRecord(base)}), ctx)}
     metrics = replies["stats"].content.metric_records[keys.METRICS]
-    summary = {k: [float(v) for v in (metrics[k] if isinstance(metrics[k], list)
-                                      else [metrics[k]])]
+    summary = {k: [float(v) for v in _as_list(metrics[k])]
                for k in summary_keys(SCHEMA.shared_features)}
     prep = TabularPreprocessor(features=list(SCHEMA.shared_features)).fit_summary(
         merge_summaries([summary]))
@@ -243,3 +242,6 @@ def test_build_reply_refuses_anything_else(task_identity: None) -> None:
         build_reply(stats, shared_features=feats, metrics={"rows": [3.0]},
                     site={keys.SITE_NAME: "x" * 5000})
 
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]

@@ -94,8 +94,8 @@ def test_one_full_batch_epoch_is_one_gradient_step() -> None:
     w0, b0, lr, wd = np.array([0.2, -0.4, 0.1]), 0.3, 0.7, 0.05
     model = build_model("logreg", 3)
     with torch.no_grad():
-        model.net.weight.copy_(torch.as_tensor(w0[None, :]))
-        model.net.bias.fill_(b0)
+        _param(model, "net.weight").copy_(torch.as_tensor(w0[None, :]))
+        _param(model, "net.bias").fill_(b0)
     start = _objective(model, x, y, wd)
     before, mean_loss = train_local(model, x, y, epochs=1, lr=lr, weight_decay=wd)
     assert before == pytest.approx(start, rel=1e-12)
@@ -104,8 +104,9 @@ def test_one_full_batch_epoch_is_one_gradient_step() -> None:
     r = sigmoid(x @ w0 + b0) - y
     w1 = w0 - lr * (x.T @ r / len(y) + wd * w0)  # weight decay on weights only
     b1 = b0 - lr * r.mean()
-    np.testing.assert_allclose(model.net.weight.detach().numpy()[0], w1, rtol=0, atol=1e-12)
-    assert float(model.net.bias.detach()[0]) == pytest.approx(b1, abs=1e-12)
+    weight = _param(model, "net.weight").detach().numpy()[0]
+    np.testing.assert_allclose(weight, w1, rtol=0, atol=1e-12)
+    assert float(_param(model, "net.bias").detach()[0]) == pytest.approx(b1, abs=1e-12)
 
 
 def test_one_full_batch_epoch_is_one_gradient_step_mlp() -> None:
@@ -153,3 +154,8 @@ def test_local_model_uses_site_features_missing_everywhere(hospital: dict) -> No
     test = data.features.iloc[split.test].drop(columns=["glucose"])
     p = fit_predict_local(train, data.label[split.train], test, hospital["features"])
     assert p.shape == (len(split.test),) and np.all(np.isfinite(p))
+
+
+def _param(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """A parameter of the model by its state-dict name."""
+    return dict(model.named_parameters())[name]

@@ -41,8 +41,9 @@ def test_chain_names_and_site_keys(tmp_path: Path) -> None:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         assert isinstance(key.curve, ec.SECP384R1)
         assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
-        assert load_ssh_public_key(public.read_bytes()).public_numbers() == (
-            key.public_key().public_numbers())
+        loaded = load_ssh_public_key(public.read_bytes())
+        assert isinstance(loaded, ec.EllipticCurvePublicKey)
+        assert loaded.public_numbers() == key.public_key().public_numbers()
 
 
 def test_private_keys_are_private(tmp_path: Path) -> None:

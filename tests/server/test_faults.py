@@ -44,7 +44,7 @@ def _silent_from_round(grid: InProcessGrid, node: int, rnd: int) -> None:
     def handler(msg: Message, ctx: Context) -> Message:
         config = msg.content.config_records.get(keys.CONFIG)
         if msg.metadata.message_type == keys.TRAIN and config is not None and (
-            int(config["server-round"]) >= rnd
+            int(str(config["server-round"])) >= rnd
         ):
             grid.offline.add(node)  # Flower lists it as gone only later; it answers nothing
             return None  # type: ignore[return-value]

@@ -57,7 +57,7 @@ def test_report_follows_the_contract(tmp_path: Path) -> None:
 def test_a_site_with_a_broken_file_is_reported_and_the_others_go_on(tmp_path: Path) -> None:
     """A malformed file fails its own site, named with file and line; the run completes."""
     grid = _grid(tmp_path)
-    bad = Path(grid.contexts[102].node_config["data-file"])
+    bad = Path(str(grid.contexts[102].node_config["data-file"]))
     lines = bad.read_text().splitlines()
     lines[7] = lines[7] + ",extra"
     bad.write_text("\n".join(lines) + "\n")
@@ -72,7 +72,7 @@ def test_no_usable_site_stops_the_run_with_the_reasons(tmp_path: Path) -> None:
     """When every site fails the stats phase, the run stops and says why."""
     grid = _grid(tmp_path, n_sites=2)
     for context in grid.contexts.values():
-        Path(context.node_config["data-file"]).write_text("")
+        Path(str(context.node_config["data-file"])).write_text("")
     with pytest.raises(RunFailed, match="the file is empty"):
         _run(grid, tmp_path)
 

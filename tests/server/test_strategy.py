@@ -17,7 +17,8 @@ def _reply(node: int, weight: Any = None, n: float = 100.0, **metrics: float) ->
     """A train reply from ``node``, as a site would send it."""
     w = np.full((1, 3), 1.0) if weight is None else np.asarray(weight, dtype=float)
     arrays = ArrayRecord({"net.weight": Array(w), "net.bias": Array(np.zeros(1))})
-    values = {keys.NUM_EXAMPLES: n, "train-loss": 0.5, "global-loss": 0.6, **metrics}
+    values: dict[str, int | float | list[int] | list[float]] = {
+        keys.NUM_EXAMPLES: n, "train-loss": 0.5, "global-loss": 0.6, **metrics}
     msg = Message(content=RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=node,
                   message_type=keys.TRAIN)
     return Message(content=RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord(values)}),

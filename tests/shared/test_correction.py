@@ -147,4 +147,4 @@ def test_adapted_logit_adds() -> None:
         adapted_logit(np.array([0.5, -1.0, 2.0]), np.array([0.25, 1.0, -3.0])),
         np.array([0.75, 0.0, -1.0]),
     )
-    assert adapted_logit([1, 2], [0, 0]).dtype == np.float64
+    assert adapted_logit(np.array([1, 2]), np.array([0, 0])).dtype == np.float64

@@ -100,7 +100,7 @@ def test_arrays_digest_is_stable_and_sensitive() -> None:
     assert arrays_digest(to_arrays(a)) == digest
     assert arrays_digest(to_arrays(b)) == digest
     with torch.no_grad():
-        b.net[2].weight[0, 3] += 1e-12
+        _param(b, "net.2.weight")[0, 3] += 1e-12
     assert arrays_digest(to_arrays(b)) != digest
     assert arrays_digest(to_arrays(build_model("mlp", 4, 5, seed=8))) != digest
 
@@ -111,10 +111,10 @@ def test_objective_weight_decay_ignores_biases() -> None:
     y = torch.as_tensor((np.arange(20) % 2).astype(float))
     model = build_model("logreg", 3)
     with torch.no_grad():
-        model.net.bias.fill_(5.0)
+        _param(model, "net.bias").fill_(5.0)
     assert _obj(model, x, y, 0.7) == _obj(model, x, y, 0.0)
     with torch.no_grad():
-        model.net.weight.copy_(torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64))
+        _param(model, "net.weight").copy_(torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64))
     diff = _obj(model, x, y, 0.7) - _obj(model, x, y, 0.0)
     assert diff == pytest.approx(0.5 * 0.7 * (1.0 + 4.0 + 0.25), rel=1e-12)
 
@@ -126,3 +126,8 @@ def test_objective_weight_decay_ignores_biases() -> None:
     with torch.no_grad():
         expected = float(torch.nn.functional.binary_cross_entropy_with_logits(mlp(x), y))
     assert base == pytest.approx(expected, rel=1e-12)
+
+
+def _param(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """A parameter of the model by its state-dict name."""
+    return dict(model.named_parameters())[name]
