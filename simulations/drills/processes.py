@@ -112,7 +112,6 @@ def coordinator_restart(out: Path) -> DrillResult:
     settings = RunSettings(num_server_rounds=6, expected_sites=3, reply_timeout=60.0,
                            node_wait_timeout=120.0)
     run_config = {**settings.to_run_config(), "sites-manifest": str(manifest)}
-    first_events: list[dict[str, Any]] = []
     with coordinator(out, names) as dep:
         for name in names:
             register_site(dep, name)
@@ -124,7 +123,6 @@ def coordinator_restart(out: Path) -> DrillResult:
                 site_dir)
 
         def crash_after_round_3(event: dict[str, Any]) -> None:
-            first_events.append(event)
             if event.get("event") == "round" and event.get("round") == 3:
                 crash_superlink(dep)
                 raise _Crashed
