@@ -14,7 +14,7 @@ from threadpoolctl import threadpool_limits
 from client.egress import build_reply, error_reply
 from client.jobs import SiteRows, adapt_job, evaluate_job, open_site, stats_job, train_job
 from client.site import resolve_site
-from shared import keys, logs
+from shared import logs, protocol
 
 _STARTED = time.perf_counter()
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
     site = None
     try:
         site = resolve_site(context.node_config, context.run_config)
-        config = dict(msg.content.config_records[keys.CONFIG])
+        config = dict(msg.content.config_records[protocol.CONFIG])
         rows = open_site(site, config, context.state)
         # One BLAS/OpenMP thread: these models are tiny, and several sites (or other programs)
         # sharing a machine otherwise oversubscribe its cores (measured: a correction fit 4x
@@ -48,12 +48,12 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
 def _stats(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
     return build_reply(
         msg, shared_features=rows.schema.shared_features, metrics=stats_job(rows),
-        site={keys.SITE_NAME: rows.site.name, keys.SCHEMA_DIGEST: rows.schema.digest()},
+        site={protocol.SITE_NAME: rows.site.name, protocol.SCHEMA_DIGEST: rows.schema.digest()},
     )
 
 
 def _train(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
-    arrays, metrics = train_job(rows, msg.content.array_records[keys.ARRAYS], config)
+    arrays, metrics = train_job(rows, msg.content.array_records[protocol.ARRAYS], config)
     return build_reply(msg, shared_features=rows.schema.shared_features, metrics=metrics,
                        arrays=arrays)
 
@@ -62,11 +62,11 @@ def _corrections(job: Callable[..., tuple[dict[str, Any], str]]) -> Work:
     """The adapt and evaluate replies: aggregate scores, the correction's status, its features."""
 
     def work(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
-        metrics, status = job(rows, msg.content.array_records[keys.ARRAYS], config)
+        metrics, status = job(rows, msg.content.array_records[protocol.ARRAYS], config)
         return build_reply(
             msg, shared_features=rows.schema.shared_features, metrics=metrics,
-            site={keys.SITE_NAME: rows.site.name, keys.CORRECTION_STATUS: status,
-                  keys.SITE_FEATURES: ",".join(rows.site.site_features)},
+            site={protocol.SITE_NAME: rows.site.name, protocol.CORRECTION_STATUS: status,
+                  protocol.SITE_FEATURES: ",".join(rows.site.site_features)},
         )
 
     return work

@@ -10,6 +10,7 @@ import csv
 import io
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,7 @@ def read_site_data(
 
     for record in records:
         line = rows.line_num
-        if not any(cell.strip() for cell in record):
+        if not any(_strip(cell) for cell in record):
             continue  # blank line
         if len(record) != n_cols:
             problems.append(Problem(
@@ -324,8 +325,8 @@ def _columns(
         return columns, 1
     header: list[str] = []
     for record in records:
-        if any(cell.strip() for cell in record):
-            header = [cell.strip() for cell in record]
+        if any(_strip(cell) for cell in record):
+            header = [_strip(cell) for cell in record]
             break
     line = rows.line_num
     if problems:
@@ -339,17 +340,24 @@ def _columns(
             f"needs a header line ({', '.join(_expected_columns(schema))})",
         ))
         return header, line + 1
+    unknown = []
     for i, col in enumerate(header, start=1):
         if not col:
             problems.append(Problem(name, line, i, "", "empty column name in the header"))
         elif col not in known:
-            problems.append(Problem(
-                name, line, i, col,
-                f"unexpected column: schema {schema.name!r} does not declare it; remove it "
-                "or add it to the schema",
-            ))
+            unknown.append(i)
         elif header.index(col) != i - 1:
             problems.append(Problem(name, line, i, col, "column appears twice in the header"))
+    if unknown:
+        # Never repeat an unknown header cell: when the header line is merged with the first
+        # patient row (a lost line break) or shifted, its "names" are patient values.
+        problems.append(Problem(
+            name, line, unknown[0], "",
+            f"{len(unknown)} column name(s) of the header are not declared by schema "
+            f"{schema.name!r} (position {', '.join(map(str, unknown))}; names not shown, "
+            "they may be patient values if the header line is damaged); the schema's "
+            f"columns are: {', '.join(_expected_columns(schema))}",
+        ))
     if labelled and schema.label.column not in header:
         problems.append(Problem(name, line, 0, schema.label.column,
                                 "label column is missing from the header"))
@@ -360,6 +368,38 @@ def _columns(
             problems.append(Problem(name, line, 0, f.name,
                                     "required column is missing from the header"))
     return header, line + 1
+
+
+# The schema's file format: numbers in plain ASCII decimal notation (an optional sign, digits
+# with an optional decimal point, an optional exponent). Python's float() also accepts other
+# scripts' digits (Arabic-Indic, full-width), underscores and non-ASCII spaces, which a
+# hospital export may contain by mistake; they are reported, never silently converted.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+# Only ASCII spaces and tabs around a cell are ignored (str.strip() would also drop U+00A0).
+_BLANKS = " \t"
+
+
+def parse_number(text: str) -> float | None:
+    """The value of a cell in the schema's number notation, or None if it is not one.
+
+    Parameters
+    ----------
+    text : str
+        The cell, without surrounding ASCII spaces.
+
+    Returns
+    -------
+    float or None
+        None for anything but plain ASCII decimal notation, and for non-finite values.
+    """
+    if not _NUMBER.fullmatch(text):
+        return None
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
+def _strip(cell: str) -> str:
+    return cell.strip(_BLANKS)
 
 
 def _expected_columns(schema: Schema) -> list[str]:
@@ -375,7 +415,7 @@ def _cell(
     col: int, problems: list[Problem],
 ) -> tuple[float, bool]:
     """Parse one cell; return (value or NaN, whether the cell itself was marked missing)."""
-    cell = text.strip()
+    cell = _strip(text)
     if cell in schema.file.missing_markers:
         summary.missing += 1
         return math.nan, True
@@ -389,12 +429,10 @@ def _cell(
                                     + ", ".join(map(str, f.categories))))
             return math.nan, False
         return float(f.categories.index(cell)), False
-    try:
-        value = float(cell)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        problems.append(Problem(name, line, col, f.name, f"not a number ({f.kind} feature)"))
+    value = parse_number(cell)
+    if value is None:
+        problems.append(Problem(name, line, col, f.name, f"not a number ({f.kind} feature; "
+                                "write plain ASCII decimals such as 63 or 1.5e3)"))
         return math.nan, False
     if _matches(value, f.missing_codes):
         summary.missing += 1
@@ -422,15 +460,12 @@ def _cell(
 def _label(
     text: str, schema: Schema, name: str, line: int, col: int, problems: list[Problem]
 ) -> int | None:
-    cell = text.strip()
+    cell = _strip(text)
     if cell in schema.file.missing_markers:
         return None
     rule = schema.label
-    value: float | str
-    try:
-        value = float(cell)
-    except ValueError:
-        value = cell
+    number = parse_number(cell)
+    value: float | str = cell if number is None else number
     if value in rule.negative_values:
         return 0
     if value in rule.positive_values:

@@ -1,7 +1,7 @@
 """The single door out of a site: every reply a site sends is built and checked here.
 
 A reply may carry only the source model's arrays (train phase, same names and shapes as the
-weights the server sent), aggregate numbers under the keys of ``shared.keys`` and, in the
+weights the server sent), aggregate numbers under the keys of ``shared.protocol`` and, in the
 ``site`` record, the site's name and fixed status strings. Anything else is refused before it
 is sent. Errors go out as Flower error replies whose text is known to carry no cell value.
 """
@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from client.correction_store import CorrectionRefused, SiteDirError
 from client.data import DataError
 from client.site import SiteConfigError
-from client.store import CorrectionRefused, SiteDirError
-from shared import keys
+from shared import protocol
 from shared.preprocessing import summary_keys
 from shared.schema import Feature, SchemaError
 from shared.settings import SettingsError
@@ -46,22 +46,22 @@ SAFE_ERRORS: tuple[type[BaseException], ...] = (
 
 def allowed_metric_keys(message_type: str, shared_features: Sequence[Feature]) -> set[str]:
     """The metric keys a reply to ``message_type`` may carry."""
-    if message_type == keys.STATS:
-        return set(summary_keys(shared_features)) | set(keys.STATS_EXTRA)
-    if message_type == keys.TRAIN:
-        return set(keys.TRAIN_METRICS)
-    if message_type == keys.ADAPT:
-        return set(keys.ADAPT_METRICS)
-    if message_type == keys.EVALUATE:
-        return set(keys.EVALUATE_METRICS)
+    if message_type == protocol.STATS:
+        return set(summary_keys(shared_features)) | set(protocol.STATS_EXTRA)
+    if message_type == protocol.TRAIN:
+        return set(protocol.TRAIN_METRICS)
+    if message_type == protocol.ADAPT:
+        return set(protocol.ADAPT_METRICS)
+    if message_type == protocol.EVALUATE:
+        return set(protocol.EVALUATE_METRICS)
     raise EgressViolation(f"no reply is allowed to messages of type {message_type!r}")
 
 
 ALLOWED_SITE_KEYS = {
-    keys.STATS: {keys.SITE_NAME, keys.SCHEMA_DIGEST},
-    keys.TRAIN: set(),
-    keys.ADAPT: {keys.SITE_NAME, keys.CORRECTION_STATUS, keys.SITE_FEATURES},
-    keys.EVALUATE: {keys.SITE_NAME, keys.CORRECTION_STATUS, keys.SITE_FEATURES},
+    protocol.STATS: {protocol.SITE_NAME, protocol.SCHEMA_DIGEST},
+    protocol.TRAIN: set(),
+    protocol.ADAPT: {protocol.SITE_NAME, protocol.CORRECTION_STATUS, protocol.SITE_FEATURES},
+    protocol.EVALUATE: {protocol.SITE_NAME, protocol.CORRECTION_STATUS, protocol.SITE_FEATURES},
 }
 
 
@@ -107,13 +107,13 @@ def build_reply(
         raise EgressViolation(f"reply to {mtype} carries keys that are not allowed: {extra}")
     for key, value in metrics.items():
         _check_number(key, value)
-    content = RecordDict({keys.METRICS: MetricRecord(dict(metrics))})
+    content = RecordDict({protocol.METRICS: MetricRecord(dict(metrics))})
     if arrays is not None:
-        if mtype != keys.TRAIN:
+        if mtype != protocol.TRAIN:
             raise EgressViolation(f"a reply to {mtype} may not carry arrays")
-        _check_arrays(arrays, msg.content.array_records.get(keys.ARRAYS))
-        content[keys.ARRAYS] = arrays
-    elif mtype == keys.TRAIN:
+        _check_arrays(arrays, msg.content.array_records.get(protocol.ARRAYS))
+        content[protocol.ARRAYS] = arrays
+    elif mtype == protocol.TRAIN:
         raise EgressViolation("a train reply must carry the trained source model")
     if site:
         bad = sorted(set(site) - ALLOWED_SITE_KEYS.get(mtype, set()))
@@ -122,7 +122,7 @@ def build_reply(
         for key, text in site.items():
             if not isinstance(text, str) or len(text) > MAX_TEXT:
                 raise EgressViolation(f"site field {key!r} must be a short string")
-        content[keys.SITE] = ConfigRecord(dict(site))
+        content[protocol.SITE] = ConfigRecord(dict(site))
     return Message(content=content, reply_to=msg)
 
 

@@ -12,11 +12,16 @@ import numpy as np
 import pandas as pd
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from client.correction_store import (
+    CorrectionRefused,
+    check_writable,
+    load_correction,
+    save_correction,
+)
 from client.data import SiteData, read_site_data
-from client.model_store import save_source_model
 from client.site import SiteConfigError, SiteSettings
+from client.source_model_store import model_digest, model_document, save_source_model
 from client.split import Split, split_site
-from client.store import CorrectionRefused, check_writable, load_correction, save_correction
 from shared.preprocessing import TabularPreprocessor, summarize
 from shared.schema import Feature, Schema, load_schema
 
@@ -173,6 +178,19 @@ def train_job(
     return to_arrays(model), metrics
 
 
+def _model_document(
+    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The whole source model as this site uses it; its digest binds the correction."""
+    return model_document(arrays, {
+        "run-id": int(config.get("run-id", 0)), "repeat": int(config.get("repeat", 0)),
+        "site-name": rows.site.name, "site-features": list(rows.site.site_features),
+        "schema": str(config["schema"]), "schema-digest": rows.schema.digest(),
+        "model": str(config["model"]), "hidden-units": int(config["hidden-units"]),
+        "preprocessing": json.loads(str(config["preprocessing"])),
+    })
+
+
 def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> tuple[
     Metrics, str
 ]:
@@ -180,7 +198,7 @@ def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) ->
     from client.adapt import fit_correction
     from shared.correction import adapted_logit
     from shared.metrics import binary_metrics, sigmoid
-    from shared.source_model import arrays_digest, predict_logit
+    from shared.source_model import predict_logit
 
     model, x = _source(rows, arrays, config)
     offset = predict_logit(model, x)
@@ -189,14 +207,10 @@ def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) ->
         x[train], rows.own.iloc[train], offset[train], rows.data.label[train],
         rows.site_feature_defs, folds=int(config["cv-folds"]), seed=int(config["split-seed"]),
     )
-    digest = arrays_digest(arrays)
+    document = _model_document(rows, arrays, config)
+    digest = model_digest(document)
     save_correction(rows.site.site_dir, rows.site.name, digest, correction.to_dict())
-    save_source_model(rows.site.site_dir, digest=digest, arrays=arrays, settings={
-        "schema": str(config["schema"]), "schema-digest": rows.schema.digest(),
-        "model": str(config["model"]), "hidden-units": int(config["hidden-units"]),
-        "preprocessing": json.loads(str(config["preprocessing"])),
-        "site-name": rows.site.name, "site-features": list(rows.site.site_features),
-    })
+    save_source_model(rows.site.site_dir, document)
     alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs)
     held_out = binary_metrics(rows.data.label[test], sigmoid(adapted_logit(offset[test], alpha)))
     cv = correction.cv
@@ -223,7 +237,7 @@ def evaluate_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any])
     from client.local_model import fit_predict_local
     from shared.correction import Correction, adapted_logit
     from shared.metrics import binary_metrics, sigmoid
-    from shared.source_model import arrays_digest, predict_logit
+    from shared.source_model import predict_logit
 
     model, x = _source(rows, arrays, config)
     offset = predict_logit(model, x)
@@ -236,7 +250,8 @@ def evaluate_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any])
     )
     fallback = 0.0
     try:
-        state = load_correction(rows.site.site_dir, rows.site.name, arrays_digest(arrays))
+        digest = model_digest(_model_document(rows, arrays, config))
+        state = load_correction(rows.site.site_dir, rows.site.name, digest)
         correction = Correction.from_dict(state)
         alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs)
         status = "applied" if correction.applied else f"not applied: {correction.reason}"

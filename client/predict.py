@@ -5,41 +5,97 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.data import read_site_data
-from client.model_store import load_source_model
-from client.store import load_correction
+import numpy as np
+
+from client.correction_store import load_correction
+from client.data import SiteData, read_site_data
+from client.source_model_store import load_source_model
+from shared.correction import Correction, adapted_logit
 from shared.files import write_atomically
+from shared.metrics import sigmoid
+from shared.preprocessing import TabularPreprocessor
 from shared.schema import load_schema
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("line", "risk", "source_risk", "adapted_risk", "correction_applied")
+COLUMNS = ("line", "risk", "source_risk", "adapted_risk", "correction_applied", "note")
+
+
+class PredictError(ValueError):
+    """Scoring cannot start (input or output paths); the message says what to do."""
 
 
 @dataclass
 class PredictSummary:
-    """What a scoring run did (counts only)."""
+    """What a scoring run did (counts and names only, never a patient value).
+
+    Attributes
+    ----------
+    rows : int
+        Rows scored.
+    output : Path
+        The file written.
+    correction_applied : bool
+        Whether the site's correction is an applied one (see ``corrected_rows``).
+    corrected_rows : int
+        Rows whose ``risk`` includes the correction.
+    fallback_rows : dict
+        Per reason (``"glucose absent"``), rows scored with the source model instead.
+    model : str
+        Which run's model scored them (run, repeat, when saved, digest).
+    source_model : str
+        The model's digest.
+    warnings : list of str
+        Problems of the input that did not stop scoring (out-of-range values, counted).
+    """
 
     rows: int
     output: Path
     correction_applied: bool
+    corrected_rows: int
+    model: str
     source_model: str
+    fallback_rows: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def predict_file(
-    site_dir: str | Path, input_file: str | Path, output: str | Path
+    site_dir: str | Path, input_file: str | Path, output: str | Path, run: str | None = None
 ) -> PredictSummary:
     """Score every row of ``input_file`` and write one risk per row to ``output`` (CSV).
 
     The input is validated against the schema exactly like training data (the label column may
-    be absent). Each output row has the input's line number, ``risk`` (the adapted model's,
-    the one to use), ``source_risk``, ``adapted_risk`` and whether a correction was applied.
+    be absent). Each output row has the input's line number, ``risk`` (the one to use),
+    ``source_risk``, ``adapted_risk``, whether the correction is in ``risk``, and a ``note``
+    naming the site features that were missing when it is not. A row lacking a site feature
+    the correction uses is scored with the source model (its ``risk`` is ``source_risk``),
+    unless the correction was fitted on rows where that feature was missing too (then it
+    knows what "not measured" means there).
+
+    Parameters
+    ----------
+    site_dir : str or Path
+        The site's private folder (``site-dir``).
+    input_file : str or Path
+        New patients, in the schema's format.
+    output : str or Path
+        Where to write the risks (mode 0600: patient-level results).
+    run : str, optional
+        The run (id, or start of a model digest) whose model to use; the newest by default.
+
+    Returns
+    -------
+    PredictSummary
+        Counts, the model used and the input's warnings.
 
     Raises
     ------
+    PredictError
+        If the output path is the input, a folder, or under a file.
     ModelStoreError
         If the site has no usable source model.
     CorrectionRefused
@@ -48,21 +104,19 @@ def predict_file(
     DataError
         If the input does not fit the schema (file, line and column named).
     """
-    from shared.correction import Correction, adapted_logit
-    from shared.metrics import sigmoid
-    from shared.preprocessing import TabularPreprocessor
     from shared.source_model import build_model, load_arrays, predict_logit
 
-    site_dir = Path(site_dir)
-    state, arrays = load_source_model(site_dir)
+    out = _check_output(Path(input_file), Path(output))
+    stored = load_source_model(site_dir, run)
+    state = stored.document
     schema = load_schema(state["schema"])
     if schema.digest() != state["schema-digest"]:
-        raise ValueError(
+        raise PredictError(
             f"schema {state['schema']!r} changed since the source model was trained; run the "
             "federation again"
         )
     correction = Correction.from_dict(
-        load_correction(site_dir, state["site-name"], state["digest"])
+        load_correction(site_dir, state["site-name"], stored.digest)
     )
     site_features = list(state["site-features"])
     data = read_site_data(input_file, schema, site_features, labelled=False)
@@ -70,20 +124,78 @@ def predict_file(
     prep = TabularPreprocessor.from_dict(state["preprocessing"], shared)
     x = prep.transform(data.features[list(data.shared_columns)])
     model = build_model(state["model"], x.shape[1], int(state["hidden-units"]))
-    load_arrays(model, arrays)
+    load_arrays(model, stored.arrays)
     source = predict_logit(model, x)
     own = data.features[list(data.site_columns)]
     alpha = correction.alpha(x, own, list(schema.resolve_site_features(site_features)))
+    notes = _fallback_notes(correction, data)
+    use = np.array([correction.applied and not note for note in notes])
     p_source, p_adapted = sigmoid(source), sigmoid(adapted_logit(source, alpha))
+    risk = np.where(use, p_adapted, p_source)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(COLUMNS)
-    for line, ps, pa in zip(data.line_numbers, p_source, p_adapted, strict=True):
-        writer.writerow([int(line), f"{pa:.6f}", f"{ps:.6f}", f"{pa:.6f}",
-                         int(correction.applied)])
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for line, r, ps, pa, used, note in zip(data.line_numbers, risk, p_source, p_adapted, use,
+                                           notes, strict=True):
+        writer.writerow([int(line), f"{r:.6f}", f"{ps:.6f}", f"{pa:.6f}", int(used), note])
     write_atomically(out, buffer.getvalue().encode("utf-8"), mode=0o600)
+    fallbacks: dict[str, int] = {}
+    for note in notes:
+        if note and correction.applied:
+            fallbacks[note] = fallbacks.get(note, 0) + 1
     log.info("scored %d rows into %s", data.n_rows, out)
-    return PredictSummary(rows=data.n_rows, output=out, correction_applied=correction.applied,
-                          source_model=state["digest"])
+    return PredictSummary(
+        rows=data.n_rows, output=out, correction_applied=correction.applied,
+        corrected_rows=int(use.sum()), model=stored.describe(), source_model=stored.digest,
+        fallback_rows=fallbacks, warnings=list(data.warnings),
+    )
+
+
+def _check_output(input_file: Path, output: Path) -> Path:
+    """Refuse an output that would overwrite the input, is a folder, or cannot be created."""
+    if output.is_dir():
+        raise PredictError(f"--output {output} is a folder: name a file in it, e.g. "
+                           f"{output / 'risks.csv'}")
+    same = output.resolve() == input_file.resolve() or (
+        input_file.exists() and output.exists() and output.samefile(input_file))
+    if same:
+        raise PredictError(f"--output {output} is the input file: the patients' file is never "
+                           "overwritten; name another file")
+    for parent in output.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PredictError(f"--output {output}: {parent} is a file, not a folder; "
+                                   "name a file in a folder")
+            break
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def _fallback_notes(correction: Correction, data: SiteData) -> list[str]:
+    """Per row, the site features the correction needs but the row lacks ("" when none)."""
+    needed = _needed_site_features(correction)
+    notes: list[list[str]] = [[] for _ in range(data.n_rows)]
+    for name in needed:
+        absent = name not in data.summary or not data.summary[name].present
+        if absent:
+            for note in notes:
+                note.append(f"{name} absent")
+            continue
+        learned_missing = name in set(
+            (correction.site_preprocessing or {}).get("indicator_features", []))
+        if learned_missing:
+            continue
+        values = data.features[name].to_numpy(dtype=float)
+        for i in np.flatnonzero(np.isnan(values)):
+            notes[int(i)].append(f"{name} missing")
+    return ["; ".join(n) for n in notes]
+
+
+def _needed_site_features(correction: Correction) -> list[str]:
+    """Site features an applied correction's weights depend on (none for intercept only)."""
+    if not correction.applied or not correction.site_preprocessing:
+        return []
+    strength = correction.strength
+    if strength is None or not math.isfinite(strength) or strength <= 0:
+        return []  # an intercept-only recalibration uses no feature
+    return list(correction.site_features)

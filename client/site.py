@@ -178,33 +178,24 @@ def write_manifest(
     Path
         The written file.
     """
-    lines = [f"# {comment}"] if comment else []
-    lines += [f"schema = {_q(schema)}", ""]
+    import tomli_w  # only the tools that write manifests need it, never the ClientApp
+
+    entries = []
     for s in sites:
-        lines += ["[[sites]]", f"name = {_q(s['name'])}", f"data-file = {_q(str(s['data-file']))}"]
-        feats = ", ".join(_q(f) for f in s.get("site-features", []))
-        lines.append(f"site-features = [{feats}]")
+        entry: dict[str, Any] = {"name": str(s["name"]), "data-file": str(s["data-file"]),
+                                 "site-features": [str(f) for f in s.get("site-features", [])]}
         if s.get("site-dir"):
-            lines.append(f"site-dir = {_q(str(s['site-dir']))}")
-        for key, value in s.items():  # anything else (a drill's fault), as a string
-            if key not in ("name", "data-file", "site-features", "site-dir"):
-                lines.append(f"{key} = {_q(str(value))}")
-        lines.append("")
+            entry["site-dir"] = str(s["site-dir"])
+        # Anything else (a drill's fault) is written as a string.
+        entry.update({k: str(v) for k, v in s.items() if k not in entry and k != "site-dir"})
+        entries.append(entry)
+    text = tomli_w.dumps({"schema": schema, "sites": entries})
+    if comment:
+        text = "".join(f"# {line}\n" for line in comment.splitlines()) + text
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8", newline="")
+    path.write_text(text, encoding="utf-8", newline="")
     return path
-
-
-def _q(text: str) -> str:
-    """Quote ``text`` as a TOML basic string (control characters escaped)."""
-    escaped = "".join(
-        {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(
-            ch, f"\\u{ord(ch):04X}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch
-        )
-        for ch in text
-    )
-    return f'"{escaped}"'
 
 
 def _resolve(ref: str, base: Path) -> Path:

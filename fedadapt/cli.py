@@ -9,71 +9,102 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+from fedadapt.console import console, fail, say, stops_its_processes, user_command
+from fedadapt.run_options import with_run_settings
+from shared.settings import RunSettings
 
 app = typer.Typer(
     help="fedadapt: hospitals learn one risk model together, then each makes it its own.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-# Tables are about 140 columns wide; when the output is not a terminal (a log, CI), do not
-# squeeze them to the 80 columns rich assumes.
-console = Console() if Console().is_terminal else Console(width=160)
-err_console = Console(stderr=True)
+
+# Set by the command itself, from --data and --out: not options of simulate / deploy-local.
+SET_BY_COMMAND = frozenset({"sites-manifest", "schema", "out", "expected-sites"})
+DATA_HELP = "'synthetic' (generated hospitals), 'heart:DIR' (UCI files) or a folder with sites.toml"
+SITES_HELP = escape("Generated hospitals (--data synthetic only). [default: 4]")
+
+
+def _out_dir(out: Path) -> Path:
+    """An output folder the command may write (created if missing); never an existing file."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file: name a folder (it is created if missing)")
+    return out
+
+
+def _sites(data: str, sites: int | None) -> int:
+    if sites is not None and data != "synthetic":
+        fail(f"--sites sets the number of generated hospitals; --data {data} brings its own "
+             "sites: drop --sites")
+    return 4 if sites is None else sites
 
 
 @app.command()
+@user_command
+@with_run_settings(exclude=SET_BY_COMMAND)
 def simulate(
-    data: Annotated[str, typer.Option(
-        help="'synthetic' (generated hospitals), 'heart:DIR' (UCI files) or a folder with "
-             "sites.toml")] = "synthetic",
-    sites: Annotated[int, typer.Option(help="Generated hospitals (synthetic data only).")] = 4,
-    rounds: Annotated[int, typer.Option(help="Federated training rounds.")] = 30,
-    repeats: Annotated[int, typer.Option(
-        help="Seeded train/held-out splits; metrics are mean and sd over them.")] = 1,
-    protocol: Annotated[str, typer.Option(
-        help="'default' (every row, imputed) or 'flamby' (FLamby's Fed-Heart-Disease rows "
-             "and split)")] = "default",
-    seed: Annotated[int, typer.Option(help="Seed of data generation, splits and models.")] = 42,
+    settings: RunSettings,
+    given: set[str],
+    data: Annotated[str, typer.Option(help=DATA_HELP)] = "synthetic",
+    sites: Annotated[int | None, typer.Option(min=1, help=SITES_HELP, show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-out"),
-    strategy: Annotated[str, typer.Option(help="'fedavg' or 'fedprox'.")] = "fedavg",
-    proximal_mu: Annotated[float, typer.Option(help="FedProx's proximal term.")] = 0.01,
-    model: Annotated[str, typer.Option(help="'logreg' or 'mlp'.")] = "logreg",
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 5,
-    learning_rate: Annotated[float, typer.Option(help="Local SGD learning rate.")] = 0.5,
     timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,
 ) -> None:
     """Run the whole pipeline over virtual hospitals in Flower's simulation engine."""
-    from shared.settings import RunSettings, SettingsError
-    from simulations.datasets import DatasetError
-    from simulations.flower import SimulationError
+    from fedadapt.progress import RunProgress
     from simulations.simulate import simulate as run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = RunSettings.from_run_config({
-            "num-server-rounds": rounds, "repeats": repeats, "protocol": protocol, "seed": seed,
-            "strategy": strategy, "proximal-mu": proximal_mu if strategy == "fedprox" else 0.0,
-            "model": model, "local-epochs": local_epochs, "learning-rate": learning_rate,
-        })
-    except SettingsError as err:
-        _fail(str(err))
-    progress = _RunProgress(repeats, rounds)
-    try:
-        # The pooled reference re-reads the site files here: their warnings are the sites' own
-        # (already in logs/flwr-run.log); do not repeat them under the progress bar.
-        with progress, _quiet("client"):
-            report = run(data, out, settings, n_sites=sites, on_event=progress.update,
-                         timeout=timeout)
-    except (DatasetError, SimulationError) as err:
-        _fail(str(err))
+    n_sites = _sites(data, sites)
+    progress = RunProgress(settings.repeats, settings.num_server_rounds)
+    with stops_its_processes("the simulation"), progress, _quiet("client"):
+        report = run(data, _out_dir(out), settings, n_sites=n_sites, on_event=progress.update,
+                     timeout=timeout)
     _print_results(report, out)
 
 
+@app.command("deploy-local")
+@user_command
+@with_run_settings(exclude=SET_BY_COMMAND, defaults={"node-wait-timeout": 120.0})
+def deploy_local(
+    settings: RunSettings,
+    given: set[str],
+    data: Annotated[str, typer.Option(help=DATA_HELP)] = "synthetic",
+    sites: Annotated[int | None, typer.Option(min=1, help=SITES_HELP, show_default=False)] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-deploy"),
+    timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,
+) -> None:
+    """Run the federation for real on this machine: TLS, authenticated SuperNodes, report."""
+    from fedadapt.progress import RunProgress
+    from simulations.deploy import deploy_local as run
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    n_sites = _sites(data, sites)
+
+    def show_logs(logs: dict[str, Path]) -> None:
+        say("logs: " + "; ".join(f"{k}: {v}" for k, v in logs.items())
+            + f"; run: {out.resolve() / 'logs' / 'flwr-run.log'}")
+
+    progress = RunProgress(settings.repeats, settings.num_server_rounds, pooled=False)
+    with stops_its_processes("the deployment"), progress, _quiet("client"):
+        report = run(data, _out_dir(out), settings, n_sites=n_sites, on_event=progress.update,
+                     on_logs=show_logs, timeout=timeout)
+    _print_results(report, out)
+    d = report["deployment"]
+    mean = d["mean_round_latency_s"]
+    say(f"deployment: start-up {d['startup_s']:.1f} s, run {d['run_s']:.1f} s"
+        + (f", {mean:.2f} s per round" if mean is not None else "")
+        + "; TLS on every connection, authenticated SuperNodes")
+
+
 @app.command()
+@user_command
 def certs(
     out: Annotated[Path, typer.Option(help="Folder for the CA, SuperLink and site keys.")],
-    sites: Annotated[int, typer.Option(help="Number of sites.")],
+    sites: Annotated[int, typer.Option(min=1, help="Number of sites.")],
     host: Annotated[list[str] | None, typer.Option(
         help="Name or IP the SuperLink is reached by (repeatable); localhost and 127.0.0.1 "
              "are always included.")] = None,
@@ -86,95 +117,49 @@ def certs(
     from server.certs import make_certs
 
     try:
-        files = make_certs(out, sites, host or [], [n.strip() for n in names.split(",")
-                                                      if n.strip()] or None, force=force)
-    except (ValueError, FileExistsError) as err:
-        _fail(str(err))
+        files = make_certs(_out_dir(out), sites, host or [], [
+            n.strip() for n in names.split(",") if n.strip()] or None, force=force)
+    except ValueError as err:
+        fail(str(err))
     for path in files.written:
-        console.print(f"wrote {path}", highlight=False)
+        say(f"wrote {path}")
     for path in files.kept:
-        console.print(f"[yellow]kept[/] {path} (exists; --force replaces it)", highlight=False)
+        say(("kept ", "yellow"), f"{path} (exists; --force replaces it)")
     if files.guide is not None:
-        console.print(files.guide.read_text(), highlight=False, markup=False)
-
-
-@app.command("deploy-local")
-def deploy_local(
-    sites: Annotated[int, typer.Option(help="Generated hospitals (synthetic data only).")] = 4,
-    data: Annotated[str, typer.Option(
-        help="'synthetic', 'heart:DIR' or a folder with sites.toml")] = "synthetic",
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-deploy"),
-    rounds: Annotated[int, typer.Option(help="Federated training rounds.")] = 30,
-    repeats: Annotated[int, typer.Option(help="Seeded train/held-out splits.")] = 1,
-    protocol: Annotated[str, typer.Option(help="'default' or 'flamby'.")] = "default",
-    seed: Annotated[int, typer.Option(help="Seed of data, splits and models.")] = 42,
-    timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,
-) -> None:
-    """Run the federation for real on this machine: TLS, authenticated SuperNodes, report."""
-    import signal
-
-    from shared.settings import RunSettings, SettingsError
-    from simulations.datasets import DatasetError
-    from simulations.deploy import DeploymentError
-    from simulations.deploy import deploy_local as run
-
-    # `kill` (SIGTERM) must stop the processes we started, like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        settings = RunSettings.from_run_config({
-            "num-server-rounds": rounds, "repeats": repeats, "protocol": protocol,
-            "seed": seed, "node-wait-timeout": 120.0})
-    except SettingsError as err:
-        _fail(str(err))
-
-    def show_logs(logs: dict[str, Path]) -> None:
-        console.print("logs: " + "; ".join(f"{k}: {v}" for k, v in logs.items())
-                      + f"; run: {out.resolve() / 'logs' / 'flwr-run.log'}", highlight=False)
-
-    progress = _RunProgress(repeats, rounds, pooled=False)
-    try:
-        with progress, _quiet("client"):
-            report = run(data, out, settings, n_sites=sites, on_event=progress.update,
-                         on_logs=show_logs, timeout=timeout)
-    except (DatasetError, DeploymentError) as err:
-        _fail(str(err))
-    except KeyboardInterrupt:
-        _fail("interrupted: every process started was stopped")
-    _print_results(report, out)
-    d = report["deployment"]
-    mean = d["mean_round_latency_s"]
-    console.print(f"deployment: start-up {d['startup_s']:.1f} s, run {d['run_s']:.1f} s"
-                  + (f", {mean:.2f} s per round" if mean is not None else "")
-                  + "; TLS on every connection, authenticated SuperNodes")
+        say(files.guide.read_text(encoding="utf-8"))
 
 
 @app.command()
+@user_command
 def predict(
     site_dir: Annotated[Path, typer.Option(help="The site's private folder (site-dir).")],
     input: Annotated[Path, typer.Option(help="New patients (the schema's format).")],
     output: Annotated[Path, typer.Option(help="Where to write one risk per row (CSV).")],
+    run: Annotated[str | None, typer.Option(
+        help="Use the model of this run (its id, or the start of the model's digest); the "
+             "newest by default.", show_default=False)] = None,
 ) -> None:
     """Score new patients at a site with the source model and the site's own correction."""
-    from client.data import DataError
-    from client.model_store import ModelStoreError
     from client.predict import predict_file
-    from client.store import CorrectionRefused
 
-    try:
-        with _quiet("client"):
-            summary = predict_file(site_dir, input, output)
-    except CorrectionRefused as err:
-        _fail(f"the site's correction was refused ({err.reason}): {err}")
-    except (ModelStoreError, DataError, ValueError) as err:
-        _fail(str(err))
-    console.print(f"scored {summary.rows} rows into {summary.output} (source model "
-                  f"{summary.source_model[:16]}, correction "
-                  f"{'applied' if summary.correction_applied else 'not applied'})",
-                  highlight=False)
+    with _quiet("client"):  # the input's warnings are printed below, once
+        summary = predict_file(site_dir, input, output, run=run)
+    say(f"scored {summary.rows} rows into {summary.output} with the source model of "
+        f"{summary.model}")
+    if not summary.correction_applied:
+        say("the site's correction is not applied (its cross-validation found no gain): every "
+            "risk is the source model's")
+    else:
+        say(f"the site's correction is in {summary.corrected_rows} of {summary.rows} risks")
+    for reason, rows in summary.fallback_rows.items():
+        say(("fallback: ", "yellow"), f"{rows} row(s) scored with the source model alone "
+            f"({reason}: the correction needs it); see the note column")
+    for warning in summary.warnings:
+        say(("warning: ", "yellow"), warning)
 
 
 @app.command()
+@user_command
 def drill(
     scenarios: Annotated[list[str] | None, typer.Argument(
         help="Scenarios to run (all when none is named).")] = None,
@@ -191,73 +176,71 @@ def drill(
     load_drills()
     if list_only:
         for d in DRILLS.values():
-            console.print(f"[bold]{d.name}[/] ({d.engine}): {d.expected}", highlight=False)
+            say((d.name, "bold"), f" ({d.engine}): {d.expected}")
         return
-    try:
-        with _quiet("client"), console.status("running drills (each starts Flower)..."):
-            results = run_drills(scenarios or [], out)
-    except ValueError as err:
-        _fail(str(err))
+    unknown = [s for s in scenarios or [] if s not in DRILLS]
+    if unknown:
+        fail(f"unknown drill(s) {', '.join(unknown)}; known: {', '.join(DRILLS)}")
+    with stops_its_processes("the drills"), _quiet("client"), console.status(
+            "running drills (each starts Flower)..."):
+        results = run_drills(scenarios or [], _out_dir(out))
     table = Table("scenario", "expected", "observed", "pass", show_lines=True)
     for r in results:
-        table.add_row(r.scenario, r.expected, r.observed,
-                      "[green]yes[/]" if r.passed else "[red]NO[/]")
+        table.add_row(Text(r.scenario), Text(r.expected), Text(r.observed),
+                      Text("yes", style="green") if r.passed else Text("NO", style="red"))
     console.print(table)
-    console.print(f"wrote {out / 'drills.json'}", highlight=False)
+    say(f"wrote {out / 'drills.json'}")
     if not all(r.passed for r in results):
         raise typer.Exit(1)
 
 
 @app.command("check-data")
+@user_command
 def check_data(
     file: Annotated[Path, typer.Argument(help="The site's data file.")],
     schema: Annotated[str, typer.Option(
         help="'heart', 'synthetic' or a schema TOML file.")] = "synthetic",
     site_features: Annotated[str, typer.Option(
-        help="Comma-separated site-only features this site will use.")] = "",
+        help="Comma-separated site-only features this site will use (none: leave out).")] = "",
 ) -> None:
     """Check a site's data file against a schema: a summary, or the errors to fix."""
     from rich.table import Table
 
     from client.check import check_file
 
-
     with _quiet("client"):  # the reader's warnings are printed below, once
-        result = check_file(file, schema, [f for f in site_features.split(",") if f.strip()])
+        result = check_file(file, schema, [f.strip() for f in site_features.split(",")
+                                           if f.strip()])
     if not result.ok:
-        err_console.print(f"[bold red]{file} does not fit schema {schema!r}:[/]")
+        say((f"{file} does not fit schema {schema!r}:", "bold red"), err=True)
         for line in result.errors:
-            err_console.print(f"  {line}", markup=False, highlight=False)
+            say(f"  {line}", err=True)
         raise typer.Exit(1)
-    console.print(f"[bold green]{file} fits schema {schema!r}[/]: {result.rows} rows, "
-                  f"{result.negatives} negative / {result.positives} positive "
-                  f"({result.positives / result.rows:.0%} positive)")
+    say((f"{file} fits schema {schema!r}", "bold green"),
+        f": {result.rows} rows, {result.negatives} negative / {result.positives} positive "
+        f"({result.positives / result.rows:.0%} positive)")
     table = Table("feature", "used", "present", "missing", "of which coded", "out of range")
     for f in result.features:
-        table.add_row(f["feature"], "yes" if f["used"] else "no",
-                      "yes" if f["present"] else "[yellow]absent[/]", str(f["missing"]),
-                      str(f["missing_coded"]), str(f["out_of_range"]))
+        table.add_row(Text(f["feature"]), "yes" if f["used"] else "no",
+                      "yes" if f["present"] else Text("absent", style="yellow"),
+                      str(f["missing"]), str(f["missing_coded"]), str(f["out_of_range"]))
     console.print(table)
     for w in result.warnings:
-        console.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
+        say(("warning: ", "yellow"), w)
 
 
 @app.command()
+@user_command
 def generate(
     out: Annotated[Path, typer.Option(help="Folder for the site files and sites.toml.")],
-    sites: Annotated[int, typer.Option(help="Number of hospitals.")] = 4,
+    sites: Annotated[int, typer.Option(min=1, help="Number of hospitals.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed.")] = 42,
 ) -> None:
     """Write generated hospitals (one CSV each), their sites.toml and the ground truth."""
     from simulations.generator import generate as gen
 
-    manifest = gen(out, n_sites=sites, seed=seed)
-    console.print(f"wrote {sites} site files and {manifest}")
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    """Turn SIGTERM into KeyboardInterrupt, so that cleanup code runs."""
-    raise KeyboardInterrupt
+    manifest = gen(_out_dir(out), n_sites=sites, seed=seed)
+    say(f"wrote {sites} site files and {manifest}")
 
 
 @contextmanager
@@ -272,48 +255,6 @@ def _quiet(logger: str) -> Iterator[None]:
         log.setLevel(level)
 
 
-class _RunProgress:
-    """A progress bar fed by the ServerApp's events."""
-
-    def __init__(self, repeats: int, rounds: int, pooled: bool = True) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.rounds = rounds
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                            console=console)
-        # Per repeat: stats, the rounds, adapt, evaluate; then the pooled reference.
-        self.task = self.bar.add_task("starting Flower",
-                                      total=repeats * (rounds + 3) + int(pooled))
-
-    def __enter__(self) -> _RunProgress:
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(None, None, None)
-
-    def update(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        rep = f"repeat {event.get('repeat', 0) + 1}/{event.get('repeats', 1)}"
-        if kind == "waiting":
-            self.bar.update(self.task, description="waiting for sites")
-        elif kind == "phase":
-            phase = event["phase"]
-            if phase != "train":
-                self.bar.advance(self.task)
-            self.bar.update(self.task, description=f"{rep}: {phase}")
-        elif kind == "round":
-            loss = event.get("loss")
-            text = f" loss {loss:.4f}" if isinstance(loss, float) else ""
-            self.bar.advance(self.task)
-            self.bar.update(self.task, description=(
-                f"{rep}: round {event['round']}/{event['rounds']}{text}"))
-        elif kind == "pooled":
-            self.bar.advance(self.task)
-            self.bar.update(self.task, description="pooled reference")
-
-
 def _print_results(report: dict[str, Any], out: Path) -> None:
     from server.report import site_table
 
@@ -325,19 +266,15 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
     if parts:
         majority = summary.get("majority_accuracy")
         base = f" (majority label {majority:.3f})" if majority is not None else ""
-        console.print("mean accuracy over sites: " + ", ".join(parts) + base)
+        say("mean accuracy over sites: " + ", ".join(parts) + base)
     fvp = summary.get("federated_vs_pooled")
     if fvp and fvp.get("difference") is not None:
-        console.print(f"held-out log-loss: federated source {fvp['source_log_loss']:.4f}, "
-                      f"pooled {fvp['pooled_log_loss']:.4f} (difference "
-                      f"{fvp['difference']:+.4f})")
-    console.print(f"took {report['timing_s']['total']:.1f} s in Flower; report: "
-                  f"{out / 'report.json'}, {out / 'report.md'}, plots in {out / 'plots'}")
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(1)
+        say(f"held-out log-loss: federated source {fvp['source_log_loss']:.4f}, "
+            f"pooled {fvp['pooled_log_loss']:.4f} (difference {fvp['difference']:+.4f})")
+    for note in report.get("notes", []):
+        say(("note: ", "yellow"), note)
+    say(f"took {report['timing_s']['total']:.1f} s in Flower; report: "
+        f"{out / 'report.json'}, {out / 'report.md'}, plots in {out / 'plots'}")
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from shared.files import create_private_file, ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -205,28 +206,19 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _private_dir(path: Path) -> None:
-    for parent in reversed(path.parents):
-        if not parent.exists():
-            parent.mkdir(mode=0o700)
-
-
 def _write_private(path: Path, data: bytes, files: CertFiles, overwrite: bool) -> None:
     """Write a private key with mode 0600 from creation on."""
-    _private_dir(path)
     if path.exists():
         if not overwrite:
             raise FileExistsError(f"{path} exists; pass --force to replace it")
         path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    create_private_file(path, data)
     files.written.append(path)
     log.info("wrote private key %s (mode 0600)", path)
 
 
 def _write_public(path: Path, data: bytes, files: CertFiles) -> None:
-    _private_dir(path)
+    ensure_private_dir(path.parent)
     path.write_bytes(data)
     path.chmod(0o644)
     files.written.append(path)

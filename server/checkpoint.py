@@ -16,9 +16,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord
-
 from shared.files import write_atomically
 from shared.settings import RunSettings
 
@@ -34,18 +31,6 @@ def fingerprint(settings: RunSettings, schema_digest: str) -> str:
     config = {k: v for k, v in settings.to_run_config().items() if k not in NEUTRAL}
     blob = json.dumps({"settings": config, "schema": schema_digest}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def arrays_to_json(arrays: ArrayRecord) -> dict[str, Any]:
-    """Weights as JSON (exact: float64 values round-trip through repr)."""
-    return {k: {"shape": list(arrays[k].shape), "dtype": str(arrays[k].numpy().dtype),
-                "values": arrays[k].numpy().ravel().tolist()} for k in arrays}
-
-
-def arrays_from_json(state: dict[str, Any]) -> ArrayRecord:
-    """Inverse of :func:`arrays_to_json`."""
-    return ArrayRecord({k: Array(np.asarray(v["values"], dtype=v["dtype"]).reshape(v["shape"]))
-                        for k, v in state.items()})
 
 
 class Checkpoint:

@@ -14,11 +14,12 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from server.audit import ReplyLog
-from server.checkpoint import Checkpoint, arrays_from_json, arrays_to_json, fingerprint
+from server.checkpoint import Checkpoint, fingerprint
 from server.phases import Repeat, RunFailed, site_phases, stats_phase, train_phase
 from server.progress import Progress
 from server.sites import wait_for_sites
 from server.summary import RepeatResult, build_report
+from shared.arrays import arrays_from_json, arrays_to_json
 from shared.schema import load_schema
 from shared.settings import RunSettings
 
@@ -67,7 +68,8 @@ def run_federation(
                  state.get("round", 0))
     for repeat in range(len(results), settings.repeats):
         rep = Repeat(grid, schema, settings, progress, audit,
-                     RepeatResult(repeat=repeat, split_seed=settings.split_seed(repeat)))
+                     RepeatResult(repeat=repeat, split_seed=settings.split_seed(repeat)),
+                     run_id=int(config_record.get("run_id", 0)))
         prep = stats_phase(rep, nodes)
         prep_digest = _digest(prep.to_dict())
         start, done = None, 0

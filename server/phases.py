@@ -18,11 +18,12 @@ from server.progress import Progress
 from server.sites import SiteGrid, query_sites
 from server.strategy import make_strategy
 from server.summary import RepeatResult
-from shared import keys
+from shared import protocol
+from shared.arrays import arrays_digest
 from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
 from shared.schema import Schema
 from shared.settings import RunSettings
-from shared.source_model import arrays_digest, build_model, to_arrays
+from shared.source_model import build_model, to_arrays
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Repeat:
     audit: ReplyLog | None
     result: RepeatResult
     names: dict[int, str] = field(default_factory=dict)  # node id -> site name
+    run_id: int = 0
 
     @property
     def base(self) -> dict[str, Any]:
@@ -54,7 +56,7 @@ class Repeat:
             "schema": s.schema, "schema-digest": self.schema.digest(), "protocol": s.protocol,
             "split-seed": s.split_seed(self.result.repeat), "test-fraction": s.test_fraction,
             "model": s.model, "hidden-units": s.hidden_units, "cv-folds": s.cv_folds,
-            "repeat": self.result.repeat,
+            "repeat": self.result.repeat, "run-id": self.run_id,
         }
 
     def emit(self, event: str, **fields: Any) -> None:
@@ -67,8 +69,8 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
     """Phase 1: every site's counts and sums -> the global preprocessing."""
     rep.emit("phase", phase="stats")
     t = time.monotonic()
-    replies = query_sites(rep.grid, nodes, keys.STATS,
-                          RecordDict({keys.CONFIG: ConfigRecord(rep.base)}),
+    replies = query_sites(rep.grid, nodes, protocol.STATS,
+                          RecordDict({protocol.CONFIG: ConfigRecord(rep.base)}),
                           rep.settings.reply_timeout, rep.audit)
     expected = summary_keys(rep.schema.shared_features)
     summaries = []
@@ -82,8 +84,8 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
             rep.result.failures[who] = f"stats: {reason}"
             log.warning("site %s failed the stats phase: %s", who, reason)
             continue
-        name = str(reply.content.config_records[keys.SITE][keys.SITE_NAME])
-        metrics = reply.content.metric_records[keys.METRICS]
+        name = str(reply.content.config_records[protocol.SITE][protocol.SITE_NAME])
+        metrics = reply.content.metric_records[protocol.METRICS]
         summary = {k: _as_list(metrics[k]) for k in expected if k in metrics}
         if len(summary) != len(expected):
             rep.result.failures[name] = "stats: reply lacks summary entries"
@@ -168,10 +170,10 @@ def train_phase(
 
 def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> None:
     """Phases 3 and 4, at the sites still in the federation: corrections, then evaluation."""
-    content = RecordDict({keys.ARRAYS: model, keys.CONFIG: ConfigRecord({
+    content = RecordDict({protocol.ARRAYS: model, protocol.CONFIG: ConfigRecord({
         **rep.base, "preprocessing": json.dumps(prep.to_dict()),
     })})
-    for phase, mtype in (("adapt", keys.ADAPT), ("evaluate", keys.EVALUATE)):
+    for phase, mtype in (("adapt", protocol.ADAPT), ("evaluate", protocol.EVALUATE)):
         rep.emit("phase", phase=phase)
         t = time.monotonic()
         replies = query_sites(rep.grid, list(rep.names), mtype, content,
@@ -188,17 +190,17 @@ def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> N
 
 
 def _record(result: RepeatResult, phase: str, name: str, reply: Message) -> None:
-    metrics = {k: float(v) for k, v in reply.content.metric_records[keys.METRICS].items()
+    metrics = {k: float(v) for k, v in reply.content.metric_records[protocol.METRICS].items()
                if isinstance(v, int | float)}
-    site = reply.content.config_records.get(keys.SITE)
+    site = reply.content.config_records.get(protocol.SITE)
     if phase == "adapt":
         result.adapt[name] = metrics
     else:
         result.evaluate[name] = metrics
-    if site is not None and keys.CORRECTION_STATUS in site:
-        result.status[name] = str(site[keys.CORRECTION_STATUS])
-    if site is not None and keys.SITE_FEATURES in site:
-        result.site_features[name] = [f for f in str(site[keys.SITE_FEATURES]).split(",") if f]
+    if site is not None and protocol.CORRECTION_STATUS in site:
+        result.status[name] = str(site[protocol.CORRECTION_STATUS])
+    if site is not None and protocol.SITE_FEATURES in site:
+        result.site_features[name] = [f for f in str(site[protocol.SITE_FEATURES]).split(",") if f]
 
 
 def _scalar(metrics: MetricRecord | None, key: str) -> float | None:

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from server.audit import ReplyLog
-from shared import keys
+from shared import protocol
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,8 @@ class SiteGrid(Grid):
     ) -> Iterable[Message]:
         """Push and pull with short polling; drop the sites that did not answer soundly."""
         messages = list(messages)
-        if messages and messages[0].metadata.message_type == keys.TRAIN:
-            config = messages[0].content.config_records.get(keys.CONFIG)
+        if messages and messages[0].metadata.message_type == protocol.TRAIN:
+            config = messages[0].content.config_records.get(protocol.CONFIG)
             rnd = config.get("server-round", 0) if config is not None else 0
             offset = config.get("round-offset", 0) if config is not None else 0
             self.round = (rnd if isinstance(rnd, int) else 0) + (

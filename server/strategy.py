@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
-from shared import keys
+from shared import protocol
 from shared.settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -30,24 +30,24 @@ def reply_problem(reply: Message, shapes: Mapping[str, tuple[int, ...]]) -> str 
     if reply.has_error():
         return f"error reply: {reply.error.reason}"
     content = reply.content
-    if set(content.array_records) != {keys.ARRAYS} or set(content.metric_records) != {
-        keys.METRICS
+    if set(content.array_records) != {protocol.ARRAYS} or set(content.metric_records) != {
+        protocol.METRICS
     }:
         return "reply does not hold exactly the 'arrays' and 'metrics' records"
-    arrays = content.array_records[keys.ARRAYS]
+    arrays = content.array_records[protocol.ARRAYS]
     got = {k: tuple(arrays[k].shape) for k in arrays}
     if got != dict(shapes):
         return f"array names or shapes {got} differ from the source model's {dict(shapes)}"
     for name in arrays:
         if not np.all(np.isfinite(arrays[name].numpy())):
             return f"array {name!r} holds NaN or infinite values"
-    metrics = content.metric_records[keys.METRICS]
-    n = metrics.get(keys.NUM_EXAMPLES)
+    metrics = content.metric_records[protocol.METRICS]
+    n = metrics.get(protocol.NUM_EXAMPLES)
     if not isinstance(n, int | float) or not math.isfinite(n) or n < 1 or n > MAX_EXAMPLES or (
         float(n) != int(n)
     ):
         return "num-examples is missing, not a positive integer, or implausibly large"
-    for key in keys.TRAIN_METRICS:
+    for key in protocol.TRAIN_METRICS:
         value = metrics.get(key)
         if not isinstance(value, int | float) or not math.isfinite(value):
             return f"metric {key!r} is missing or not finite"
@@ -150,8 +150,8 @@ def make_strategy(
     strategy = classes[settings.strategy](
         shapes=shapes, site_names=site_names, on_round=on_round,
         fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=minimum,
-        min_available_nodes=minimum, weighted_by_key=keys.NUM_EXAMPLES,
-        arrayrecord_key=keys.ARRAYS, configrecord_key=keys.CONFIG, **extra,
+        min_available_nodes=minimum, weighted_by_key=protocol.NUM_EXAMPLES,
+        arrayrecord_key=protocol.ARRAYS, configrecord_key=protocol.CONFIG, **extra,
     )
     assert isinstance(strategy, Strategy)
     return strategy

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.keys import METHODS, METRIC_NAMES
 from shared.metrics import mean_sd
+from shared.protocol import METHODS, METRIC_NAMES
 
 
 @dataclass

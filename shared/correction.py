@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,11 +12,11 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from shared.metrics import sigmoid
-from shared.preprocessing import TabularPreprocessor
+from shared.preprocessing import ParamsMixin, TabularPreprocessor, check_is_fitted
 from shared.schema import Feature
 
 
-class OffsetLogisticRegression:
+class OffsetLogisticRegression(ParamsMixin):
     """L2-penalised logistic regression on top of a fixed per-row offset.
 
     Minimises ``sum_i logloss(y_i, offset_i + b + z_i . w) + ||w||^2 / (2 C) + b^2 / (2 s^2)``
@@ -25,12 +26,15 @@ class OffsetLogisticRegression:
     has the same label, and is negligible otherwise.
 
     Written by hand because scikit-learn's ``LogisticRegression`` has no offset term, and the
-    offset (the frozen source model's logit) must enter with a coefficient fixed at one.
+    offset (the frozen source model's logit) must enter with a coefficient fixed at one. Follows
+    scikit-learn's conventions: ``get_params`` / ``set_params`` (so ``sklearn.base.clone``
+    works), parameters validated at ``fit``, fitted state with a trailing underscore.
 
     Parameters
     ----------
     C : float
-        Inverse penalty strength (larger = stronger correction); 0 = intercept only.
+        Inverse penalty strength (larger = stronger correction), finite and >= 0;
+        0 = intercept only. Checked at ``fit`` (a ``ValueError`` otherwise).
     max_iter : int
         L-BFGS iterations.
     intercept_sd : float
@@ -53,12 +57,13 @@ class OffsetLogisticRegression:
 
     def fit(self, Z: np.ndarray, y: np.ndarray, offset: np.ndarray) -> OffsetLogisticRegression:
         """Fit on training rows ``Z`` (correction features), labels ``y`` and the offset."""
+        C = _check_strength(self.C)
         Z = np.asarray(Z, dtype=float)
         y = np.asarray(y, dtype=float)
         offset = np.asarray(offset, dtype=float)
         d = Z.shape[1]
-        use_w = self.C > 0
-        ridge = 1.0 / self.C if use_w else 0.0
+        use_w = C > 0
+        ridge = 1.0 / C if use_w else 0.0
         prior_b = 1.0 / self.intercept_sd**2
 
         def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
@@ -85,12 +90,21 @@ class OffsetLogisticRegression:
 
     def decision_function(self, Z: np.ndarray, offset: np.ndarray) -> np.ndarray:
         """Corrected logits: ``offset + intercept + Z . coef``."""
+        check_is_fitted(self, "coef_")
         Z = np.asarray(Z, dtype=float)
         if Z.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"correction expects {self.n_features_in_} features, got {Z.shape[1]}"
             )
         return np.asarray(offset, dtype=float) + self.intercept_ + Z @ self.coef_
+
+
+def _check_strength(C: Any) -> float:
+    """``C`` as a float, or a ValueError saying what it must be."""
+    value = float(C) if isinstance(C, numbers.Real) and not isinstance(C, bool) else math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"C must be a finite number >= 0 (0 = intercept only), got {C!r}")
+    return value
 
 
 @dataclass

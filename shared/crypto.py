@@ -49,6 +49,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from shared.files import create_private_file
+
 log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
@@ -113,48 +115,6 @@ class SealedFileError(ValueError):
 # ---------------------------------------------------------------------------- key files
 
 
-def ensure_private_dir(path: str | Path) -> Path:
-    """Create a directory and any missing parents with mode 0700.
-
-    Directories that already exist are left as they are.
-
-    Parameters
-    ----------
-    path : str or pathlib.Path
-        The directory to create.
-
-    Returns
-    -------
-    pathlib.Path
-        ``path`` as a ``Path``.
-
-    Raises
-    ------
-    NotADirectoryError
-        If ``path`` or one of its parents exists and is not a directory.
-    OSError
-        If a directory cannot be created (permissions, read-only file system...).
-    """
-    path = Path(path)
-    missing: list[Path] = []
-    current = path
-    while not current.is_dir():
-        if current.exists() or current.is_symlink():
-            raise NotADirectoryError(
-                f"{current} exists and is not a directory, so {path} cannot be created "
-                "there; move that file away or choose another folder"
-            )
-        missing.append(current)
-        if current.parent == current:
-            break
-        current = current.parent
-    for directory in reversed(missing):
-        # Path.mkdir(parents=True) would give the parents the default (umask) mode.
-        directory.mkdir(mode=0o700, exist_ok=True)
-        directory.chmod(0o700)
-    return path
-
-
 def create_key_file(path: str | Path) -> bytes:
     """Create a new random key file readable only by its owner.
 
@@ -178,24 +138,15 @@ def create_key_file(path: str | Path) -> bytes:
         sealed with it would become unreadable.
     """
     path = Path(path)
-    ensure_private_dir(path.parent)
     key = os.urandom(KEY_BYTES)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        create_private_file(path, key)
     except FileExistsError:
         raise FileExistsError(
             f"key file {path} already exists; refusing to overwrite it, since every file "
             "sealed with that key would become unreadable. Use the existing key, or move the "
             "file away first if you really mean to start over with a new key"
         ) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
     log.info("created key file %s (key id %s)", path, key_id(key))
     return key
 

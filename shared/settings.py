@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 MODELS = ("logreg", "mlp")  # shared.source_model builds them; not imported here (torch)
@@ -32,41 +32,68 @@ def _coerce(value: Any, default: bool | int | float | str) -> bool | int | float
     return float(value)
 
 
+def key(f: Field[Any]) -> str:
+    """The run-config key (kebab-case) of a setting's field."""
+    return f.name.replace("_", "-")
+
+
 class SettingsError(ValueError):
     """Run settings that cannot be used; the message lists every problem."""
 
 
+def _setting(default: bool | int | float | str, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A run setting: its default, what it means (for ``--help``) and its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    """Every setting of a run. Field ``a_b`` is run-config key ``a-b``.
+    """Every setting of a run: the one place each is declared. Field ``a_b`` is key ``a-b``.
 
-    Attributes mirror ``[tool.flwr.app.config]`` in pyproject.toml, which documents them.
+    ``[tool.flwr.app.config]`` in pyproject.toml holds the same defaults (a test checks it),
+    the ``fedadapt`` command builds its options from these fields (help, defaults, choices),
+    and the ServerApp reads them with :meth:`from_run_config`.
     """
 
-    sites_manifest: str = "simulations/demo/sites.toml"
-    schema: str = "synthetic"
-    out: str = "fedadapt-out"
-    seed: int = 42
-    repeats: int = 1
-    protocol: str = "default"
-    test_fraction: float = 0.3
-    num_server_rounds: int = 30
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.0
-    trim_beta: float = 0.25
-    model: str = "logreg"
-    hidden_units: int = 16
-    local_epochs: int = 5
-    learning_rate: float = 0.5
-    batch_size: int = 0
-    weight_decay: float = 0.001
-    cv_folds: int = 5
-    min_sites: int = 2
-    expected_sites: int = 0
-    node_wait_timeout: float = 60.0
-    reply_timeout: float = 300.0
-    record_replies: bool = False
-    resume: bool = True
+    sites_manifest: str = _setting(
+        "simulations/demo/sites.toml",
+        "sites manifest (TOML) naming each simulated site's data file; a relative path "
+        "resolves against the folder the SuperLink was started in")
+    schema: str = _setting("synthetic", "data contract: a built-in schema name or a TOML file")
+    out: str = _setting("fedadapt-out", "output folder of the coordinator (report, logs)")
+    seed: int = _setting(42, "seed of data generation, splits and models")
+    repeats: int = _setting(1, "seeded train/held-out splits; metrics are mean and sd over them")
+    protocol: str = _setting(
+        "default", "'default' (every row, imputed) or 'flamby' (FLamby's Fed-Heart-Disease "
+        "rows and split)", PROTOCOLS)
+    test_fraction: float = _setting(0.3, "share of each site's rows held out for evaluation")
+    num_server_rounds: int = _setting(30, "federated training rounds")
+    strategy: str = _setting(
+        "fedavg", "aggregation: fedavg, fedprox, or fedmedian / fedtrimmedavg (limit one "
+        "wildly wrong site)", STRATEGIES)
+    proximal_mu: float = _setting(0.0, "FedProx's proximal term (strategy fedprox)")
+    trim_beta: float = _setting(0.25, "share of sites cut at each end (strategy fedtrimmedavg)")
+    model: str = _setting("logreg", "source model: logistic regression or a one-hidden-layer "
+                          "MLP", MODELS)
+    hidden_units: int = _setting(16, "width of the MLP's hidden layer")
+    local_epochs: int = _setting(5, "local epochs per round at each site")
+    learning_rate: float = _setting(0.5, "local SGD learning rate")
+    batch_size: int = _setting(0, "local mini-batch size (0: full batch)")
+    weight_decay: float = _setting(0.001, "L2 penalty on the source model's weights")
+    cv_folds: int = _setting(5, "cross-validation folds for choosing each site's correction")
+    min_sites: int = _setting(
+        2, "fewest sites to start (and go on) with; fewer is a clear error, never an endless "
+        "wait")
+    expected_sites: int = _setting(
+        0, "sites to wait for before starting (0: min-sites), at most node-wait-timeout "
+        "seconds")
+    node_wait_timeout: float = _setting(60.0, "seconds to wait for the expected sites")
+    reply_timeout: float = _setting(300.0, "seconds a site has to answer one message")
+    record_replies: bool = _setting(
+        False, "record every value each site sent in OUT/replies.jsonl (keys, shapes and "
+        "sizes are always recorded)")
+    resume: bool = _setting(
+        True, "resume an interrupted run from its last completed round (OUT/checkpoint/)")
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> RunSettings:
@@ -101,12 +128,10 @@ class RunSettings:
 
     def _check(self) -> list[str]:
         problems = []
-        if self.protocol not in PROTOCOLS:
-            problems.append(f"protocol must be one of {', '.join(PROTOCOLS)}")
-        if self.strategy not in STRATEGIES:
-            problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
-        if self.model not in MODELS:
-            problems.append(f"model must be one of {', '.join(MODELS)}")
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{key(f)} must be one of {', '.join(choices)}")
         for name in ("repeats", "num_server_rounds", "local_epochs", "hidden_units", "min_sites"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
@@ -138,6 +163,11 @@ class RunSettings:
         """
         base = FLAMBY_SPLIT_SEED if self.protocol == "flamby" else self.seed
         return base + repeat
+
+    @classmethod
+    def declared(cls) -> tuple[Field[Any], ...]:
+        """Every setting's declaration (name, default, ``metadata["help"]`` and choices)."""
+        return fields(cls)
 
     def to_run_config(self) -> dict[str, Any]:
         """The settings as run-config keys (kebab-case)."""

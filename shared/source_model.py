@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
@@ -95,21 +93,6 @@ def load_arrays(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
         raise ValueError(f"weights do not fit the source model: got {got}, expected {want}")
     model.load_state_dict({k: v.to(torch.float64) for k, v in state.items()}, strict=True)
     return model
-
-
-def arrays_digest(arrays: ArrayRecord) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of the weights.
-
-    A site's correction is bound to this digest: it is refused for any other source model.
-    """
-    h = hashlib.sha256()
-    for name in sorted(arrays.keys()):
-        arr = np.ascontiguousarray(arrays[name].numpy())
-        h.update(name.encode())
-        h.update(str(arr.dtype).encode())
-        h.update(str(arr.shape).encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()
 
 
 def predict_logit(model: nn.Module, x: np.ndarray) -> np.ndarray:

@@ -2,10 +2,13 @@
 
 It does what the coordinator and each site engineer do (README, "Deployment"), with real
 processes on loopback: certificates (``fedadapt certs``), one ``flower-superlink`` with TLS,
-SuperNode authentication and its state on disk, registration of every site's public key, one
-``flower-superexec``-backed ``flower-supernode`` per site (its own data file, key, folder and
-``FLWR_HOME``), the run (``flwr run``), the report; then it stops every process it started,
-also on Ctrl-C or failure.
+SuperNode authentication and its state on disk, reached directly only by the coordinator
+(``flwr``, the ServerApp); the Fleet gateway (``server.gateway``) on a port of its own, the only
+address the sites are given, which forwards the Fleet API and nothing else (no Control API);
+registration of every site's public key, one ``flower-superexec``-backed ``flower-supernode``
+per site (its own data file, key, folder and ``FLWR_HOME``) connected through the gateway, the
+run (``flwr run``), the report; then it stops every process it started, also on Ctrl-C or
+failure.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 from server.certs import CertFiles, make_certs
 from shared.settings import RunSettings
 from simulations.datasets import prepare_data
-from simulations.flower import (
+from simulations.superlink import (
     FLOWER_ENV,
     STARTUP_TIMEOUT,
     EventHook,
@@ -57,6 +60,8 @@ class Deployment:
     certs: CertFiles
     port: int
     env: dict[str, str]
+    # The Fleet gateway's port: the sites' address (``port`` is the coordinator's only).
+    gateway_port: int = 0
     logs: dict[str, Path] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
 
@@ -75,13 +80,13 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 def wait_https(port: int, ca: Path, proc: subprocess.Popen[Any], log_path: Path,
-               timeout: float = STARTUP_TIMEOUT) -> None:
-    """Wait until the SuperLink answers ``GET /health`` over TLS, verified against ``ca``."""
+               timeout: float = STARTUP_TIMEOUT, what: str = "the SuperLink") -> None:
+    """Wait until ``what`` answers ``GET /health`` over TLS, verified against ``ca``."""
     context = ssl.create_default_context(cafile=str(ca))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise DeploymentError(f"the SuperLink exited with code {proc.returncode}; "
+            raise DeploymentError(f"{what} exited with code {proc.returncode}; "
                                   f"see {log_path}")
         try:
             with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context,
@@ -91,7 +96,7 @@ def wait_https(port: int, ca: Path, proc: subprocess.Popen[Any], log_path: Path,
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)
-    raise DeploymentError(f"the SuperLink did not answer over TLS in {timeout:.0f} s; "
+    raise DeploymentError(f"{what} did not answer over TLS in {timeout:.0f} s; "
                           f"see {log_path}")
 
 
@@ -124,6 +129,24 @@ def start_superlink(dep: Deployment) -> None:
     wait_https(dep.port, dep.certs.ca_cert, proc, dep.logs["superlink"])
 
 
+def start_gateway(dep: Deployment) -> None:
+    """The Fleet gateway in front of the SuperLink: the sites' only way in (Fleet API only).
+
+    It serves TLS with the SuperLink's own certificate and verifies the SuperLink against the
+    federation's CA; it is ready when ``GET /health`` answers through it.
+    """
+    proc = _start(dep, "gateway", [
+        sys.executable, "-m", "server.gateway",
+        "--listen", f"127.0.0.1:{dep.gateway_port}",
+        "--superlink", f"127.0.0.1:{dep.port}",
+        "--ca-cert", str(dep.certs.ca_cert),
+        "--cert", str(dep.certs.server_cert),
+        "--key", str(dep.certs.server_key),
+    ], dep.out / "gateway")
+    wait_https(dep.gateway_port, dep.certs.ca_cert, proc, dep.logs["gateway"],
+               what="the Fleet gateway")
+
+
 def crash_superlink(dep: Deployment) -> None:
     """Kill the SuperLink and its ServerApp at once, as a power cut would (drills)."""
     kill_tree(dep.processes.get("superlink"))
@@ -151,12 +174,12 @@ def supernode_command(
     site_features: list[str], private_key: Path | None = None, ca: Path | None = None,
     insecure: bool = False, auth: bool = True, extra: list[str] | None = None,
 ) -> list[str]:
-    """The site engineer's ``flower-supernode`` command for one site."""
+    """The site engineer's ``flower-supernode`` command for one site (through the gateway)."""
     node_config = (
         f'data-file="{data_file}" site-dir="{site_dir}" site-name="{name}" '
         f'site-features="{",".join(site_features)}"'
     )
-    cmd = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{dep.port}",
+    cmd = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{dep.gateway_port}",
            "--port", str(free_port()), "--node-config", node_config]
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(ca or dep.certs.ca_cert)]
     key = private_key if private_key is not None else dep.certs.site_keys[name][0]
@@ -173,9 +196,11 @@ def start_supernode(dep: Deployment, name: str, cmd: list[str], site_dir: Path) 
 
 @contextmanager
 def coordinator(out: Path, site_names: list[str]) -> Iterator[Deployment]:
-    """Certificates, a TLS SuperLink with authentication and the ``flwr`` connection to it.
+    """Certificates, a TLS SuperLink with authentication, ``flwr``'s connection, the gateway.
 
-    Every process started inside the block (also SuperNodes) is stopped on exit.
+    The SuperLink is reached directly only by ``flwr`` and the ServerApp; the sites get the
+    Fleet gateway's port (``gateway_port``). Every process started inside the block (also
+    SuperNodes) is stopped on exit.
     """
     out.mkdir(parents=True, exist_ok=True)
     certs = make_certs(out / "certs", len(site_names), names=site_names)
@@ -187,9 +212,14 @@ def coordinator(out: Path, site_names: list[str]) -> Iterator[Deployment]:
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs.ca_cert}"\n',
         encoding="utf-8",
     )
-    dep = Deployment(out=out, certs=certs, port=port, env=flower_env(home))
+    gateway_port = free_port()
+    while gateway_port == port:
+        gateway_port = free_port()
+    dep = Deployment(out=out, certs=certs, port=port, env=flower_env(home),
+                     gateway_port=gateway_port)
     try:
         start_superlink(dep)
+        start_gateway(dep)
         yield dep
     finally:
         for name, proc in reversed(list(dep.processes.items())):
@@ -282,7 +312,8 @@ def deploy_local(
         "startup_s": startup, "run_s": run_seconds, "total_s": time.monotonic() - t0,
         "round_latency_s": deltas,
         "mean_round_latency_s": sum(deltas) / len(deltas) if deltas else None,
-        "tls": True, "supernode_auth": True, "logs": {k: str(v) for k, v in dep.logs.items()},
+        "tls": True, "supernode_auth": True, "fleet_gateway": True,
+        "logs": {k: str(v) for k, v in dep.logs.items()},
     }
     from server.report import write_report
 

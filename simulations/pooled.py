@@ -8,13 +8,14 @@ preprocessing (fitted on the pooled training rows) and objective as the federati
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from client.data import read_site_data
+from client.data import DataError, SiteData, read_site_data
 from client.site import Manifest
 from client.split import split_site
 from shared.metrics import binary_metrics, sigmoid
@@ -46,21 +47,49 @@ def fit_central(
     return model
 
 
-def pooled_reference(manifest: Manifest, settings: RunSettings) -> dict[str, list[dict[str, Any]]]:
-    """Held-out metrics of the central model at every site, one entry per repeat.
+def pooled_reference(
+    manifest: Manifest, settings: RunSettings, usable: Sequence[str] | None = None,
+) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Held-out metrics of the central model at every usable site, one entry per repeat.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        The simulated sites.
+    settings : RunSettings
+        The run's settings (splits, model, objective).
+    usable : sequence of str, optional
+        Sites that completed the federated run; the others (a file that is missing or
+        malformed, a site that failed) are left out of the pooled rows too. All by default.
 
     Returns
     -------
-    dict
-        Per site name, a list (one per repeat) of metric dicts with keys ``pooled.auc``, ...
+    tuple
+        Per site name, a list (one per repeat) of metric dicts with keys ``pooled.auc``, ...;
+        and the names of the sites left out.
     """
     schema = load_schema(settings.schema)
     shared = list(schema.shared_features)
     names = [f.name for f in shared]
-    sites = [
-        (s.name, read_site_data(s.data_file, schema, s.site_features)) for s in manifest.sites
-    ]
+    sites: list[tuple[str, SiteData]] = []
+    skipped: list[str] = []
+    for s in manifest.sites:
+        if usable is not None and s.name not in usable:
+            skipped.append(s.name)
+            continue
+        try:
+            data = read_site_data(s.data_file, schema, s.site_features)
+            for repeat in range(settings.repeats):  # a split that fails leaves the site out
+                split_site(data, protocol=settings.protocol, seed=settings.split_seed(repeat),
+                           test_fraction=settings.test_fraction)
+        except (DataError, ValueError) as err:
+            log.warning("pooled reference: site %s left out (%s)", s.name, type(err).__name__)
+            skipped.append(s.name)
+            continue
+        sites.append((s.name, data))
     out: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in sites}
+    if not sites:
+        return out, skipped
     for repeat in range(settings.repeats):
         seed = settings.split_seed(repeat)
         splits = {
@@ -78,4 +107,4 @@ def pooled_reference(manifest: Manifest, settings: RunSettings) -> dict[str, lis
             metrics = binary_metrics(data.label[test], p)
             out[name].append({f"pooled.{k}": v for k, v in metrics.items()})
         log.info("pooled reference, repeat %d: %d training rows", repeat, len(y))
-    return out
+    return out, skipped

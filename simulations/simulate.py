@@ -7,12 +7,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from server.report import write_report
+from server.report import mark_incomplete, remove_report, write_report
 from server.summary import method_metrics, summarize_methods
 from shared.settings import RunSettings
-from simulations.datasets import prepare_data
-from simulations.flower import EventHook, run_app
+from simulations.datasets import DatasetError, prepare_data
 from simulations.pooled import pooled_reference
+from simulations.superlink import EventHook, run_app
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +50,44 @@ def simulate(
     """
     out = out.resolve()
     manifest = prepare_data(data, out / "data", n_sites, settings.seed)
+    check_site_count(len(manifest.sites), settings)
     settings = replace(
         settings, sites_manifest=str(manifest.path.resolve()), schema=manifest.schema,
         expected_sites=len(manifest.sites), out=str(out),
     )
-    run_config = settings.to_run_config()
-    report = run_app(run_config, len(manifest.sites), out, on_event=on_event, timeout=timeout)
-    if on_event is not None:
-        on_event({"event": "pooled"})
-    pooled = pooled_reference(manifest, settings)
-    add_pooled(report, pooled)
-    report["config"]["data"] = data
-    write_report(report, out)
+    remove_report(out)  # an earlier run's report must not pass for this one's
+    try:
+        report = run_app(settings.to_run_config(), len(manifest.sites), out,
+                         on_event=on_event, timeout=timeout)
+        if on_event is not None:
+            on_event({"event": "pooled"})
+        ok = [name for name, entry in report["sites"].items() if entry["status"] == "ok"]
+        pooled, skipped = pooled_reference(manifest, settings, ok)
+        add_pooled(report, pooled)
+        if skipped:
+            report.setdefault("notes", []).append(
+                f"pooled reference without {', '.join(skipped)} (not usable in the run)")
+        report["config"]["data"] = data
+        write_report(report, out)
+    except BaseException:
+        mark_incomplete(out)
+        raise
     return report
+
+
+def check_site_count(n_sites: int, settings: RunSettings) -> None:
+    """Refuse at once a run that could never start: fewer sites than ``min-sites``.
+
+    Raises
+    ------
+    DatasetError
+        Saying how many sites there are and which setting to change.
+    """
+    if n_sites < settings.min_sites:
+        raise DatasetError(
+            f"the data have {n_sites} site(s), fewer than min-sites = {settings.min_sites}: "
+            f"give more sites (--sites N with generated data) or --min-sites {n_sites}"
+        )
 
 
 def add_pooled(report: dict[str, Any], pooled: dict[str, list[dict[str, Any]]]) -> None:

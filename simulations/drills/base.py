@@ -11,8 +11,8 @@ from typing import Any
 
 from client.site import read_manifest, write_manifest
 from shared.settings import RunSettings
-from simulations.flower import APP_DIR, app_variant, run_app
 from simulations.generator import generate
+from simulations.superlink import APP_DIR, app_variant, run_app
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from shared.settings import RunSettings
 from simulations.drills.base import DrillResult, drill, simulate_with_faults
 from simulations.generator import LABEL, generate
 
-MALFORMED = ("each of 7 broken site files (bad row, wrong type, missing column, extra column, "
-             "unknown category, empty, Latin-1) fails its site with file:line:column; the 2 "
-             "healthy sites complete; no planted canary appears in any report or log")
+MALFORMED = ("each of 9 broken site files (bad row, wrong type, missing column, extra column, "
+             "unknown category, empty, Latin-1, header merged with the first row, header "
+             "shifted by one) fails its site with file:line:column; the 2 healthy sites "
+             "complete; no planted canary appears in any report or log")
 NOISE = ("with 20% of hospital-a's labels flipped, each other site's adapted AUC drops by at "
          "most 0.01 against a clean run, and hospital-a's adapted AUC is not below its source "
          "AUC")
@@ -89,6 +90,18 @@ def _latin1(rows: list[list[str]]) -> tuple[bytes, list[str]]:
     return _csv(rows).decode("utf-8").encode("latin-1"), ["918.37", "CANARY-5107"]
 
 
+def _merged_header(rows: list[list[str]]) -> tuple[bytes, list[str]]:
+    rows[1][1], rows[1][2] = "919.37", "CANARY-5108"  # then the line break after the header
+    text = _csv(rows).decode("utf-8").replace("\n", "", 1)  # is lost: the row joins it
+    return text.encode("utf-8"), ["919.37", "CANARY-5108"]
+
+
+def _shifted_header(rows: list[list[str]]) -> tuple[bytes, list[str]]:
+    rows[0] = ["CANARY-5109", *rows[0]]  # one cell too many before the names
+    rows[1][1] = "920.37"
+    return _csv(rows), ["920.37", "CANARY-5109"]
+
+
 BREAKERS: dict[str, Breaker] = {
     "bad row (wrong field count)": _bad_row,
     "wrong type (text in a numeric cell)": _wrong_type,
@@ -97,6 +110,8 @@ BREAKERS: dict[str, Breaker] = {
     "unknown category": _unknown_category,
     "empty file": _empty,
     "wrong encoding (Latin-1)": _latin1,
+    "header merged with the first row": _merged_header,
+    "header shifted by one": _shifted_header,
 }
 
 

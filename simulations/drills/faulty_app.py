@@ -1,7 +1,7 @@
 """A misbehaving site for reliability drills: the real ClientApp with one injected fault.
 
 A site's fault is the ``drill-fault`` entry of its row in the sites manifest (sites without
-one behave normally). Only drills run this app (see ``simulations.flower.app_variant``); the
+one behave normally). Only drills run this app (see ``simulations.superlink.app_variant``); the
 real ClientApp has no fault switch.
 
 Faults of a training reply: ``nan``, ``inf``, ``wrong-names``, ``wrong-shape``,
@@ -25,9 +25,10 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from client import client_app as real
+from client.correction_store import correction_path, key_path, save_correction
 from client.site import resolve_site
-from client.store import correction_path, key_path, save_correction
-from shared import keys
+from shared import protocol
+from shared.files import create_private_file
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -57,7 +58,7 @@ def stats(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """The real training round, then the site's fault applied to the reply."""
     fault = _fault(context)
-    config = msg.content.config_records[keys.CONFIG]
+    config = msg.content.config_records[protocol.CONFIG]
     number = int(str(config["server-round"])) + int(str(config.get("round-offset", 0)))
     if fault.startswith("slow:"):
         _, rnd, seconds = fault.split(":")
@@ -67,8 +68,8 @@ def train(msg: Message, context: Context) -> Message:
     reply = real.train(msg, context)
     if reply.has_error() or not fault or fault.startswith("slow:") or fault in TAMPERS:
         return reply
-    arrays = reply.content.array_records[keys.ARRAYS]
-    metrics = dict(reply.content.metric_records[keys.METRICS])
+    arrays = reply.content.array_records[protocol.ARRAYS]
+    metrics = dict(reply.content.metric_records[protocol.METRICS])
     values = {k: arrays[k].numpy().copy() for k in arrays}
     name = next(iter(values))
     if fault == "nan":
@@ -80,9 +81,9 @@ def train(msg: Message, context: Context) -> Message:
     elif fault == "wrong-shape":
         values[name] = np.zeros((values[name].size + 3,))
     elif fault == "negative-count":
-        metrics[keys.NUM_EXAMPLES] = -50.0
+        metrics[protocol.NUM_EXAMPLES] = -50.0
     elif fault == "absurd-count":
-        metrics[keys.NUM_EXAMPLES] = 1e12
+        metrics[protocol.NUM_EXAMPLES] = 1e12
     elif fault.startswith("scaled:"):
         factor = float(fault.split(":")[1])
         values = {k: v * factor for k, v in values.items()}
@@ -90,8 +91,8 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"unknown drill fault {fault!r}")
     log.warning("drill: this site sends a %s reply", fault)
     content = RecordDict({
-        keys.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()}),
-        keys.METRICS: MetricRecord(metrics),
+        protocol.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()}),
+        protocol.METRICS: MetricRecord(metrics),
     })
     return Message(content=content, reply_to=msg)
 
@@ -134,9 +135,7 @@ def _tamper(context: Context, fault: str) -> None:
     elif fault == "wrong-key":
         key = key_path(site.site_dir)
         key.unlink()
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(os.urandom(32))
+        create_private_file(key, os.urandom(32))
     elif fault == "other-model":
         # A correction fitted on another source model, put where this model's would be.
         other_digest = "0" * 64

@@ -22,7 +22,7 @@ from simulations.deploy import (
     supernode_command,
 )
 from simulations.drills.base import DrillResult, drill, federation
-from simulations.flower import kill_tree, submit_run
+from simulations.superlink import kill_tree, submit_run
 
 REPLY_TIMEOUT = 20.0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from client.site import read_manifest, write_manifest
-from shared import keys
+from shared import protocol
 from shared.settings import RunSettings
 from simulations.drills.base import DrillResult, drill, federation, simulate_with_faults
 
@@ -24,7 +24,7 @@ TAMPER = ("every tampered correction (flip-byte, truncate, foreign, wrong-key, o
 UNWRITABLE = ("a site whose folder cannot be created (under a regular file) and a site whose "
               "disk is full both fail in the stats phase, before training, with an error naming "
               "the folder; the other sites complete")
-# The reasons client.store gives for each fault of simulations.drills.faulty_app.
+# The reasons client.correction_store gives for each fault of simulations.drills.faulty_app.
 REASONS = {
     "flip-byte": ("tampered",),
     "truncate": ("truncated", "tampered"),
@@ -152,9 +152,9 @@ def _adapt_status(replies: Path) -> dict[str, str]:
     found = {}
     for line in replies.read_text(encoding="utf-8").splitlines():
         entry = json.loads(line)
-        site = entry.get("configs", {}).get(keys.SITE)
-        if entry.get("type") == keys.ADAPT and isinstance(site, dict):
-            found[str(site[keys.SITE_NAME])] = str(site[keys.CORRECTION_STATUS])
+        site = entry.get("configs", {}).get(protocol.SITE)
+        if entry.get("type") == protocol.ADAPT and isinstance(site, dict):
+            found[str(site[protocol.SITE_NAME])] = str(site[protocol.CORRECTION_STATUS])
     return found
 
 
@@ -163,7 +163,7 @@ def _stats_failures(replies: Path) -> dict[int, str]:
     found = {}
     for line in replies.read_text(encoding="utf-8").splitlines():
         entry = json.loads(line)
-        if entry.get("type") == keys.STATS and "error" in entry:
+        if entry.get("type") == protocol.STATS and "error" in entry:
             found[int(entry["node"])] = str(entry["error"])
     return found
 
@@ -200,7 +200,7 @@ def unwritable_site(out: Path) -> DrillResult:
     stats_errors = _stats_failures(out / "run" / "replies.jsonl")
     trained = {int(json.loads(line)["node"]) for line in
                (out / "run" / "replies.jsonl").read_text(encoding="utf-8").splitlines()
-               if json.loads(line).get("type") == keys.TRAIN}
+               if json.loads(line).get("type") == protocol.TRAIN}
     failed = [str(e.get("error") or "") for e in report["sites"].values()
               if e["status"] == "failed"]
     checks: dict[str, dict[str, Any]] = {}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.check import check_file
 from client.data import DataError, Problem, SiteData, read_site_data
 from shared.schema import Schema, SchemaError, load_schema
 
@@ -322,15 +323,77 @@ def test_missing_label_column(tmp_path: Path, synthetic: Schema) -> None:
 def test_unknown_extra_column(
     tmp_path: Path, synthetic: Schema, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A column the schema does not declare is an error at line 1 and its column index."""
+    """An undeclared column is located (line 1, its position) but its name is never shown."""
     caplog.set_level(logging.DEBUG)
-    header = "age,weight,patient_ref,height,systolic_bp,glucose,diabetes\n"
-    path = _write(tmp_path, header + f"50,94.5,{CANARY},182,134,87,0\n")
+    header = f"age,weight,{CANARY},height,systolic_bp,glucose,diabetes\n"
+    path = _write(tmp_path, header + "50,94.5,x,182,134,87,0\n")
     err = _data_error(path, synthetic)
     p = _only(err)
-    assert (p.line, p.column, p.column_name) == (1, 3, "patient_ref")
-    assert "unexpected column" in p.message
+    assert (p.line, p.column, p.column_name) == (1, 3, "")
+    assert "1 column name(s)" in p.message and "position 3" in p.message
+    assert "age, weight, height, systolic_bp, glucose, diabetes" in p.message
     _assert_no_leak(CANARY, path, caplog, err=err)
+
+
+def test_header_merged_with_first_row_shows_no_value(
+    tmp_path: Path, synthetic: Schema, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost line break glues the first patient to the header: none of its values is echoed."""
+    caplog.set_level(logging.DEBUG)
+    merged = HEADER.rstrip("\n") + f"50,94.5,182,134,{NUM_CANARY},1\n"
+    path = _write(tmp_path, merged + ROW_B + ROW_C)
+    err = _data_error(path, synthetic)
+    text = str(err)
+    assert f"{path}:1:" in text and "not declared" in text
+    for value in (NUM_CANARY, "diabetes50", "94.5", "182", "134"):
+        _assert_no_leak(value, path, caplog, err=err)
+    result = check_file(path, "synthetic", ["glucose"])
+    assert not result.ok
+    assert not any(NUM_CANARY in line for line in [*result.errors, *result.warnings])
+
+
+@pytest.mark.parametrize("shift", ["prepend", "drop-first"])
+def test_header_cells_shifted_by_one_show_no_value(
+    tmp_path: Path, synthetic: Schema, caplog: pytest.LogCaptureFixture, shift: str
+) -> None:
+    """A header shifted by one cell (extra leading cell, or its first name lost) leaks nothing."""
+    caplog.set_level(logging.DEBUG)
+    names = HEADER.rstrip("\n").split(",")
+    header = ",".join([CANARY, *names] if shift == "prepend" else names[1:]) + "\n"
+    row = f"50,94.5,182,134,{NUM_CANARY},1\n"
+    path = _write(tmp_path, header + row + ROW_B)
+    err = _data_error(path, synthetic)
+    assert all(p.path == str(path) and p.line >= 1 for p in err.problems)
+    _assert_no_leak(CANARY, path, caplog, err=err)
+    _assert_no_leak(NUM_CANARY, path, caplog, err=err)
+
+
+@pytest.mark.parametrize("cell", ["\u0666\u0663", "\uff16\uff13", "6_3", "63\u00a0", "\u00a063",
+                                  "0x3f", "1,5", "63.", "+-63", "nan", "infinity"])
+def test_only_ascii_decimal_numbers_are_numbers(
+    tmp_path: Path, synthetic: Schema, caplog: pytest.LogCaptureFixture, cell: str
+) -> None:
+    """Digits of other scripts, underscores and non-ASCII spaces are "not a number", located."""
+    caplog.set_level(logging.DEBUG)
+    if cell == "63.":  # a trailing point is plain decimal notation: accepted
+        data = read_site_data(_write(tmp_path, HEADER + f"{cell},79.4,153,131,98,1\n"),
+                              synthetic, ("glucose",))
+        assert data.features["age"].tolist() == [63.0]
+        return
+    quoted = f'"{cell}"' if "," in cell else cell
+    path = _write(tmp_path, HEADER + ROW_A + f"{quoted},79.4,153,131,98,1\n")
+    err = _data_error(path, synthetic)
+    p = _only(err)
+    assert (p.line, p.column, p.column_name) == (3, 1, "age")
+    assert "not a number" in p.message
+    _assert_no_leak(cell, path, caplog, err=err)
+
+
+def test_ascii_spaces_around_numbers_are_fine(tmp_path: Path, synthetic: Schema) -> None:
+    """Spaces and tabs around a cell are ignored; signs and exponents are numbers."""
+    path = _write(tmp_path, HEADER + " 63 ,\t79.4,1.53e2,+131,-0.5e1 ,1\n")
+    data = read_site_data(path, synthetic, ("glucose",))
+    assert data.features.iloc[0].tolist()[:4] == [63.0, 79.4, 153.0, 131.0]
 
 
 def test_duplicate_header_column(

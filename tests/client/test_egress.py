@@ -14,12 +14,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import client_app as client_module
 from client.client_app import app as client_app
+from client.correction_store import load_correction
 from client.egress import EgressViolation, build_reply
-from client.store import load_correction
-from shared import keys
+from client.source_model_store import list_models, load_source_model
+from shared import protocol
 from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
 from shared.schema import load_schema
-from shared.source_model import arrays_digest, build_model, to_arrays
+from shared.source_model import build_model, to_arrays
 from simulations.generator import generate
 
 # Patient values planted in the site's file; none may leave the site in any form.
@@ -99,8 +100,9 @@ def _run_phases(tmp_path: Path) -> tuple[dict[str, Message], Path]:
     site_dir = tmp_path / "site"
     ctx = _context(_site_file(tmp_path), site_dir)
     base = _base()
-    replies = {"stats": _send(keys.STATS, RecordDict({keys.CONFIG: ConfigRecord(base)}), ctx)}
-    metrics = replies["stats"].content.metric_records[keys.METRICS]
+    stats = RecordDict({protocol.CONFIG: ConfigRecord(base)})
+    replies = {"stats": _send(protocol.STATS, stats, ctx)}
+    metrics = replies["stats"].content.metric_records[protocol.METRICS]
     summary = {k: [float(v) for v in _as_list(metrics[k])]
                for k in summary_keys(SCHEMA.shared_features)}
     prep = TabularPreprocessor(features=list(SCHEMA.shared_features)).fit_summary(
@@ -108,12 +110,12 @@ def _run_phases(tmp_path: Path) -> tuple[dict[str, Message], Path]:
     model = build_model("logreg", len(prep.feature_names_out_))
     config = {**base, "preprocessing": json.dumps(prep.to_dict()), "local-epochs": 2,
               "learning-rate": 0.5, "batch-size": 0, "weight-decay": 0.001, "server-round": 1}
-    replies["train"] = _send(keys.TRAIN, RecordDict({
-        keys.ARRAYS: to_arrays(model), keys.CONFIG: ConfigRecord(config)}), ctx)
-    final = replies["train"].content.array_records[keys.ARRAYS]
-    content = RecordDict({keys.ARRAYS: final, keys.CONFIG: ConfigRecord(config)})
-    replies["adapt"] = _send(keys.ADAPT, content, ctx)
-    replies["evaluate"] = _send(keys.EVALUATE, content, ctx)
+    replies["train"] = _send(protocol.TRAIN, RecordDict({
+        protocol.ARRAYS: to_arrays(model), protocol.CONFIG: ConfigRecord(config)}), ctx)
+    final = replies["train"].content.array_records[protocol.ARRAYS]
+    content = RecordDict({protocol.ARRAYS: final, protocol.CONFIG: ConfigRecord(config)})
+    replies["adapt"] = _send(protocol.ADAPT, content, ctx)
+    replies["evaluate"] = _send(protocol.EVALUATE, content, ctx)
     return replies, site_dir
 
 
@@ -125,31 +127,32 @@ def test_replies_hold_only_model_arrays_and_aggregates(
     caplog.set_level(logging.DEBUG)
     replies, site_dir = _run_phases(tmp_path)
     allowed = {
-        "stats": set(summary_keys(SCHEMA.shared_features)) | set(keys.STATS_EXTRA),
-        "train": set(keys.TRAIN_METRICS),
-        "adapt": set(keys.ADAPT_METRICS),
-        "evaluate": set(keys.EVALUATE_METRICS),
+        "stats": set(summary_keys(SCHEMA.shared_features)) | set(protocol.STATS_EXTRA),
+        "train": set(protocol.TRAIN_METRICS),
+        "adapt": set(protocol.ADAPT_METRICS),
+        "evaluate": set(protocol.EVALUATE_METRICS),
     }
     model_shapes = {"net.weight": (1, 7), "net.bias": (1,)}
     for phase, reply in replies.items():
         assert not reply.has_error(), (phase, reply.error.reason if reply.has_error() else "")
         content = reply.content
-        assert set(content.metric_records) == {keys.METRICS}
-        assert set(content[keys.METRICS]) <= allowed[phase]
+        assert set(content.metric_records) == {protocol.METRICS}
+        assert set(content[protocol.METRICS]) <= allowed[phase]
         if phase == "train":
-            arrays = content.array_records[keys.ARRAYS]
-            assert set(content.array_records) == {keys.ARRAYS}
+            arrays = content.array_records[protocol.ARRAYS]
+            assert set(content.array_records) == {protocol.ARRAYS}
             assert {k: tuple(arrays[k].shape) for k in arrays} == model_shapes
         else:
             assert not content.array_records
         for record in content.config_records.values():
-            assert set(record) <= {keys.SITE_NAME, keys.SCHEMA_DIGEST, keys.CORRECTION_STATUS,
-                                   keys.SITE_FEATURES}
+            assert set(record) <= {protocol.SITE_NAME, protocol.SCHEMA_DIGEST,
+                                   protocol.CORRECTION_STATUS, protocol.SITE_FEATURES}
         _assert_no_canary(reply)
 
     # The correction stays at the site: none of its weights is in any reply.
-    final = replies["train"].content.array_records[keys.ARRAYS]
-    correction = load_correction(site_dir, "canary-site", arrays_digest(final))
+    (model,) = list_models(site_dir)
+    correction = load_correction(site_dir, "canary-site", load_source_model(site_dir).digest)
+    assert model == load_source_model(site_dir).path
     assert correction["applied"], "the planted glucose effect should be worth a correction"
     weights = [c for c in correction["coef"] if abs(c) > 1e-6] + [correction["intercept"]]
     for reply in replies.values():
@@ -172,12 +175,46 @@ def test_a_bad_cell_gives_an_error_reply_without_its_value(
     cells[1] = CANARY_TEXT  # the weight of the patient on line 4
     lines[3] = ",".join(cells)
     path.write_text("\n".join(lines) + "\n")
-    reply = _send(keys.STATS, RecordDict({keys.CONFIG: ConfigRecord(_base())}),
+    reply = _send(protocol.STATS, RecordDict({protocol.CONFIG: ConfigRecord(_base())}),
                   _context(path, tmp_path / "site"))
     assert reply.has_error()
     reason = str(reply.error.reason)
     assert f"{path}:4:2 (column 'weight')" in reason
     assert CANARY_TEXT not in reason and CANARY_TEXT not in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["header merged with the first row",
+                                    "header cells shifted by one"])
+def test_a_damaged_header_gives_an_error_reply_without_any_cell(
+    tmp_path: Path, task_identity: None, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str], damage: str,
+) -> None:
+    """A header glued to a patient row, or shifted, is located; no cell of it is sent."""
+    caplog.set_level(logging.DEBUG)
+    path = _site_file(tmp_path)
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    first = dict.fromkeys(header, "")
+    first.update({"age": "61", "weight": str(CANARY_WEIGHT), "height": CANARY_TEXT,
+                  "systolic_bp": "133", "glucose": str(CANARY_GLUCOSE), "diabetes": "1"})
+    row = ",".join(first[c] for c in header)
+    if damage == "header merged with the first row":
+        lines[0] = lines[0] + row
+    else:
+        lines[0] = ",".join([CANARY_TEXT, *header])
+        lines.insert(1, row)
+    path.write_text("\n".join(lines) + "\n")
+    reply = _send(protocol.STATS, RecordDict({protocol.CONFIG: ConfigRecord(_base())}),
+                  _context(path, tmp_path / "site"))
+    assert reply.has_error()
+    reason = str(reply.error.reason)
+    assert f"{path}:1:" in reason
+    wire = reply.error.reason.encode()
+    for canary in (str(CANARY_WEIGHT), str(CANARY_GLUCOSE), CANARY_TEXT):
+        assert canary.encode() not in wire
+        assert canary not in caplog.text
+    printed = capsys.readouterr()
+    assert CANARY_TEXT not in printed.out + printed.err
 
 
 def test_an_unexpected_failure_is_reported_by_type_only(
@@ -191,7 +228,7 @@ def test_an_unexpected_failure_is_reported_by_type_only(
         raise ValueError(f"could not convert {CANARY_WEIGHT} at row 12")
 
     monkeypatch.setattr(client_module, "stats_job", leaky)
-    reply = _send(keys.STATS, RecordDict({keys.CONFIG: ConfigRecord(_base())}),
+    reply = _send(protocol.STATS, RecordDict({protocol.CONFIG: ConfigRecord(_base())}),
                   _context(_site_file(tmp_path), tmp_path / "site"))
     assert reply.has_error()
     assert reply.error.reason == (
@@ -201,8 +238,8 @@ def test_an_unexpected_failure_is_reported_by_type_only(
 
 def _train_message(shapes: dict[str, tuple[int, ...]]) -> Message:
     arrays = ArrayRecord({k: _array(v) for k, v in shapes.items()})
-    return Message(content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({})}),
-                   dst_node_id=1, message_type=keys.TRAIN)
+    return Message(content=RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord({})}),
+                   dst_node_id=1, message_type=protocol.TRAIN)
 
 
 def _array(shape: tuple[int, ...]) -> Any:
@@ -231,8 +268,8 @@ def test_build_reply_refuses_anything_else(task_identity: None) -> None:
                     arrays=sound)
     with pytest.raises(EgressViolation, match="must carry"):
         build_reply(msg, shared_features=feats, metrics=good)
-    stats = Message(content=RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=1,
-                    message_type=keys.STATS)
+    stats = Message(content=RecordDict({protocol.CONFIG: ConfigRecord({})}), dst_node_id=1,
+                    message_type=protocol.STATS)
     with pytest.raises(EgressViolation, match="may not carry arrays"):
         build_reply(stats, shared_features=feats, metrics={"rows": [3.0]}, arrays=sound)
     with pytest.raises(EgressViolation, match="site keys"):
@@ -240,7 +277,7 @@ def test_build_reply_refuses_anything_else(task_identity: None) -> None:
                     site={"patient-notes": "x"})
     with pytest.raises(EgressViolation, match="short string"):
         build_reply(stats, shared_features=feats, metrics={"rows": [3.0]},
-                    site={keys.SITE_NAME: "x" * 5000})
+                    site={protocol.SITE_NAME: "x" * 5000})
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -15,7 +15,7 @@ from client.site import read_manifest
 from server.checkpoint import Checkpoint, fingerprint
 from server.federation import run_federation
 from server.progress import Progress
-from shared import keys
+from shared import protocol
 from shared.schema import load_schema
 from shared.settings import RunSettings
 from simulations.generator import generate
@@ -42,8 +42,8 @@ def _silent_from_round(grid: InProcessGrid, node: int, rnd: int) -> None:
     """Make ``node`` stop answering from training round ``rnd`` on (a killed site)."""
 
     def handler(msg: Message, ctx: Context) -> Message:
-        config = msg.content.config_records.get(keys.CONFIG)
-        if msg.metadata.message_type == keys.TRAIN and config is not None and (
+        config = msg.content.config_records.get(protocol.CONFIG)
+        if msg.metadata.message_type == protocol.TRAIN and config is not None and (
             int(str(config["server-round"])) >= rnd
         ):
             grid.offline.add(node)  # Flower lists it as gone only later; it answers nothing
@@ -81,7 +81,7 @@ def test_an_interrupted_run_resumes_from_its_last_round(tmp_path: Path) -> None:
 
     def crash_in_round_4(messages: Any) -> list[str]:
         messages = list(messages)
-        if messages and messages[0].metadata.message_type == keys.TRAIN:
+        if messages and messages[0].metadata.message_type == protocol.TRAIN:
             calls["train"] += 1
             if calls["train"] == 4:
                 raise KeyboardInterrupt("coordinator killed")
@@ -113,9 +113,9 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path: Path) -> None:
 def _scaled_site(factor: float) -> Any:
     def handler(msg: Message, ctx: Context) -> Message:
         reply = client_app(msg, ctx)
-        if msg.metadata.message_type == keys.TRAIN and not reply.has_error():
-            arrays = reply.content.array_records[keys.ARRAYS]
-            reply.content[keys.ARRAYS] = ArrayRecord(
+        if msg.metadata.message_type == protocol.TRAIN and not reply.has_error():
+            arrays = reply.content.array_records[protocol.ARRAYS]
+            reply.content[protocol.ARRAYS] = ArrayRecord(
                 {k: Array(arrays[k].numpy() * factor) for k in arrays})
         return reply
     return handler

@@ -8,7 +8,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from server.strategy import GuardedFedAvg, reply_problem
-from shared import keys
+from shared import protocol
 
 SHAPES = {"net.weight": (1, 3), "net.bias": (1,)}
 
@@ -18,11 +18,11 @@ def _reply(node: int, weight: Any = None, n: float = 100.0, **metrics: float) ->
     w = np.full((1, 3), 1.0) if weight is None else np.asarray(weight, dtype=float)
     arrays = ArrayRecord({"net.weight": Array(w), "net.bias": Array(np.zeros(1))})
     values: dict[str, int | float | list[int] | list[float]] = {
-        keys.NUM_EXAMPLES: n, "train-loss": 0.5, "global-loss": 0.6, **metrics}
-    msg = Message(content=RecordDict({keys.CONFIG: ConfigRecord({})}), dst_node_id=node,
-                  message_type=keys.TRAIN)
-    return Message(content=RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord(values)}),
-                   reply_to=msg)
+        protocol.NUM_EXAMPLES: n, "train-loss": 0.5, "global-loss": 0.6, **metrics}
+    msg = Message(content=RecordDict({protocol.CONFIG: ConfigRecord({})}), dst_node_id=node,
+                  message_type=protocol.TRAIN)
+    content = RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: MetricRecord(values)})
+    return Message(content=content, reply_to=msg)
 
 
 def test_reply_problem_names_each_defect(task_identity: None) -> None:

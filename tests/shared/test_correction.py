@@ -2,10 +2,12 @@
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.base import clone
 
 from shared.correction import (
     Correction,
@@ -14,7 +16,7 @@ from shared.correction import (
     correction_inputs,
 )
 from shared.metrics import sigmoid
-from shared.preprocessing import TabularPreprocessor
+from shared.preprocessing import NotFittedError, TabularPreprocessor
 from shared.schema import Feature
 
 GLUCOSE = [Feature("glucose", "numeric", scope="site")]
@@ -89,6 +91,51 @@ def test_decision_function_checks_feature_count() -> None:
     model = OffsetLogisticRegression(C=1.0).fit(z, y, offset)
     with pytest.raises(ValueError, match="expects 3 features, got 2"):
         model.decision_function(z[:, :2], offset)
+
+
+@pytest.mark.parametrize("c", [-1e-9, -1.0, -math.inf, math.inf, math.nan, "1", None, True])
+def test_negative_or_non_finite_c_is_an_error_at_fit(c: object) -> None:
+    """C < 0, an infinite or NaN C or a non-number raise a ValueError at fit, not in __init__."""
+    z, offset, y = _simulate(50, np.zeros(2), 0.0)
+    model = OffsetLogisticRegression(C=c)  # type: ignore[arg-type]
+    assert model.C is c  # scikit-learn's rule: __init__ stores, fit validates
+    with pytest.raises(ValueError, match=r"C must be a finite number >= 0 \(0 = intercept only\)"):
+        model.fit(z, y, offset)
+    assert not hasattr(model, "coef_")
+
+
+def test_integer_and_numpy_c_are_accepted() -> None:
+    """C given as an int or a numpy float fits as the same float."""
+    z, offset, y = _simulate(200, np.array([0.5, 0.0]), 0.0)
+    ref = OffsetLogisticRegression(C=2.0).fit(z, y, offset).coef_
+    cs: tuple[Any, ...] = (2, np.float64(2.0), np.int64(2))
+    for c in cs:
+        np.testing.assert_array_equal(OffsetLogisticRegression(C=c).fit(z, y, offset).coef_, ref)
+
+
+def test_offset_model_clone_get_and_set_params() -> None:
+    """sklearn.base.clone works fitted or not; get/set_params follow scikit-learn's contract."""
+    z, offset, y = _simulate(300, np.array([0.8, -0.3]), 0.2)
+    params: dict[str, Any] = {"C": 0.3, "max_iter": 200, "intercept_sd": 1.5}
+    unfitted = OffsetLogisticRegression(**params)
+    fitted = OffsetLogisticRegression(**params).fit(z, y, offset)
+    for est in (unfitted, fitted):
+        copy = clone(est)
+        assert type(copy) is OffsetLogisticRegression and copy is not est
+        assert copy.get_params(deep=True) == copy.get_params(deep=False) == params
+        assert not hasattr(copy, "coef_")
+        with pytest.raises(NotFittedError):
+            copy.decision_function(z, offset)
+        np.testing.assert_array_equal(copy.fit(z, y, offset).coef_, fitted.coef_)
+    model = OffsetLogisticRegression()
+    assert model.get_params() == {"C": 1.0, "max_iter": 500, "intercept_sd": 2.0}
+    assert model.set_params(C=0.0, max_iter=50) is model
+    assert (model.C, model.max_iter) == (0.0, 50)
+    with pytest.raises(ValueError, match=r"\['c'\].*OffsetLogisticRegression.*'C'"):
+        model.set_params(c=1.0)
+    with pytest.raises(ValueError, match="invalid parameter"):
+        model.set_params(alpha=1.0, C=5.0)
+    assert model.C == 0.0
 
 
 def _applied() -> Correction:

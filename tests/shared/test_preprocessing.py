@@ -1,13 +1,16 @@
 """Tests of the federated preprocessing: summaries, merging and the fitted transformer."""
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.base import clone
 
 from shared.preprocessing import (
     NotFittedError,
+    Summary,
     TabularPreprocessor,
     merge_summaries,
     summarize,
@@ -161,7 +164,9 @@ def test_from_dict_with_other_features_raises() -> None:
         TabularPreprocessor.from_dict(state, list(reversed(FEATURES)))
 
 
-@pytest.mark.parametrize("value", [0.0, 0.1, 0.7, 3.3, 70.3, 123.456, 1e5 + 0.1])
+@pytest.mark.parametrize(
+    "value", [0.0, 0.1, 0.7, 3.3, -3.3, 70.3, 123.456, 1e5 + 0.1, 7e8, 7e8 + 0.1, 1e-7]
+)
 def test_zero_variance_feature_gets_scale_one(value: float) -> None:
     """A constant feature gets scale 1 (not a rounding-error scale), centrally and federated."""
     features = [Feature("x", "numeric")]
@@ -191,7 +196,9 @@ def test_summaries_hold_only_counts_and_sums() -> None:
     assert small["rows"] == [20.0]
     assert small["weight.count"] == [float(rows["weight"].notna().sum())]
     assert small["weight.sum"][0] == pytest.approx(rows["weight"].sum())
-    assert small["weight.sumsq"][0] == pytest.approx((rows["weight"] ** 2).sum())
+    weight = rows["weight"].dropna()
+    assert small["weight.m2"][0] == pytest.approx(((weight - weight.mean()) ** 2).sum())
+    assert not any(k.endswith(".sumsq") for k in keys)
     assert sum(small["cp.counts"]) + small["cp.missing"][0] == 20.0
 
 
@@ -210,3 +217,176 @@ def test_merging_mismatched_summaries_raises() -> None:
         merge_summaries([])
     with pytest.raises(ValueError, match="lacks"):
         TabularPreprocessor(FEATURES).fit_summary(summarize(rows, FEATURES[:2]))
+
+
+# ------------------------------------------------- exact, stable merging of spreads (m2)
+
+
+def _assert_same_fit(
+    sites: list[pd.DataFrame], features: list[Feature], rtol: float = 1e-12
+) -> tuple[TabularPreprocessor, TabularPreprocessor]:
+    """Merged site summaries fit as the pooled rows do; returns (federated, central)."""
+    merged = merge_summaries([summarize(s, features) for s in sites])
+    pooled_rows = pd.concat(sites, ignore_index=True)
+    pooled = summarize(pooled_rows, features)
+    assert list(merged) == list(pooled) == summary_keys(features)
+    for f in features:
+        for part in ("count", "missing"):
+            assert merged[f"{f.name}.{part}"] == pooled[f"{f.name}.{part}"]
+    fed = TabularPreprocessor(features).fit_summary(merged)
+    central = TabularPreprocessor(features).fit(pooled_rows)
+    np.testing.assert_allclose(fed.mean_, central.mean_, rtol=rtol, atol=0)
+    np.testing.assert_allclose(fed.scale_, central.scale_, rtol=rtol, atol=0)
+    assert fed.indicator_features_ == central.indicator_features_
+    return fed, central
+
+
+def test_small_spread_around_large_mean_is_scaled() -> None:
+    """Mean 1e8, sd 100 is not constant: scale ~100 centrally and federated (not 1)."""
+    features = [Feature("x", "numeric")]
+    rng = np.random.default_rng(3)
+    rows = pd.DataFrame({"x": rng.normal(1e8, 100.0, 30_000)})
+    sites = [rows.iloc[:4_000], rows.iloc[4_000:19_000], rows.iloc[19_000:]]
+    fed, central = _assert_same_fit(sites, features)
+    for prep in (fed, central):
+        assert prep.scale_[0] == pytest.approx(rows["x"].std(ddof=0), rel=1e-12)
+        assert prep.mean_[0] == pytest.approx(rows["x"].mean(), rel=1e-15)
+        z = prep.transform(rows)[:, 0]
+        assert z.std() == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize(("mean", "sd", "shift"), [
+    (1e8, 100.0, 0.0), (55.0, 12.0, 3.0), (0.0, 1e-13, 3.0), (1e-6, 1e-9, 3.0), (-3e4, 7.0, 3.0),
+])
+def test_merged_m2_equals_pooled_m2(mean: float, sd: float, shift: float) -> None:
+    """Chan's merge of per-site m2 equals the m2 of the pooled rows (means, scales ~1e-12)."""
+    features = [Feature("x", "numeric")]
+    rng = np.random.default_rng(7)
+    rows = pd.DataFrame({"x": rng.normal(mean, sd, 20_000)})
+    rows.loc[:4_999, "x"] += shift * sd  # sites with other means: the between-site term
+    sites = [rows.iloc[:5_000], rows.iloc[5_000:5_001], rows.iloc[5_001:]]
+    merged = merge_summaries([summarize(s, features) for s in sites])
+    pooled = summarize(rows, features)
+    assert merged["x.m2"][0] == pytest.approx(pooled["x.m2"][0], rel=2e-12)
+    assert merged["x.sum"][0] == pytest.approx(pooled["x.sum"][0], rel=1e-15, abs=1e-300)
+    fed, _ = _assert_same_fit(sites, features)
+    assert fed.scale_[0] == pytest.approx(rows["x"].std(ddof=0), rel=1e-12)
+
+
+def test_merge_error_bound_for_tiny_spread_and_different_site_means() -> None:
+    """Mean 1e8, sd 100, site means 3 sd apart: scales agree within 1e-16 * mean / sd.
+
+    Each site's mean travels as a float64 sum, rounded to ~1e-16 of the mean; with the sites'
+    means far apart in units of sd, that rounding enters the between-site term (see
+    merge_summaries). It is the only gap between federated and central, and it is bounded.
+    """
+    features = [Feature("x", "numeric")]
+    rng = np.random.default_rng(8)
+    rows = pd.DataFrame({"x": rng.normal(1e8, 100.0, 6_000)})
+    rows.loc[:1_999, "x"] += 300.0
+    sites = [rows.iloc[:2_000], rows.iloc[2_000:]]
+    fed, _ = _assert_same_fit(sites, features, rtol=1e-16 * 1e8 / 100.0)
+    assert fed.scale_[0] == pytest.approx(rows["x"].std(ddof=0), rel=1e-10)
+
+
+def test_sites_with_zero_one_or_no_observed_values_merge_exactly() -> None:
+    """An empty site, a site with 1 observed value (m2 0) and a site lacking a column merge."""
+    features = [Feature("a", "numeric"), Feature("b", "numeric"), Feature("s", "binary")]
+    rng = np.random.default_rng(11)
+
+    def rows(n: int) -> pd.DataFrame:
+        return pd.DataFrame({"a": rng.normal(1e6, 100.0, n), "b": rng.normal(5.0, 2.0, n),
+                             "s": rng.integers(0, 2, n).astype(float)})
+
+    one_a = rows(40)
+    one_a.loc[1:, "a"] = np.nan  # a single observed value of a
+    no_b = rows(25).drop(columns="b")  # b absent at this site
+    all_missing = rows(30).assign(s=np.nan)  # s present but never observed
+    empty = rows(0)
+    sites = [rows(500), one_a, no_b, all_missing, empty, rows(1), rows(300)]
+
+    s_one, s_no_b, s_missing, s_empty = (summarize(s, features)
+                                         for s in (one_a, no_b, all_missing, empty))
+    assert (s_one["a.count"], s_one["a.m2"]) == ([1.0], [0.0])
+    assert (s_no_b["b.count"], s_no_b["b.sum"], s_no_b["b.m2"]) == ([0.0], [0.0], [0.0])
+    assert s_no_b["b.missing"] == [25.0]
+    assert (s_missing["s.count"], s_missing["s.m2"], s_missing["s.missing"]) == (
+        [0.0], [0.0], [30.0])
+    assert all(v == [0.0] for v in s_empty.values())
+    assert all(math.isfinite(v) for s in (s_one, s_no_b, s_missing, s_empty)
+               for vals in s.values() for v in vals)
+
+    fed, _ = _assert_same_fit(sites, features)
+    pooled = pd.concat(sites, ignore_index=True)
+    assert fed.scale_[0] == pytest.approx(pooled["a"].std(ddof=0), rel=1e-12)
+    assert fed.scale_[1] == pytest.approx(pooled["b"].std(ddof=0), rel=1e-12)
+    assert fed.indicator_features_ == ["a", "b", "s"]
+
+
+def test_merge_is_chans_formula() -> None:
+    """M2 = sum M2_i + sum n_i (mean_i - mean)^2, with mean = sum(sum_i) / sum(n_i)."""
+    a: Summary = {"rows": [3.0], "x.count": [2.0], "x.sum": [4.0], "x.m2": [2.0],
+                  "x.missing": [1.0]}
+    b: Summary = {"rows": [4.0], "x.count": [4.0], "x.sum": [20.0], "x.m2": [8.0],
+                  "x.missing": [0.0]}
+    none: Summary = {"rows": [5.0], "x.count": [0.0], "x.sum": [0.0], "x.m2": [0.0],
+                     "x.missing": [5.0]}
+    merged = merge_summaries([a, b, none])
+    # means 2 and 5, overall 4: 2 + 8 + 2 * (2 - 4)^2 + 4 * (5 - 4)^2 = 22
+    assert merged == {"rows": [12.0], "x.count": [6.0], "x.sum": [24.0], "x.m2": [22.0],
+                      "x.missing": [6.0]}
+    values = np.array([1.0, 3.0, 3.0, 5.0, 5.0, 7.0])  # rows with those very summaries
+    assert merged["x.m2"][0] == pytest.approx(float(((values - values.mean()) ** 2).sum()))
+
+
+@pytest.mark.parametrize("values", [[5.0], [5.0, np.nan], [2.5, 2.5], [], [np.nan, np.nan]])
+def test_fewer_than_two_distinct_values_is_constant(values: list[float]) -> None:
+    """A feature with fewer than two observations (or one value) gets scale 1."""
+    features = [Feature("x", "numeric")]
+    prep = TabularPreprocessor(features).fit(pd.DataFrame({"x": values}, dtype=float))
+    assert prep.scale_[0] == 1.0
+
+
+def test_relative_spread_above_threshold_is_scaled() -> None:
+    """A spread of 1e-8 of the mean is data (scaled); a rounding residue is not."""
+    features = [Feature("x", "numeric")]
+    rows = pd.DataFrame({"x": 7e8 + np.tile([-7.0, 7.0], 500)})  # sd 7 = 1e-8 of the mean
+    prep = TabularPreprocessor(features).fit(rows)
+    assert prep.scale_[0] == pytest.approx(7.0, rel=1e-12)
+
+
+# ------------------------------------------------- scikit-learn's parameter conventions
+
+
+def test_preprocessor_clone_unfitted_and_fitted() -> None:
+    """sklearn.base.clone gives an unfitted copy with equal params that fits identically."""
+    rows = _frame()
+    for est in (TabularPreprocessor(FEATURES, indicators=False),
+                TabularPreprocessor(FEATURES, indicators=False).fit(rows)):
+        copy = clone(est)
+        assert type(copy) is TabularPreprocessor and copy is not est
+        assert copy.get_params() == est.get_params() == {
+            "features": FEATURES, "indicators": False}
+        assert not hasattr(copy, "mean_")
+        with pytest.raises(NotFittedError):
+            copy.transform(rows)
+        np.testing.assert_array_equal(
+            copy.fit(rows).transform(rows),
+            TabularPreprocessor(FEATURES, indicators=False).fit(rows).transform(rows),
+        )
+    fitted = TabularPreprocessor(FEATURES).fit(rows)
+    np.testing.assert_array_equal(clone(fitted).fit(rows).transform(rows), fitted.transform(rows))
+    assert clone(TabularPreprocessor()).get_params() == {"features": (), "indicators": True}
+
+
+def test_preprocessor_get_and_set_params() -> None:
+    """get_params holds exactly the __init__ parameters; set_params returns self, checks names."""
+    prep = TabularPreprocessor(FEATURES)
+    assert prep.get_params(deep=True) == prep.get_params(deep=False) == {
+        "features": FEATURES, "indicators": True}
+    assert prep.set_params(indicators=False) is prep
+    assert prep.indicators is False
+    assert prep.set_params() is prep
+    with pytest.raises(ValueError, match=r"'bogus'.*TabularPreprocessor.*'indicators'"):
+        prep.set_params(indicators=True, bogus=1)
+    assert prep.indicators is False  # nothing set when a name is wrong

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from client.store import CorrectionRefused, load_correction
+from client.correction_store import CorrectionRefused, load_correction
 from server.certs import make_certs
 from shared.settings import RunSettings
 from simulations.deploy import (

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.flower import APP_DIR, flower_bin, simulation_superlink
+from simulations.superlink import APP_DIR, flower_bin, simulation_superlink
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

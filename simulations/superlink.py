@@ -10,6 +10,7 @@ SuperLink (and with it the simulation engine) when the run ends, fails or is int
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -61,20 +62,46 @@ def flower_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def write_run_config(path: Path, run_config: dict[str, Any]) -> Path:
     """Write run-config overrides as TOML (``flwr run --run-config FILE``)."""
-    path.write_text(
-        "".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()), encoding="utf-8"
-    )
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(run_config), encoding="utf-8")
     return path
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the process that started it dies.
+
+    If fedadapt itself is killed (SIGKILL: it cannot clean up), the processes it started
+    still stop: Linux's PR_SET_PDEATHSIG, set through libc. Elsewhere this does nothing.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def spawn(cmd: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
+          append: bool = False) -> subprocess.Popen[Any]:
+    """Start a Flower process in a session of its own, its output in ``log_path``.
+
+    Its own session: a Ctrl-C in the terminal reaches only fedadapt, which then stops the
+    process in order (:func:`stop_process`). It also stops if fedadapt is killed.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a" if append else "w", encoding="utf-8") as sink:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def _label(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return "process"
 
 
 def stop_process(proc: subprocess.Popen[Any] | None, name: str, grace: float = 10.0) -> None:
@@ -95,7 +122,8 @@ def stop_process(proc: subprocess.Popen[Any] | None, name: str, grace: float = 1
         os.killpg(proc.pid, signal.SIGTERM)
     _, alive = psutil.wait_procs(tree, timeout=grace)
     for p in alive:
-        log.warning("%s: pid %d did not stop within %.0f s; killing it", name, p.pid, grace)
+        log.warning("%s (pid %d, started by %s) did not stop within %.0f s; killing it",
+                    _label(p), p.pid, name, grace)
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     psutil.wait_procs(alive, timeout=grace)
@@ -154,22 +182,17 @@ def simulation_superlink(logs: Path) -> Iterator[tuple[dict[str, str], str]]:
             f'address = "127.0.0.1:{port}"\ninsecure = true\n',
             encoding="utf-8",
         )
-        logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / "superlink.log"
-        with log_path.open("w", encoding="utf-8") as out:
-            proc = subprocess.Popen(
-                [flower_bin("flower-superlink"), "--insecure", "--simulation",
-                 "--host", "127.0.0.1", "--port", str(port),
-                 "--disable-runtime-dependency-installation"],
-                cwd=APP_DIR, env=env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                wait_healthy(port, proc, STARTUP_TIMEOUT, log_path)
-                log.info("simulation SuperLink on 127.0.0.1:%d (pid %d)", port, proc.pid)
-                yield env, "fedadapt-sim"
-            finally:
-                stop_process(proc, "flower-superlink")
+        proc = spawn([flower_bin("flower-superlink"), "--insecure", "--simulation",
+                      "--host", "127.0.0.1", "--port", str(port),
+                      "--disable-runtime-dependency-installation"],
+                     cwd=APP_DIR, env=env, log_path=log_path)
+        try:
+            wait_healthy(port, proc, STARTUP_TIMEOUT, log_path)
+            log.info("simulation SuperLink on 127.0.0.1:%d (pid %d)", port, proc.pid)
+            yield env, "fedadapt-sim"
+        finally:
+            stop_process(proc, "flower-superlink")
 
 
 def app_variant(folder: Path, **components: str) -> Path:
@@ -284,13 +307,9 @@ def start_run(
         Path(env["FLWR_HOME"]) / "run-config.toml", {**run_config, "out": str(out)}
     )
     run_log = logs / "flwr-run.log"
-    with run_log.open("a", encoding="utf-8") as sink:
-        proc = subprocess.Popen(
-            [flower_bin("flwr"), "run", str(app_dir), connection, "--stream",
-             "--run-config", str(config_file), *(extra or [])],
-            cwd=APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = spawn([flower_bin("flwr"), "run", str(app_dir), connection, "--stream",
+                  "--run-config", str(config_file), *(extra or [])],
+                 cwd=APP_DIR, env=env, log_path=run_log, append=True)
     return proc, run_log
 
 

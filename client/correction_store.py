@@ -15,14 +15,13 @@ from typing import Any
 
 from shared.crypto import (
     SealedFileError,
-    ensure_private_dir,
     load_or_create_key,
     read_header,
     read_key_file,
     seal,
     unseal,
 )
-from shared.files import write_atomically
+from shared.files import ensure_private_dir, write_atomically
 
 log = logging.getLogger(__name__)
 

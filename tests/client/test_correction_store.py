@@ -1,4 +1,4 @@
-"""Tests of client.store: the site's encrypted correction store and its refusals."""
+"""Tests of client.correction_store: the site's encrypted correction store and its refusals."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from client.store import (
+from client.correction_store import (
     CorrectionRefused,
     SiteDirError,
     check_writable,
@@ -250,7 +250,7 @@ def test_check_writable_write_refused(tmp_path: Path, monkeypatch: pytest.Monkey
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, mode)
 
-    monkeypatch.setattr("client.store.os.open", refuse)
+    monkeypatch.setattr("client.correction_store.os.open", refuse)
     with pytest.raises(SiteDirError, match="cannot write in the site folder") as info:
         check_writable(tmp_path / "alpha")
     assert "Permission denied" in str(info.value)
@@ -264,6 +264,6 @@ def test_check_writable_low_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         usage = real(path)
         return type(usage)(usage.total, usage.used, 1000)
 
-    monkeypatch.setattr("client.store.shutil.disk_usage", tiny)
+    monkeypatch.setattr("client.correction_store.shutil.disk_usage", tiny)
     with pytest.raises(SiteDirError, match="free"):
         check_writable(tmp_path / "alpha")
