@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +34,24 @@ class ReplyLog:
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def record(self, replies: Iterable[Message], context: dict[str, Any] | None = None) -> None:
-        """Record replies (error replies too: their type and reason).
+    def record(self, replies: Mapping[int, Message],
+               context: dict[str, Any] | None = None) -> None:
+        """Record replies by the node each was sent to (error replies too: type and reason).
 
         ``context`` is added to every line: the training round, and the ids of the messages
         sent in the same exchange (each reply names the message it answers).
         """
-        lines = [json.dumps({**(context or {}), **self._entry(r)}, allow_nan=True)
-                 for r in replies]
+        lines = [json.dumps({**(context or {}), **self._entry(node, r)}, allow_nan=True)
+                 for node, r in replies.items()]
         if not lines:
             return
         with self._lock, self.path.open("a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
 
-    def _entry(self, reply: Message) -> dict[str, Any]:
+    def _entry(self, node: int, reply: Message) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "type": reply.metadata.message_type,
-            "node": reply.metadata.src_node_id,
+            "node": node,
             "reply_to": reply.metadata.reply_to_message_id,
         }
         if reply.has_error():

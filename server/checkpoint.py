@@ -40,6 +40,7 @@ class Checkpoint:
         self.folder = out / "checkpoint"
         self.path = self.folder / "state.json"
         self.key = key
+        self.closed = False
 
     def load(self) -> dict[str, Any] | None:
         """The saved state of this run, or None (none saved, or another run's)."""
@@ -59,9 +60,16 @@ class Checkpoint:
 
     def save(self, state: dict[str, Any]) -> None:
         """Replace the saved state (atomically: a crash leaves the old or the new one)."""
+        if self.closed:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         write_atomically(self.path, json.dumps({**state, "key": self.key}).encode("utf-8"))
 
     def clear(self) -> None:
         """Remove the checkpoint once the run is complete."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove the checkpoint and save nothing more (the run was abandoned)."""
+        self.closed = True
+        self.clear()

@@ -85,12 +85,21 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
             log.warning("site %s failed the stats phase: %s", who, reason)
             continue
         name = str(reply.content.config_records[protocol.SITE][protocol.SITE_NAME])
+        twin = next((n for n, known in rep.names.items() if known == name), None)
+        if twin is not None:
+            raise RunFailed(
+                f"two sites call themselves {name!r} (nodes {twin} and {node}): every "
+                "SuperNode needs its own site-name, the name its key was registered with "
+                "(`flwr supernode list` shows each node's name); correct the --node-config of "
+                "one of them and restart it"
+            )
         metrics = reply.content.metric_records[protocol.METRICS]
         summary = {k: _as_list(metrics[k]) for k in expected if k in metrics}
         if len(summary) != len(expected):
             rep.result.failures[name] = "stats: reply lacks summary entries"
             continue
         rep.names[node] = name
+        rep.result.nodes[name] = node
         summaries.append(summary)
     for node, name in rep.names.items():  # key failures by name where the site told it
         if f"node-{node}" in rep.result.failures:
@@ -158,35 +167,59 @@ def train_phase(
         )
     rep.result.timing["train"] = time.monotonic() - t
     for node, (rnd, reason) in grid.dropped.items():
-        name = rep.names.pop(node, f"node-{node}")
+        name = rep.names[node]  # the grid lists only the sites that passed the stats phase
         missed = [r for r in range(rnd, s.num_server_rounds + 1)]
         rep.result.lost[name] = {"round": rnd, "reason": reason, "rounds_missed": missed}
         log.warning("site %s dropped in round %d (%s)", name, rnd, reason)
-    if not rep.names:
+    if len(grid.dropped) == len(rep.names):
         raise RunFailed("every site was lost during training")
     rep.result.source_digest = arrays_digest(current[0])
     return current[0]
 
 
 def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> None:
-    """Phases 3 and 4, at the sites still in the federation: corrections, then evaluation."""
+    """Phases 3 and 4 at every connected site of the federation: corrections, evaluation.
+
+    A site lost during training (it missed rounds) answers these phases too when it is back:
+    the final source model is as good for it as for the others. A site that is not connected
+    is not waited for.
+    """
     content = RecordDict({protocol.ARRAYS: model, protocol.CONFIG: ConfigRecord({
         **rep.base, "preprocessing": json.dumps(prep.to_dict()),
     })})
     for phase, mtype in (("adapt", protocol.ADAPT), ("evaluate", protocol.EVALUATE)):
         rep.emit("phase", phase=phase)
         t = time.monotonic()
-        replies = query_sites(rep.grid, list(rep.names), mtype, content,
-                              rep.settings.reply_timeout, rep.audit)
-        for node, name in rep.names.items():
+        connected = set(rep.grid.get_node_ids())
+        nodes = [n for n in rep.names if n in connected]
+        for node in sorted(set(rep.names) - connected):
+            name = rep.names[node]
+            rep.result.failures.setdefault(name, f"{phase}: not connected")
+            log.warning("site %s is not connected for the %s phase", name, phase)
+        replies = query_sites(rep.grid, nodes, mtype, content, rep.settings.reply_timeout,
+                              rep.audit)
+        for node in nodes:
+            name = rep.names[node]
             reply = replies.get(node)
             if reply is None or reply.has_error():
                 reason = "no reply in time" if reply is None else str(reply.error.reason)
                 rep.result.failures.setdefault(name, f"{phase}: {reason}")
                 log.warning("site %s failed the %s phase: %s", name, phase, reason)
                 continue
+            record = reply.content.config_records.get(protocol.SITE)
+            said = record.get(protocol.SITE_NAME) if record is not None else None
+            if said != name:
+                rep.result.failures.setdefault(
+                    name, f"{phase}: the node answered as site {said!r}, it joined as {name!r}")
+                log.warning("node %d joined as site %s but answered %s as %r", node, name,
+                            phase, said)
+                continue
+            if name in rep.result.lost:
+                log.info("site %s, lost in round %d, is back for the %s phase", name,
+                         rep.result.lost[name]["round"], phase)
             _record(rep.result, phase, name, reply)
         rep.result.timing[phase] = time.monotonic() - t
+
 
 
 def _record(result: RepeatResult, phase: str, name: str, reply: Message) -> None:

@@ -25,10 +25,17 @@ class Progress:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()  # appended to: a resumed run's events follow the interrupted one's
         self.t0 = time.monotonic()
+        self.closed = False
 
     def emit(self, event: str, **fields: Any) -> None:
         """Record an event with its fields (aggregates and identifiers only)."""
+        if self.closed:
+            return
         record = {"event": event, "t": round(time.monotonic() - self.t0, 3),
                   "time": round(time.time(), 3), **fields}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=str) + "\n")
+
+    def close(self) -> None:
+        """Record nothing more (the run was stopped: "stopped" stays the last event)."""
+        self.closed = True

@@ -61,29 +61,42 @@ def wait_for_sites(
 def send_and_receive(
     grid: Grid, messages: Iterable[Message], timeout: float | None, poll: float = 0.1,
     max_poll: float = 0.5, audit: ReplyLog | None = None, label: dict[str, Any] | None = None,
-) -> list[Message]:
-    """Push messages, then pull their replies until all arrived or ``timeout`` passed.
+) -> dict[int, Message]:
+    """Push one message per node, then pull the replies until all arrived or ``timeout`` passed.
 
     Flower's deployed grid waits 3 s between pulls; a round would pay for that wait every
     time. This loop uses Flower's own ``push_messages``/``pull_messages`` and polls from
     0.1 s up to 0.5 s instead. Replies to messages of an earlier call are never returned:
     only the ids pushed here are pulled.
+
+    Returns
+    -------
+    dict
+        Reply per node, error replies included; nodes that did not answer are absent. A reply
+        is attributed to the node its message was SENT to (through the id it answers), never
+        to the source it names: Flower's own error replies (a node that became unavailable)
+        come from the SuperLink's node id, not from the site's.
     """
     messages = list(messages)
+    nodes = [m.metadata.dst_node_id for m in messages]
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("send_and_receive sends one message per node")
     ids = set(grid.push_messages(messages))
-    sent = {m.metadata.message_id for m in messages}
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
-    replies: list[Message] = []
+    replies: dict[int, Message] = {}
     while ids:
-        got = list(grid.pull_messages(ids))
-        replies += got
-        ids -= {m.metadata.reply_to_message_id for m in got}
+        for reply in grid.pull_messages(ids):
+            answered = reply.metadata.reply_to_message_id
+            if answered in destination:
+                replies[destination[answered]] = reply
+            ids.discard(answered)
         if not ids or (timeout is not None and time.monotonic() >= deadline):
             break
         time.sleep(poll)
         poll = min(poll * 1.5, max_poll)
     if audit is not None:
-        audit.record(replies, {**(label or {}), "sent": sorted(sent)})
+        audit.record(replies, {**(label or {}), "sent": sorted(destination)})
     return replies
 
 
@@ -101,8 +114,7 @@ def query_sites(
     messages = [
         Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes
     ]
-    replies = send_and_receive(grid, messages, timeout=timeout, audit=audit)
-    return {reply.metadata.src_node_id: reply for reply in replies}
+    return send_and_receive(grid, messages, timeout=timeout, audit=audit)
 
 
 class SiteGrid(Grid):
@@ -201,12 +213,12 @@ class SiteGrid(Grid):
                 offset if isinstance(offset, int) else 0)
         replies = send_and_receive(self._grid, messages, timeout, audit=self._audit,
                                    label={"round": self.round})
-        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
-        for r in replies:
-            if r.has_error():
-                self.dropped[r.metadata.src_node_id] = (self.round, str(r.error.reason))
         for m in messages:
             node = m.metadata.dst_node_id
-            if node not in answered and node not in self.dropped:
-                self.dropped[node] = (self.round, f"no reply within {timeout} s")
-        return replies
+            reply = replies.get(node)
+            if reply is None:
+                self.dropped.setdefault(node, (self.round, f"no reply within {timeout} s"))
+            elif reply.has_error():
+                self.dropped.setdefault(node, (self.round, str(reply.error.reason)))
+        # The strategy sees the sites' own replies only; errors are accounted for above.
+        return [r for r in replies.values() if not r.has_error()]

@@ -43,6 +43,7 @@ class RepeatResult:
     failures: dict[str, str] = field(default_factory=dict)
     lost: dict[str, dict[str, Any]] = field(default_factory=dict)
     site_features: dict[str, list[str]] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
     source_digest: str = ""
@@ -67,12 +68,13 @@ def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
     errors = [r.failures[name] for r in results if name in r.failures]
     features = next((r.site_features[name] for r in results if name in r.site_features), [])
     lost = [r.lost[name] for r in results if name in r.lost]
+    node = next((r.nodes[name] for r in results if name in r.nodes), None)
     if not evals and lost:
         return {
             "n_train": 0, "n_test": 0, "positives_test": 0, "prevalence_test": None,
             "site_features": features, "status": "lost",
             "error": f"lost in round {lost[0]['round']}: {lost[0]['reason']}",
-            "lost": lost, "metrics": {},
+            "lost": lost, "metrics": {}, "node_id": node,
             "correction": {"applied": False, "strength": None, "applied_fraction": 0.0},
             "repeats_failed": len(lost),
         }
@@ -81,6 +83,7 @@ def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
             "n_train": 0, "n_test": 0, "positives_test": 0, "prevalence_test": None,
             "site_features": features, "status": "failed",
             "error": errors[0] if errors else "no evaluation reply", "metrics": {},
+            "node_id": node,
             "correction": {"applied": False, "strength": None, "applied_fraction": 0.0},
             "repeats_failed": len(errors),
         }
@@ -112,6 +115,9 @@ def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
             "cv_log_loss": _mean([a.get("cv-log-loss") for a in adapts]),
         },
         "repeats_failed": len(errors),
+        "node_id": node,
+        # Lost during training (missed rounds) but back for the correction and evaluation.
+        **({"lost": lost} if lost else {}),
     }
 
 
@@ -174,6 +180,9 @@ def build_report(
     for phase in ("stats", "train", "adapt", "evaluate"):
         timing[phase] = float(sum(r.timing.get(phase, 0.0) for r in results))
     return {
+        # Written only when every phase of every repeat ran; a stopped or failed run writes
+        # no report (events.jsonl says why), an interrupted command renames a partial one.
+        "status": "complete",
         "config": config,
         "sites": sites,
         "rounds": rounds_entry(results),

@@ -285,8 +285,9 @@ def submit_run(
         last = _follow(proc, out / EVENTS_FILE, on_event, timeout, run_log)
     finally:
         stop_process(proc, "flwr run")
-    if last.get("event") == "failed":
-        raise SimulationError(f"the run failed: {last.get('error')}; logs in {out / 'logs'}")
+    if last.get("event") in ("failed", "stopped"):
+        raise SimulationError(f"the run {last['event']}: {last.get('error')}; logs in "
+                              f"{out / 'logs'}")
     report = out / "report.json"
     if last.get("event") != "finished" or not report.exists():
         raise SimulationError(f"the run ended without a report; see {run_log}")
@@ -331,7 +332,7 @@ def _follow(
                 last = json.loads(line)
                 if on_event is not None:
                     on_event(last)
-            if last.get("event") in ("finished", "failed"):
+            if last.get("event") in ("finished", "failed", "stopped"):
                 return last
             if proc.poll() is not None:
                 # `flwr run --stream` exits 0 even when the ServerApp failed; read what is left.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,25 +43,37 @@ def heart_dir() -> Path:
     return HEART_DIR
 
 
-FLOWER_NAMES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation",
-                "flwr-serverapp",
-                "flwr-clientapp", "raylet", "gcs_server")
+MARK = "FEDADAPT_TEST_PROCESS"
 
 
-def _flower_processes() -> set[int]:
-    """PIDs of Flower and ray processes running now."""
-    found = set()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(name in cmd for name in FLOWER_NAMES):
-            found.add(p.info["pid"])
+def _marked(mark: str) -> dict[int, str]:
+    """Processes (other than this one) whose environment carries ``mark``: this test's own.
+
+    Every process a test starts inherits the test's environment (Flower's SuperLink, the
+    simulation, ray's workers, SuperNodes, ClientApps), so the mark finds exactly those, and
+    never another user's or another test run's Flower processes.
+    """
+    found = {}
+    for p in psutil.process_iter(["pid", "name"]):
+        if p.info["pid"] == os.getpid():
+            continue
+        try:
+            if p.environ().get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found[p.info["pid"]] = p.info["name"]
+        except (psutil.Error, OSError):
+            continue  # gone, a zombie, or not ours to read
     return found
 
 
 @pytest.fixture
-def no_leftovers() -> Iterator[None]:
-    """Fail if the test leaves a Flower or ray process behind."""
-    before = _flower_processes()
+def no_leftovers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail if a process this test started is still running when it ends."""
+    mark = uuid.uuid4().hex
+    monkeypatch.setenv(MARK, mark)
     yield
-    left = _flower_processes() - before
+    deadline = time.monotonic() + 10.0  # a process may need a moment to finish exiting
+    left = _marked(mark)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _marked(mark)
     assert not left, f"processes left running: {left}"

@@ -209,7 +209,7 @@ def test_a_damaged_header_gives_an_error_reply_without_any_cell(
     assert reply.has_error()
     reason = str(reply.error.reason)
     assert f"{path}:1:" in reason
-    wire = reply.error.reason.encode()
+    wire = reason.encode()
     for canary in (str(CANARY_WEIGHT), str(CANARY_GLUCOSE), CANARY_TEXT):
         assert canary.encode() not in wire
         assert canary not in caplog.text

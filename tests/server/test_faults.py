@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Error, Message
 
 from client.client_app import app as client_app
 from client.site import read_manifest
 from server.checkpoint import Checkpoint, fingerprint
-from server.federation import run_federation
+from server.federation import RunFailed, run_federation
 from server.progress import Progress
 from shared import protocol
 from shared.schema import load_schema
@@ -132,3 +132,60 @@ def test_robust_aggregation_limits_one_wildly_wrong_site(tmp_path: Path, strateg
         honest = ["hospital-a", "hospital-b", "hospital-c"]
         results[name] = np.mean([report["sites"][n]["metrics"]["source"]["auc"] for n in honest])
     assert results["fedavg"] < 0.5 < 0.6 < results[strategy]
+
+
+def _unavailable_from_round(grid: InProcessGrid, node: int, rnd: int,
+                            back_after: int | None = None) -> None:
+    """From round ``rnd``, Flower's SuperLink answers for ``node``: "node unavailable".
+
+    Such an error reply names the SuperLink (node id 1) as its source, not the site. With
+    ``back_after``, the site answers again from the round after that one (and in later phases).
+    """
+
+    def handler(msg: Message, ctx: Context) -> Message:
+        config = msg.content.config_records.get(protocol.CONFIG)
+        rnd_now = int(str(config["server-round"])) if (
+            config is not None and "server-round" in config) else None
+        gone = msg.metadata.message_type == protocol.TRAIN and rnd_now is not None and (
+            rnd_now >= rnd and (back_after is None or rnd_now <= back_after))
+        if not gone and (back_after is not None or msg.metadata.message_type != protocol.TRAIN
+                         or rnd_now is None or rnd_now < rnd):
+            return client_app(msg, ctx)
+        reply = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = 1  # as the SuperLink's own error replies
+        return reply
+
+    grid.handlers[node] = handler
+
+
+def test_a_superlink_error_reply_is_the_site_s_not_a_phantom_node(tmp_path: Path) -> None:
+    """"Node unavailable" (sent by the SuperLink) counts against the site it was sent to."""
+    grid = _grid(tmp_path)
+    _unavailable_from_round(grid, 102, 2)
+    report = _run(grid, tmp_path / "out", _settings())
+    assert sorted(report["sites"]) == ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    assert not any(name.startswith("node-") for name in report["sites"])
+    assert report["sites"]["hospital-b"]["lost"][0]["round"] == 2
+    assert report["rounds"][1]["dropped"] == ["hospital-b"]
+    assert report["sites"]["hospital-b"]["node_id"] == 102
+
+
+def test_a_site_that_is_back_answers_adapt_and_evaluate(tmp_path: Path) -> None:
+    """Lost in rounds 2-3, back from round 4: it sits out training but gets its correction."""
+    grid = _grid(tmp_path)
+    _unavailable_from_round(grid, 102, 2, back_after=3)
+    report = _run(grid, tmp_path / "out", _settings())
+    site = report["sites"]["hospital-b"]
+    assert site["status"] == "ok", site
+    assert site["lost"][0]["rounds_missed"] == [2, 3, 4, 5]
+    assert site["metrics"]["adapted"]["auc"] is not None
+    assert len(report["sites"]) == 4
+
+
+def test_two_sites_with_one_name_stop_the_run_naming_both_nodes(tmp_path: Path) -> None:
+    """A duplicated site-name is refused at the coordinator, with both node ids."""
+    grid = _grid(tmp_path)
+    grid.contexts[103].node_config["site-name"] = "hospital-b"
+    with pytest.raises(RunFailed, match=r"two sites call themselves 'hospital-b' \(nodes 102 "
+                                         r"and 103\)"):
+        _run(grid, tmp_path / "out", _settings())

@@ -73,3 +73,42 @@ def test_flwr_run_uses_the_pyproject_settings(tmp_path: Path, no_leftovers: None
     assert report["config"]["sites-manifest"] == "simulations/demo/sites.toml"
     assert sorted(report["sites"]) == ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
     assert all(site["status"] == "ok" for site in report["sites"].values())
+
+
+def test_a_run_stopped_with_flwr_stop_leaves_no_checkpoint(
+    tmp_path: Path, no_leftovers: None
+) -> None:
+    """`flwr stop` mid-run: the ServerApp says "stopped", removes its checkpoint, no report."""
+    import time
+
+    from simulations.generator import generate
+    from simulations.superlink import start_run, stop_process
+
+    out = tmp_path / "out"
+    manifest = generate(tmp_path / "data", n_sites=2, seed=3)
+    with simulation_superlink(tmp_path / "logs") as (env, connection):
+        proc, _ = start_run(env, connection, {
+            "sites-manifest": str(manifest), "num-server-rounds": 500, "out": str(out),
+            "min-sites": 2}, out, extra=["--federation-config", "num-supernodes=2"])
+        try:
+            deadline = time.monotonic() + 180
+            while not (out / "checkpoint" / "state.json").exists():
+                assert time.monotonic() < deadline, "no round was checkpointed in 180 s"
+                time.sleep(0.5)
+            runs = json.loads(subprocess.run(
+                [flower_bin("flwr"), "ls", connection, "--format", "json"], env=env,
+                capture_output=True, text=True, timeout=60, check=True).stdout)["runs"]
+            (run_id,) = [r["run-id"] for r in runs]
+            subprocess.run([flower_bin("flwr"), "stop", str(run_id), connection], env=env,
+                           capture_output=True, text=True, timeout=60, check=True)
+            proc.wait(timeout=120)
+        finally:
+            stop_process(proc, "flwr run")
+        status = json.loads(subprocess.run(
+            [flower_bin("flwr"), "ls", connection, "--format", "json"], env=env,
+            capture_output=True, text=True, timeout=60, check=True).stdout)["runs"][0]
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "stopped", events[-1]
+    assert "stopped" in status["status"], status
+    assert not (out / "checkpoint").exists()
+    assert not (out / "report.json").exists()
