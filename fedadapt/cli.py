@@ -60,7 +60,9 @@ def simulate(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     n_sites = _sites(data, sites)
     progress = RunProgress(settings.repeats, settings.num_server_rounds)
-    with stops_its_processes("the simulation"), progress, _quiet("client"):
+    resume = ("the same command resumes it from its last round" if settings.resume else "")
+    with stops_its_processes("the simulation", out / "checkpoint", resume), progress, \
+            _quiet("client"):
         report = run(data, _out_dir(out), settings, n_sites=n_sites, on_event=progress.update,
                      timeout=timeout)
     _print_results(report, out)
@@ -89,7 +91,9 @@ def deploy_local(
             + f"; run: {out.resolve() / 'logs' / 'flwr-run.log'}")
 
     progress = RunProgress(settings.repeats, settings.num_server_rounds, pooled=False)
-    with stops_its_processes("the deployment"), progress, _quiet("client"):
+    resume = ("the same command resumes it from its last round" if settings.resume else "")
+    with stops_its_processes("the deployment", out / "checkpoint", resume), progress, \
+            _quiet("client"):
         report = run(data, _out_dir(out), settings, n_sites=n_sites, on_event=progress.update,
                      on_logs=show_logs, timeout=timeout)
     _print_results(report, out)
@@ -127,6 +131,26 @@ def certs(
         say(("kept ", "yellow"), f"{path} (exists; --force replaces it)")
     if files.guide is not None:
         say(files.guide.read_text(encoding="utf-8"))
+
+
+@app.command()
+@user_command
+def gateway(
+    listen: Annotated[str, typer.Option(help="HOST:PORT the sites connect to (public).")],
+    superlink: Annotated[str, typer.Option(
+        help="HOST:PORT of the SuperLink (private: loopback or the coordinator's network).")],
+    ca_cert: Annotated[Path, typer.Option(help="The federation's CA certificate.")],
+    cert: Annotated[Path, typer.Option(help="TLS certificate for the sites (server.pem).")],
+    key: Annotated[Path, typer.Option(help="Its private key (server.key).")],
+) -> None:
+    """Serve the sites' only way in: Flower's Fleet API, never its Control API (TLS)."""
+    from server.gateway import main as run
+
+    for path in (ca_cert, cert, key):
+        if not path.is_file():
+            fail(f"{path} not found: give the files `fedadapt certs` wrote")
+    raise typer.Exit(run(["--listen", listen, "--superlink", superlink, "--ca-cert",
+                          str(ca_cert), "--cert", str(cert), "--key", str(key)]))
 
 
 @app.command()

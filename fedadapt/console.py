@@ -11,6 +11,7 @@ import contextlib
 import functools
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
@@ -18,10 +19,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-# When the output is not a terminal (a log, CI), rich would assume 80 columns: tables are
-# made for 100.
+# When the output is not a terminal (a log, CI), rich would assume 80 columns and squeeze the
+# per-site table (about 140 columns wide): do not.
 console = Console(emoji=False, highlight=False,
-                  width=None if Console().is_terminal else 100)
+                  width=None if Console().is_terminal else 160)
 err_console = Console(stderr=True, emoji=False, highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -93,17 +94,22 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def stops_its_processes(what: str) -> Iterator[None]:
+def stops_its_processes(
+    what: str, checkpoint: Path | None = None, resume: str = ""
+) -> Iterator[None]:
     """Inside: Ctrl-C or SIGTERM ends the command with a clear "interrupted" and exit 130.
 
-    The code inside stops the processes it started in its own ``finally`` blocks.
+    The code inside stops the processes it started in its own ``finally`` blocks. When
+    ``checkpoint`` holds a saved round afterwards, ``resume`` (how to go on) is said too.
     """
     previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except KeyboardInterrupt:
+        saved = resume and checkpoint is not None and (checkpoint / "state.json").exists()
         fail(f"interrupted: {what} was stopped, with every process it started; no report of "
-             "this run is left that looks complete", code=130)
+             "this run is left that looks complete" + (f"; {resume}" if saved else ""),
+             code=130)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from client.site import Manifest, read_manifest, write_manifest
+from shared.settings import RunSettings
 from simulations.generator import generate
 
 HEART_CENTRES = ("cleveland", "hungarian", "switzerland", "va")
@@ -73,3 +74,18 @@ def prepare_data(spec: str, data_out: Path, n_sites: int, seed: int) -> Manifest
             "manifest (see README, 'Your own data')"
         )
     return read_manifest(manifest)
+
+
+def check_site_count(n_sites: int, settings: RunSettings) -> None:
+    """Refuse at once a run that could never start: fewer sites than ``min-sites``.
+
+    Raises
+    ------
+    DatasetError
+        Saying how many sites there are and which setting to change.
+    """
+    if n_sites < settings.min_sites:
+        raise DatasetError(
+            f"the data have {n_sites} site(s), fewer than min-sites = {settings.min_sites}: "
+            f"give more sites (--sites N with generated data) or --min-sites {n_sites}"
+        )

@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from server.certs import CertFiles, make_certs
+from server.report import mark_incomplete, remove_report, write_report
 from shared.settings import RunSettings
-from simulations.datasets import prepare_data
+from simulations.datasets import check_site_count, prepare_data
+from simulations.process_guard import guard
 from simulations.superlink import (
     FLOWER_ENV,
     STARTUP_TIMEOUT,
@@ -39,6 +41,7 @@ from simulations.superlink import (
     flower_bin,
     free_port,
     kill_tree,
+    spawn,
     stop_process,
     submit_run,
 )
@@ -103,11 +106,8 @@ def wait_https(port: int, ca: Path, proc: subprocess.Popen[Any], log_path: Path,
 def _start(dep: Deployment, name: str, cmd: list[str], cwd: Path,
            env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
     log_path = dep.out / "logs" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     cwd.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w", encoding="utf-8") as sink:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env or dep.env, stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = spawn(cmd, cwd=cwd, env=env or dep.env, log_path=log_path)
     dep.logs[name] = log_path
     dep.processes[name] = proc
     return proc
@@ -215,15 +215,16 @@ def coordinator(out: Path, site_names: list[str]) -> Iterator[Deployment]:
     gateway_port = free_port()
     while gateway_port == port:
         gateway_port = free_port()
-    dep = Deployment(out=out, certs=certs, port=port, env=flower_env(home),
-                     gateway_port=gateway_port)
-    try:
-        start_superlink(dep)
-        start_gateway(dep)
-        yield dep
-    finally:
-        for name, proc in reversed(list(dep.processes.items())):
-            stop_process(proc, name)
+    with guard() as mark:
+        dep = Deployment(out=out, certs=certs, port=port, env={**flower_env(home), **mark},
+                         gateway_port=gateway_port)
+        try:
+            start_superlink(dep)
+            start_gateway(dep)
+            yield dep
+        finally:
+            for name, proc in reversed(list(dep.processes.items())):
+                stop_process(proc, name)
 
 
 def deploy_local(
@@ -269,6 +270,8 @@ def deploy_local(
     """
     out = out.resolve()
     manifest = prepare_data(data, out / "data", n_sites, settings.seed)
+    check_site_count(len(manifest.sites), settings)
+    remove_report(out)  # an earlier run's report must not pass for this one's
     names = [s.name for s in manifest.sites]
     settings = replace(settings, schema=manifest.schema, expected_sites=len(names),
                        out=str(out))
@@ -304,8 +307,12 @@ def deploy_local(
             report = submit_run(dep.env, CONNECTION, settings.to_run_config(), out,
                                 on_event=track, timeout=timeout)
         except SimulationError as err:
+            mark_incomplete(out)
             raise DeploymentError(f"{err}; process logs: "
                                   + ", ".join(str(p) for p in dep.logs.values())) from None
+        except BaseException:
+            mark_incomplete(out)
+            raise
         run_seconds = time.monotonic() - t1
     deltas = [b - a for a, b in itertools.pairwise(rounds)]
     report["deployment"] = {
@@ -315,8 +322,6 @@ def deploy_local(
         "tls": True, "supernode_auth": True, "fleet_gateway": True,
         "logs": {k: str(v) for k, v in dep.logs.items()},
     }
-    from server.report import write_report
-
     report["config"]["data"] = data
     write_report(report, out)
     return report

@@ -10,7 +10,7 @@ from typing import Any
 from server.report import mark_incomplete, remove_report, write_report
 from server.summary import method_metrics, summarize_methods
 from shared.settings import RunSettings
-from simulations.datasets import DatasetError, prepare_data
+from simulations.datasets import check_site_count, prepare_data
 from simulations.pooled import pooled_reference
 from simulations.superlink import EventHook, run_app
 
@@ -73,21 +73,6 @@ def simulate(
         mark_incomplete(out)
         raise
     return report
-
-
-def check_site_count(n_sites: int, settings: RunSettings) -> None:
-    """Refuse at once a run that could never start: fewer sites than ``min-sites``.
-
-    Raises
-    ------
-    DatasetError
-        Saying how many sites there are and which setting to change.
-    """
-    if n_sites < settings.min_sites:
-        raise DatasetError(
-            f"the data have {n_sites} site(s), fewer than min-sites = {settings.min_sites}: "
-            f"give more sites (--sites N with generated data) or --min-sites {n_sites}"
-        )
 
 
 def add_pooled(report: dict[str, Any], pooled: dict[str, list[dict[str, Any]]]) -> None:

@@ -10,7 +10,6 @@ SuperLink (and with it the simulation engine) when the run ends, fails or is int
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import psutil
+
+from simulations.process_guard import die_with_parent, guard
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +71,6 @@ def write_run_config(path: Path, run_config: dict[str, Any]) -> Path:
     return path
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the process that started it dies.
-
-    If fedadapt itself is killed (SIGKILL: it cannot clean up), the processes it started
-    still stop: Linux's PR_SET_PDEATHSIG, set through libc. Elsewhere this does nothing.
-    """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-PR_SET_PDEATHSIG = 1
-
-
 def spawn(cmd: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
           append: bool = False) -> subprocess.Popen[Any]:
     """Start a Flower process in a session of its own, its output in ``log_path``.
@@ -94,13 +81,16 @@ def spawn(cmd: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("a" if append else "w", encoding="utf-8") as sink:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=die_with_parent)
 
 
 def _label(p: psutil.Process) -> str:
+    """What a process is, for people: its command (a Python script's name), else its name."""
     try:
-        return p.name()
-    except psutil.Error:
+        args = p.cmdline()
+        script = next((a for a in args[1:2] if not a.startswith("-")), "")
+        return Path(script).name if "python" in Path(args[0]).name and script else p.name()
+    except (psutil.Error, IndexError):
         return "process"
 
 
@@ -120,7 +110,13 @@ def stop_process(proc: subprocess.Popen[Any] | None, name: str, grace: float = 1
         tree = []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(tree, timeout=grace)
+    # The root stops its own children first; what is left after half the grace (ray's agents,
+    # the simulation process) is asked directly, then killed.
+    _, alive = psutil.wait_procs(tree, timeout=grace / 2)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace / 2)
     for p in alive:
         log.warning("%s (pid %d, started by %s) did not stop within %.0f s; killing it",
                     _label(p), p.pid, name, grace)
@@ -172,8 +168,8 @@ def simulation_superlink(logs: Path) -> Iterator[tuple[dict[str, str], str]]:
 
     The SuperLink is stopped on exit, whatever happened inside the block.
     """
-    with tempfile.TemporaryDirectory(prefix="fedadapt-flwr-") as home:
-        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": home}
+    with tempfile.TemporaryDirectory(prefix="fedadapt-flwr-") as home, guard() as mark:
+        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": home, **mark}
         # The SuperLink starts `flower-superexec` by name: put this environment's commands first.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         port = free_port()
