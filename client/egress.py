@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 
 from client.correction_store import CorrectionRefused, SiteDirError
 from client.data import DataError
-from client.site import SiteConfigError
+from client.site import SchemaMismatch, SiteConfigError
 from shared import protocol
 from shared.preprocessing import summary_keys
 from shared.schema import Feature, SchemaError
@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 MetricValue = float | int | list[float]
 
-# Error code of a reply refused by the site (Flower's own codes are 0-8).
-SITE_ERROR = 100
 MAX_TEXT = 2000
 
 
@@ -147,7 +145,9 @@ def error_reply(msg: Message, err: BaseException, phase: str, site: str = "") ->
         reason = f"{type(err).__name__} at the site during {phase}; see the site's log"
     if site:
         reason = SITE_PREFIX.format(site) + reason
-    return Message(Error(code=SITE_ERROR, reason=reason), reply_to=msg)
+    code = (protocol.DATA_ERROR if isinstance(err, DataError) else protocol.SCHEMA_MISMATCH
+            if isinstance(err, SchemaMismatch | SchemaError) else protocol.SITE_ERROR)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def _check_number(key: str, value: MetricValue) -> None:

@@ -19,7 +19,7 @@ from client.correction_store import (
     save_correction,
 )
 from client.data import SiteData, read_site_data
-from client.site import SiteConfigError, SiteSettings
+from client.site import SchemaMismatch, SiteSettings
 from client.source_model_store import model_digest, model_document, save_source_model
 from client.split import Split, split_site
 from shared.preprocessing import TabularPreprocessor, summarize
@@ -67,14 +67,14 @@ def open_site(
 
     Raises
     ------
-    SiteConfigError
+    SchemaMismatch
         If the site's schema differs from the server's.
     DataError
         If the file does not fit the schema.
     """
     schema = load_schema(site.schema or str(config["schema"]))
     if schema.digest() != config["schema-digest"]:
-        raise SiteConfigError(
+        raise SchemaMismatch(
             f"the site's schema {schema.name!r} (version {schema.version}) differs from the "
             "server's: use the same schema file on both sides"
         )

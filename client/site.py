@@ -31,6 +31,10 @@ class SiteConfigError(ValueError):
     """The site's settings are missing or inconsistent; the message says what to set."""
 
 
+class SchemaMismatch(SiteConfigError):
+    """The site's schema differs from the one the run uses."""
+
+
 @dataclass(frozen=True)
 class SiteSettings:
     """Everything a site needs to know about itself."""

@@ -283,6 +283,10 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
     from server.report import site_table
 
     console.print(site_table(report))
+    for name, site in report.get("sites", {}).items():
+        if site.get("status") != "ok" or site.get("lost"):
+            say((f"{name}: {site.get('status')}", "yellow"),
+                f" ({site.get('error') or _lost_text(site)})")
     summary = report.get("summary", {})
     methods = summary.get("methods", {})
     parts = [f"{m} {v['mean_accuracy']:.3f}" for m, v in methods.items()
@@ -299,6 +303,14 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
         say(("note: ", "yellow"), note)
     say(f"took {report['timing_s']['total']:.1f} s in Flower; report: "
         f"{out / 'report.json'}, {out / 'report.md'}, plots in {out / 'plots'}")
+
+
+def _lost_text(site: dict[str, Any]) -> str:
+    lost = site.get("lost") or [{}]
+    missed = lost[0].get("rounds_missed") or []
+    rounds = f"{missed[0]}-{missed[-1]}" if len(missed) > 1 else ", ".join(map(str, missed))
+    return (f"lost in training round {lost[0].get('round')}, missed rounds {rounds}; back for "
+            "adapt and evaluate")
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ def run_federation(
     Returns
     -------
     dict
-        The report (see DESIGN.md, ``report.json``).
+        The report (see docs/report.md, ``report.json``).
     """
     t0 = time.monotonic()
     schema = load_schema(settings.schema)

@@ -74,8 +74,12 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
                           rep.settings.reply_timeout, rep.audit)
     expected = summary_keys(rep.schema.shared_features)
     summaries = []
+    misfits = 0  # sites whose file or schema does not fit the run's schema
     for node in nodes:
         reply = replies.get(node)
+        if reply is not None and reply.has_error() and reply.error.code in (
+                protocol.DATA_ERROR, protocol.SCHEMA_MISMATCH):
+            misfits += 1
         if reply is None or reply.has_error():
             reason = "no reply in time" if reply is None else str(reply.error.reason)
             named = SITE_NAMED.match(reason)
@@ -104,6 +108,14 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
     for node, name in rep.names.items():  # key failures by name where the site told it
         if f"node-{node}" in rep.result.failures:
             rep.result.failures[name] = rep.result.failures.pop(f"node-{node}")
+    if not rep.names and misfits == len(nodes) > 1:
+        # Every site's data "fail" the same way: the run names the wrong schema, most likely.
+        # Say so once, as the coordinator's mistake, not as errors to fix in every export.
+        raise RunFailed(
+            f"no site's data fit schema {rep.schema.name!r}, which this run names: check the "
+            "run config's `schema` (it must be the schema the sites export to; "
+            f"`fedadapt check-data --schema {rep.schema.name} FILE` at a site shows why). "
+            "First site's answer: " + next(iter(rep.result.failures.values()))[:300])
     if not rep.names:
         raise RunFailed("no site passed the stats phase: " + "; ".join(
             f"{k}: {v}" for k, v in rep.result.failures.items()))

@@ -169,7 +169,7 @@ def rounds_entry(results: Sequence[RepeatResult]) -> list[dict[str, Any]]:
 def build_report(
     config: dict[str, Any], results: Sequence[RepeatResult], total_seconds: float
 ) -> dict[str, Any]:
-    """The report of a run (contract in DESIGN.md; keys are added, never renamed)."""
+    """The report of a run (contract in docs/report.md; keys are added, never renamed)."""
     names: list[str] = []
     for r in results:
         for name in [*r.evaluate, *r.failures, *r.adapt, *r.lost]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.app import MessageType
 
-# Message types: one per phase of a run (DESIGN.md, "Phases of one run").
+# Message types: one per phase of a run (docs/architecture.md, "Phases of one run").
 STATS = f"{MessageType.QUERY}.stats"
 TRAIN = MessageType.TRAIN
 ADAPT = f"{MessageType.QUERY}.adapt"
@@ -39,3 +39,8 @@ EVALUATE_METRICS = (
     "correction-strength", "correction-fallback",
     *(f"{m}.{k}" for m in METHODS for k in METRIC_NAMES),
 )
+
+# Error codes of a site's error reply (Flower's own codes are 0-8).
+SITE_ERROR = 100  # any failure at the site (the reason says which, without cell values)
+DATA_ERROR = 101  # the site's file does not fit the run's schema (file:line:column given)
+SCHEMA_MISMATCH = 102  # the site's schema (or its site features) differs from the run's

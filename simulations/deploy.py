@@ -30,6 +30,7 @@ from typing import Any
 
 from server.certs import CertFiles, make_certs
 from server.report import mark_incomplete, remove_report, write_report
+from shared.files import create_private_file
 from shared.settings import RunSettings
 from simulations.datasets import check_site_count, prepare_data
 from simulations.process_guard import guard
@@ -114,15 +115,21 @@ def _start(dep: Deployment, name: str, cmd: list[str], cwd: Path,
 
 
 def start_superlink(dep: Deployment) -> None:
-    """The coordinator's SuperLink: TLS, SuperNode authentication, state on disk."""
+    """The coordinator's SuperLink: TLS, SuperNode authentication, state on disk (0600)."""
     folder = dep.out / "superlink"
+    state = folder / "state.db"
+    if not state.exists():
+        # The state holds the sites' keys, runs and messages in transit: the SuperLink's own
+        # umask would make it world-readable. SQLite keeps the mode of an existing (empty)
+        # file, and gives its journal files the same.
+        create_private_file(state, b"")
     proc = _start(dep, "superlink", [
         flower_bin("flower-superlink"),
         "--ssl-ca-certfile", str(dep.certs.ca_cert),
         "--ssl-certfile", str(dep.certs.server_cert),
         "--ssl-keyfile", str(dep.certs.server_key),
         "--host", "127.0.0.1", "--port", str(dep.port),
-        "--database", str(folder / "state.db"),
+        "--database", str(state),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
     ], folder)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# What each package may import of ours (DESIGN.md, "Layout").
+# What each package may import of ours (docs/architecture.md, "Folders are the architecture").
 ALLOWED = {
     "shared": {"shared"},
     "client": {"client", "shared"},
@@ -59,3 +59,16 @@ def test_every_reply_is_built_by_the_egress_module() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Message":
                 raise AssertionError(f"{path.relative_to(REPO)} builds a Message itself")
+
+
+def test_docs_the_code_points_to_exist() -> None:
+    """Every docs/*.md a module or test names is in the repository."""
+    import re
+
+    named = set()
+    for package in [*ALLOWED, "tests"]:
+        for path in (REPO / package).rglob("*.py"):
+            named |= set(re.findall(r"docs/[\w-]+\.md", path.read_text(encoding="utf-8")))
+    assert named, "the code should point to its docs"
+    missing = sorted(n for n in named if not (REPO / n).is_file())
+    assert not missing, missing

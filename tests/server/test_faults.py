@@ -189,3 +189,15 @@ def test_two_sites_with_one_name_stop_the_run_naming_both_nodes(tmp_path: Path) 
     with pytest.raises(RunFailed, match=r"two sites call themselves 'hospital-b' \(nodes 102 "
                                          r"and 103\)"):
         _run(grid, tmp_path / "out", _settings())
+
+
+def test_a_run_naming_the_wrong_schema_fails_once_as_the_coordinator_s_mistake(
+    tmp_path: Path,
+) -> None:
+    """Every site's file misfits the run's schema: one coordinator error, not N data errors."""
+    grid = _grid(tmp_path)
+    with pytest.raises(RunFailed) as failed:
+        _run(grid, tmp_path / "out", _settings(schema="heart"))
+    message = str(failed.value)
+    assert message.startswith("no site's data fit schema 'heart', which this run names")
+    assert "correct these cells" not in message.split("First site's answer")[0]

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from client.correction_store import CorrectionRefused, load_correction
+from client.source_model_store import load_source_model
 from server.certs import make_certs
 from shared.settings import RunSettings
 from simulations.deploy import (
@@ -69,8 +70,8 @@ def test_tls_run_matches_simulation_and_keeps_corrections_at_sites(
     corrections = {}
     for name in dep["sites"]:
         site_dir = tmp_path / "dep" / "sites" / name
-        (path,) = (site_dir / "corrections").iterdir()
-        digest = json.loads((site_dir / "source-model.json").read_text())["digest"]
+        (path,) = (site_dir / "corrections").glob("*.enc")
+        digest = load_source_model(site_dir).digest
         corrections[name] = load_correction(site_dir, name, digest)
         assert b"coef" not in path.read_bytes()  # sealed, not readable as text
         # ... and cannot be opened with another site's key.

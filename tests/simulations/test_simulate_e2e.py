@@ -112,3 +112,59 @@ def test_a_run_stopped_with_flwr_stop_leaves_no_checkpoint(
     assert "stopped" in status["status"], status
     assert not (out / "checkpoint").exists()
     assert not (out / "report.json").exists()
+
+
+def _start_simulate(out: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedadapt", "simulate", "--sites", "2", "--rounds", "400",
+         "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "160"})
+
+
+def _wait_for_rounds(out: Path, proc: subprocess.Popen[str], timeout: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = out / "events.jsonl"
+        if events.exists() and '"event": "round"' in events.read_text():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    raise AssertionError("no training round within the time limit")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_stop_everything_and_leave_no_complete_report(
+    tmp_path: Path, no_leftovers: None, signal_name: str
+) -> None:
+    """As `timeout` or systemd would: "interrupted", exit 130, every process it started gone."""
+    import signal
+
+    out = tmp_path / "out"
+    (out / "report.json").parent.mkdir(parents=True)
+    (out / "report.json").write_text("{}")  # an earlier run's report must not survive either
+    proc = _start_simulate(out)
+    try:
+        _wait_for_rounds(out, proc)
+        proc.send_signal(getattr(signal, signal_name))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (out / "report.json").exists() and not (out / "report.md").exists()
+
+
+def test_a_killed_command_leaves_no_process_behind(tmp_path: Path, no_leftovers: None) -> None:
+    """SIGKILL cannot be caught: the command's watchdog stops what it started."""
+    import signal
+
+    proc = _start_simulate(tmp_path / "out")
+    try:
+        _wait_for_rounds(tmp_path / "out", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL

@@ -1,0 +1,118 @@
+"""The command's options come from the run settings' one declaration; mistakes end in one line."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from fedadapt.cli import SET_BY_COMMAND, app
+from fedadapt.run_options import PREFIX
+from shared.settings import RunSettings, key
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+REPORT: dict[str, Any] = {"sites": {}, "summary": {}, "timing_s": {"total": 1.0}}
+
+
+def _options(command: str) -> dict[str, click.Parameter]:
+    group = typer.main.get_command(app)
+    assert isinstance(group, click.Group)
+    cmd = group.commands[command]
+    return {str(p.name): p for p in cmd.params if isinstance(p, click.Option)}
+
+
+@pytest.mark.parametrize("command", ["simulate", "deploy-local"])
+def test_every_run_setting_is_an_option_with_the_declared_default(command: str) -> None:
+    """One option per setting (except those the command sets), its help and default shown."""
+    options = _options(command)
+    pyproject = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    for f in RunSettings.declared():
+        option = options.get(PREFIX + f.name)
+        if key(f) in SET_BY_COMMAND:
+            assert option is None
+            continue
+        assert option is not None, f"--{key(f)} missing from {command}"
+        assert option.opts[0] == f"--{key(f)}"
+        help_text = option.help or ""
+        default = 120.0 if (command, key(f)) == ("deploy-local", "node-wait-timeout") else \
+            pyproject[key(f)]
+        shown = str(default).lower() if isinstance(default, bool) else str(default)
+        assert f"[default: {shown}]" in help_text.replace("\\[", "["), (key(f), help_text)
+        for choice in f.metadata["choices"]:
+            assert choice in help_text
+
+
+def test_options_reach_the_run_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Given options become the run's settings; the rest keep their one declared default."""
+    seen: dict[str, Any] = {}
+
+    def fake(data: str, out: Path, settings: RunSettings, **kwargs: Any) -> dict[str, Any]:
+        seen.update(settings=settings, data=data, n_sites=kwargs["n_sites"])
+        return REPORT
+
+    monkeypatch.setattr("simulations.simulate.simulate", fake)
+    result = CliRunner().invoke(app, [
+        "simulate", "--out", str(tmp_path / "o"), "--strategy", "fedprox", "--proximal-mu",
+        "0.2", "--rounds", "7", "--min-sites", "3", "--no-resume", "--sites", "5"])
+    assert result.exit_code == 0, result.output
+    settings = seen["settings"]
+    assert (settings.strategy, settings.proximal_mu, settings.num_server_rounds) == (
+        "fedprox", 0.2, 7)
+    assert (settings.min_sites, settings.resume, seen["n_sites"]) == (3, False, 5)
+    assert settings.learning_rate == RunSettings().learning_rate
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["simulate", "--strategy", "fedyogi"], "strategy must be one of fedavg, fedprox"),
+    (["simulate", "--data", "heart:/nowhere", "--sites", "3"], "drop --sites"),
+    (["simulate", "--rounds", "0"], "num-server-rounds must be at least 1"),
+    (["deploy-local", "--sites", "2", "--min-sites", "0"], "min-sites must be at least 1"),
+])
+def test_bad_settings_end_in_one_clear_line(args: list[str], expected: str) -> None:
+    """Bad values are refused before anything starts, with exit code 1 and no traceback."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert expected in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["generate"], ["deploy-local"], ["drill"]])
+def test_out_naming_a_file_is_refused(command: list[str], tmp_path: Path) -> None:
+    """--out that names an existing file: one line saying to name a folder."""
+    file = tmp_path / "report.txt"
+    file.write_text("keep me")
+    extra = ["malformed-data"] if command == ["drill"] else []
+    result = CliRunner().invoke(app, [*command, *extra, "--out", str(file)])
+    assert result.exit_code == 1, result.output
+    assert "is a file: name a folder" in result.output
+    assert file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["simulate", "generate"])
+def test_zero_sites_is_refused(command: str, tmp_path: Path) -> None:
+    """--sites 0 is refused by the option itself (exit code 2, no traceback)."""
+    result = CliRunner().invoke(app, [command, "--sites", "0", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_one_site_is_refused_at_once(tmp_path: Path) -> None:
+    """Fewer sites than min-sites: refused before any process starts (not a 60 s wait)."""
+    result = CliRunner().invoke(app, ["simulate", "--sites", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "fewer than min-sites = 2" in result.output and "--min-sites 1" in result.output
+
+
+def test_locations_and_brackets_are_printed_verbatim(tmp_path: Path) -> None:
+    """A path with markup-like brackets and a file:line:column print as they are."""
+    folder = tmp_path / "[bold]" / "[/x]:100:7"
+    folder.mkdir(parents=True)
+    path = folder / "site:100:7.csv"
+    path.write_text("age,weight,height,systolic_bp,diabetes\n1,x,170,120,0\n")
+    result = CliRunner().invoke(app, ["check-data", str(path)])
+    assert result.exit_code == 1, result.output
+    assert f"{path}:2:2 (column 'weight')" in result.output
+    assert "\U0001f4af" not in result.output  # the 💯 emoji rich would put for :100:
