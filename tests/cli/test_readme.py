@@ -42,3 +42,17 @@ def test_lint_and_types_are_clean(tool: list[str]) -> None:
     result = subprocess.run([exe, *tool[1:]], cwd=REPO, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_the_coordinator_s_flwr_config_names_a_default_connection() -> None:
+    """The README's config.toml sets [superlink] default, so bare `flwr ls` works."""
+    import re
+    import tomllib
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"\n {7}\[superlink\]\n((?: {7}.*\n|\n)+)", text)
+    assert block is not None, "the README should show the [superlink] table of config.toml"
+    config = tomllib.loads("[superlink]\n" + "\n".join(
+        line[7:] for line in block.group(1).splitlines()))
+    default = config["superlink"]["default"]
+    assert set(config["superlink"][default]) == {"address", "root-certificates"}

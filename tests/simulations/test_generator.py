@@ -185,3 +185,17 @@ def test_a_thousand_sites(tmp_path: Path) -> None:
     assert (tmp_path / "hospital-1000.csv").is_file()
     glucose_sites = sum(1 for s in content["sites"][4:] if s["site-features"] == ["glucose"])
     assert 0.2 < glucose_sites / 996 < 0.4
+
+
+def test_a_manifest_round_trips_any_name(tmp_path: Path) -> None:
+    """Names and paths with quotes, backslashes and brackets survive write and read."""
+    from client.site import read_manifest, write_manifest
+
+    odd = 'site "a" \\ [b] ü'
+    path = write_manifest(tmp_path / "sites.toml", "synthetic", [
+        {"name": odd, "data-file": "dir [x]/a.csv", "site-features": ["glucose"],
+         "drill-fault": 'x"y'}], comment="line one\nline two")
+    manifest = read_manifest(path)
+    (site,) = manifest.sites
+    assert site.name == odd and site.data_file == (tmp_path / "dir [x]" / "a.csv").resolve()
+    assert site.site_features == ("glucose",)
