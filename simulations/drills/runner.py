@@ -25,8 +25,11 @@ def load_drills() -> None:
 def run_drills(names: Sequence[str], out: Path) -> list[DrillResult]:
     """Run the named drills (all when empty), each in its own folder; write drills.json.
 
-    A drill that crashes is reported as failed with the error; the others still run.
+    A drill that crashes is reported as failed with the error; the others still run. ``out``
+    may be relative: Flower's processes run elsewhere, so every path handed to them is made
+    absolute here.
     """
+    out = out.resolve()
     load_drills()
     unknown = [n for n in names if n not in DRILLS]
     if unknown:

@@ -55,3 +55,23 @@ def test_drill_command_exits_non_zero_when_a_drill_fails(tmp_path: Path,
     result = CliRunner().invoke(cli, ["drill", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "good" in result.output and "broken" in result.output
+
+
+def test_a_relative_out_folder_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedadapt drill --out drills`: each drill gets an absolute folder (Flower runs elsewhere)."""
+    from simulations.drills.base import DRILLS, Drill, DrillResult
+    from simulations.drills.runner import run_drills
+
+    seen: list[Path] = []
+
+    def fake(out: Path) -> DrillResult:
+        seen.append(out)
+        return DrillResult("fake", "", "ok", True, {})
+
+    monkeypatch.setitem(DRILLS, "fake", Drill("fake", "expected", fake, "simulation"))
+    monkeypatch.chdir(tmp_path)
+    (result,) = run_drills(["fake"], Path("drills"))
+    assert result.passed and seen == [tmp_path / "drills" / "fake"]
+    assert (tmp_path / "drills" / "drills.json").is_file()
