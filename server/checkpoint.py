@@ -22,7 +22,8 @@ from shared.settings import RunSettings
 log = logging.getLogger(__name__)
 
 # Settings that do not change the numbers: a run may resume with other values of these.
-NEUTRAL = {"out", "resume", "record-replies", "reply-timeout", "node-wait-timeout",
+NEUTRAL = {"out", "resume", "record-replies", "reply-timeout", "phase-timeout",
+           "node-wait-timeout",
            "min-sites", "expected-sites"}
 
 

@@ -71,7 +71,7 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
     t = time.monotonic()
     replies = query_sites(rep.grid, nodes, protocol.STATS,
                           RecordDict({protocol.CONFIG: ConfigRecord(rep.base)}),
-                          rep.settings.reply_timeout, rep.audit)
+                          rep.settings.phase_timeout, rep.audit)
     expected = summary_keys(rep.schema.shared_features)
     summaries = []
     misfits = 0  # sites whose file or schema does not fit the run's schema
@@ -208,7 +208,7 @@ def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> N
             name = rep.names[node]
             rep.result.failures.setdefault(name, f"{phase}: not connected")
             log.warning("site %s is not connected for the %s phase", name, phase)
-        replies = query_sites(rep.grid, nodes, mtype, content, rep.settings.reply_timeout,
+        replies = query_sites(rep.grid, nodes, mtype, content, rep.settings.phase_timeout,
                               rep.audit)
         for node in nodes:
             name = rep.names[node]

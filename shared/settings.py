@@ -88,7 +88,12 @@ class RunSettings:
         0, "sites to wait for before starting (0: min-sites), at most node-wait-timeout "
         "seconds")
     node_wait_timeout: float = _setting(60.0, "seconds to wait for the expected sites")
-    reply_timeout: float = _setting(300.0, "seconds a site has to answer one message")
+    reply_timeout: float = _setting(
+        300.0, "seconds a site has to answer one training round (a slower site sits out the "
+        "rest of training)")
+    phase_timeout: float = _setting(
+        900.0, "seconds a site has for the stats, adapt and evaluate phases (reading its "
+        "file, cross-validating its correction)")
     record_replies: bool = _setting(
         False, "record every value each site sent in OUT/replies.jsonl (keys, shapes and "
         "sizes are always recorded)")
@@ -143,7 +148,7 @@ class RunSettings:
             problems.append("cv-folds must be at least 2")
         if not 0.0 < self.test_fraction < 1.0:
             problems.append("test-fraction must be between 0 and 1")
-        for name in ("learning_rate", "node_wait_timeout", "reply_timeout"):
+        for name in ("learning_rate", "node_wait_timeout", "reply_timeout", "phase_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name.replace('_', '-')} must be positive")
         for name in ("proximal_mu", "weight_decay", "batch_size"):

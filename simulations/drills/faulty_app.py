@@ -130,7 +130,9 @@ def _tamper(context: Context, fault: str) -> None:
         manifest = _manifest(context)
         me = int(context.node_config["partition-id"])
         other = manifest["sites"][(me + 1) % len(manifest["sites"])]["name"]
-        donor = site.site_dir.parent / str(other) / "corrections" / path.name
+        # The other site's newest correction (its file name is its own model's digest).
+        donors = (site.site_dir.parent / str(other) / "corrections").glob("*.enc")
+        donor = max(donors, key=lambda p: p.stat().st_mtime)
         path.write_bytes(donor.read_bytes())
     elif fault == "wrong-key":
         key = key_path(site.site_dir)

@@ -65,12 +65,17 @@ def poisoned_replies(out: Path) -> DrillResult:
 
 @drill("straggler",
        "a site slower than the round timeout: the round closes on time; its late reply is never "
-       "mixed into a later round", "simulation")
+       "mixed into a later round; the site sits out training and is reported lost in round 2",
+       "simulation")
 def straggler(out: Path) -> DrillResult:
-    """hospital-c sleeps 15 s in round 2; the reply timeout is 6 s."""
+    """hospital-c sleeps 25 s in round 2; a training round's reply timeout is 10 s.
+
+    The timeout applies to training rounds only: the stats phase (reading files, starting
+    the engine's workers) may take longer on a busy machine and has its own.
+    """
     if out.exists():
         shutil.rmtree(out)
-    timeout, sleep = 6.0, 15.0
+    timeout, sleep = 10.0, 25.0
     manifest = federation(out, 4, 42, {"hospital-c": f"slow:2:{sleep:g}"})
     report = simulate_with_faults(out, manifest, RunSettings(
         num_server_rounds=4, reply_timeout=timeout, record_replies=True))
@@ -87,12 +92,14 @@ def straggler(out: Path) -> DrillResult:
     site = report["sites"]["hospital-c"]
     passed = (round2 <= timeout + 4 and not mixed and not late
               and [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
-              and site["status"] == "lost")
+              and [lost["round"] for lost in site.get("lost", [])] == [2])
     return DrillResult(
         "straggler", "",
         f"round 2 closed after {round2:.1f} s (timeout {timeout:g} s, straggler {sleep:g} s); "
         f"train replies from another round's exchange: {len(mixed)}; straggler replies after "
-        f"round 1: {len(late)}; hospital-c {site['status']} ({site.get('error')})",
+        f"round 1: {len(late)}; hospital-c lost in round(s) "
+        f"{[lost['round'] for lost in site.get('lost', [])]}, then {site['status']} for adapt "
+        "and evaluate",
         passed,
         {"round2_s": round(round2, 1), "reply_timeout_s": timeout, "mixed_replies": len(mixed),
          "late_replies_used": len(late)},
