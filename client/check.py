@@ -50,9 +50,8 @@ def check_file(
         sch = load_schema(schema)
         data = read_site_data(path, sch, site_features or [])
     except DataError as err:
-        return CheckResult(path, schema, ok=False, errors=[str(p) for p in err.problems]
-                           + ([str(err).rsplit("What to do: ", 1)[-1]]
-                              if "What to do:" in str(err) else []))
+        return CheckResult(path, schema, ok=False,
+                           errors=err.lines + ([err.hint] if err.hint else []))
     except SchemaError as err:
         return CheckResult(path, schema, ok=False, errors=[str(err)])
     return _summary(path, schema, data)

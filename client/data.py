@@ -40,7 +40,9 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.path}:{self.line}:{self.column}"
+        # file:line:column; a problem of the whole file, or of a whole line, says less.
+        where = self.path + (f":{self.line}" if self.line else "") + (
+            f":{self.column}" if self.line and self.column else "")
         if self.column_name:
             where += f" (column {self.column_name!r})"
         return f"{where}: {self.message}"
@@ -51,14 +53,40 @@ class DataError(ValueError):
 
     def __init__(self, problems: Sequence[Problem], hint: str = "") -> None:
         self.problems = list(problems)
-        shown = [str(p) for p in self.problems[:MAX_LISTED_PROBLEMS]]
-        more = len(self.problems) - len(shown)
+        grouped = _grouped(self.problems)
+        self.lines = grouped
+        self.hint = hint
+        shown = grouped[:MAX_LISTED_PROBLEMS]
+        more = len(grouped) - len(shown)
         text = "\n".join(shown)
         if more > 0:
             text += f"\n... and {more} more problem(s) of the same file"
         if hint:
             text += f"\nWhat to do: {hint}"
         super().__init__(text)
+
+
+def _grouped(problems: Sequence[Problem]) -> list[str]:
+    """The problems as lines; a run of the same problem on following lines is one line."""
+    lines: list[str] = []
+    run: list[Problem] = []
+
+    def flush() -> None:
+        if run:
+            text = str(run[0])
+            if len(run) > 1:
+                text += f" (the same on {len(run) - 1} more line(s), up to line {run[-1].line})"
+            lines.append(text)
+
+    for p in problems:
+        same = run and (p.column, p.column_name, p.message) == (
+            run[-1].column, run[-1].column_name, run[-1].message) and p.line > run[-1].line
+        if not same:
+            flush()
+            run = []
+        run.append(p)
+    flush()
+    return lines
 
 
 @dataclass
@@ -162,7 +190,7 @@ def read_site_data(
     except FileNotFoundError:
         raise DataError(
             [Problem(name, 0, 0, "", "file not found")],
-            "check the data-file path in the site's settings",
+            "check the path (at a site: data-file in the SuperNode's --node-config)",
         ) from None
     except OSError as err:
         raise DataError([Problem(name, 0, 0, "", f"cannot be read ({err.strerror})")]) from None
@@ -196,8 +224,7 @@ def read_site_data(
     label_pos = position.get(schema.label.column, -1)
     n_cols = len(columns)
 
-    for record in records:
-        line = rows.line_num
+    for line, record in records:
         if not any(_strip(cell) for cell in record):
             continue  # blank line
         if len(record) != n_cols:
@@ -212,6 +239,8 @@ def read_site_data(
             _label(record[label_pos], schema, name, line, label_pos + 1, problems)
             if labelled else -1
         )
+        if not labelled and label_pos >= 0:  # a label given with new patients must be valid
+            _label(record[label_pos], schema, name, line, label_pos + 1, problems)
         parsed: dict[str, tuple[float, bool]] = {}
         for f in schema.features:
             if f.name not in position:
@@ -234,6 +263,11 @@ def read_site_data(
             break
 
     if problems:
+        widths = {p.message for p in problems if p.message.startswith("row has ")}
+        if len(widths) == 1 and all(p.message in widths for p in problems):
+            raise DataError(problems, f"every row has another number of fields than schema "
+                            f"{schema.name!r} has columns: is it the schema this file was "
+                            "exported for? (`--schema`)")
         raise DataError(problems, "correct these cells in the site's export, then run "
                         "`fedadapt check-data` again")
     if not labels:
@@ -298,9 +332,13 @@ def _decode(raw: bytes, name: str) -> str:
 
 def _records(
     rows: CsvReader, name: str, problems: list[Problem]
-) -> Iterator[list[str]]:
-    """Yield the reader's records; a line the csv module cannot parse becomes a problem."""
+) -> Iterator[tuple[int, list[str]]]:
+    """Yield each record with the line it starts on (a quoted field may span lines).
+
+    A line the csv module cannot parse becomes a problem.
+    """
     while True:
+        start = rows.line_num + 1
         try:
             record = next(rows)
         except StopIteration:
@@ -308,14 +346,14 @@ def _records(
         except csv.Error as err:
             # csv's messages are fixed texts ("field larger than field limit (131072)"),
             # never the field itself. The rest of the file cannot be trusted: stop here.
-            problems.append(Problem(name, rows.line_num, 1, "",
+            problems.append(Problem(name, start, 1, "",
                                     f"the line cannot be read as CSV ({err})"))
             return
-        yield record
+        yield start, record
 
 
 def _columns(
-    records: Iterator[list[str]], rows: CsvReader, schema: Schema, name: str,
+    records: Iterator[tuple[int, list[str]]], rows: CsvReader, schema: Schema, name: str,
     problems: list[Problem], used_site: tuple[Feature, ...], labelled: bool = True,
 ) -> tuple[list[str], int]:
     """Return the column names of the file and the line its data starts on."""
@@ -324,11 +362,11 @@ def _columns(
         columns = list(schema.file.columns)
         return columns, 1
     header: list[str] = []
-    for record in records:
+    line = 1
+    for start, record in records:
         if any(_strip(cell) for cell in record):
-            header = [_strip(cell) for cell in record]
+            header, line = [_strip(cell) for cell in record], start
             break
-    line = rows.line_num
     if problems:
         return header, line + 1
     if not known & set(header):

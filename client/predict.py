@@ -64,7 +64,8 @@ class PredictSummary:
 
 
 def predict_file(
-    site_dir: str | Path, input_file: str | Path, output: str | Path, run: str | None = None
+    site_dir: str | Path, input_file: str | Path, output: str | Path, run: str | None = None,
+    overwrite: bool = False,
 ) -> PredictSummary:
     """Score every row of ``input_file`` and write one risk per row to ``output`` (CSV).
 
@@ -86,6 +87,8 @@ def predict_file(
         Where to write the risks (mode 0600: patient-level results).
     run : str, optional
         The run (id, or start of a model digest) whose model to use; the newest by default.
+    overwrite : bool
+        Replace an existing output file (never the input, never a file of the site folder).
 
     Returns
     -------
@@ -95,7 +98,8 @@ def predict_file(
     Raises
     ------
     PredictError
-        If the output path is the input, a folder, or under a file.
+        If the output path is the input, a folder, under a file, inside the site folder, or
+        an existing file (without ``overwrite``).
     ModelStoreError
         If the site has no usable source model.
     CorrectionRefused
@@ -106,7 +110,7 @@ def predict_file(
     """
     from shared.source_model import build_model, load_arrays, predict_logit
 
-    out = _check_output(Path(input_file), Path(output))
+    out = _check_output(Path(input_file), Path(output), Path(site_dir), overwrite)
     stored = load_source_model(site_dir, run)
     state = stored.document
     schema = load_schema(state["schema"])
@@ -151,8 +155,8 @@ def predict_file(
     )
 
 
-def _check_output(input_file: Path, output: Path) -> Path:
-    """Refuse an output that would overwrite the input, is a folder, or cannot be created."""
+def _check_output(input_file: Path, output: Path, site_dir: Path, overwrite: bool) -> Path:
+    """Refuse an output that would destroy something: the input, the site's files, a file."""
     if output.is_dir():
         raise PredictError(f"--output {output} is a folder: name a file in it, e.g. "
                            f"{output / 'risks.csv'}")
@@ -161,6 +165,12 @@ def _check_output(input_file: Path, output: Path) -> Path:
     if same:
         raise PredictError(f"--output {output} is the input file: the patients' file is never "
                            "overwritten; name another file")
+    if site_dir.is_dir() and output.resolve().is_relative_to(site_dir.resolve()):
+        raise PredictError(f"--output {output} is inside the site folder {site_dir}, which "
+                           "holds the site's key, corrections and models: write elsewhere")
+    if output.exists() and not overwrite:
+        raise PredictError(f"--output {output} exists: name a new file, or pass --overwrite "
+                           "to replace it")
     for parent in output.resolve().parents:
         if parent.exists():
             if not parent.is_dir():

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.protocol import site_name_problem
+
 # node_config keys of a deployed site.
 DATA_FILE = "data-file"
 SITE_FEATURES = "site-features"
@@ -88,6 +90,9 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
         features = tuple(
             f.strip() for f in str(node_config.get(SITE_FEATURES, "")).split(",") if f.strip()
         )
+        problem = site_name_problem(str(node_config[SITE_NAME]))
+        if problem:
+            raise SiteConfigError(f"node_config {SITE_NAME}: {problem}")
         return SiteSettings(
             name=str(node_config[SITE_NAME]),
             data_file=Path(str(node_config[DATA_FILE])).expanduser().resolve(),
@@ -143,6 +148,9 @@ def read_manifest(path: str | Path) -> Manifest:
         if "name" not in entry or "data-file" not in entry:
             raise SiteConfigError(f"{path}: [[sites]] #{i + 1} needs 'name' and 'data-file'")
         name = str(entry["name"])
+        problem = site_name_problem(name)
+        if problem:
+            raise SiteConfigError(f"{path}: [[sites]] #{i + 1}: {problem}")
         if name in names:
             raise SiteConfigError(f"{path}: site name {name!r} appears twice")
         names.add(name)

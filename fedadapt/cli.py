@@ -36,6 +36,8 @@ def _out_dir(out: Path) -> Path:
 
 
 def _sites(data: str, sites: int | None) -> int:
+    if sites is not None and sites < 1:
+        fail(f"--sites {sites}: generate at least 1 site")
     if sites is not None and data != "synthetic":
         fail(f"--sites sets the number of generated hospitals; --data {data} brings its own "
              "sites: drop --sites")
@@ -49,7 +51,7 @@ def simulate(
     settings: RunSettings,
     given: set[str],
     data: Annotated[str, typer.Option(help=DATA_HELP)] = "synthetic",
-    sites: Annotated[int | None, typer.Option(min=1, help=SITES_HELP, show_default=False)] = None,
+    sites: Annotated[int | None, typer.Option(help=SITES_HELP, show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-out"),
     timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,
 ) -> None:
@@ -75,7 +77,7 @@ def deploy_local(
     settings: RunSettings,
     given: set[str],
     data: Annotated[str, typer.Option(help=DATA_HELP)] = "synthetic",
-    sites: Annotated[int | None, typer.Option(min=1, help=SITES_HELP, show_default=False)] = None,
+    sites: Annotated[int | None, typer.Option(help=SITES_HELP, show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-deploy"),
     timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,
 ) -> None:
@@ -108,7 +110,7 @@ def deploy_local(
 @user_command
 def certs(
     out: Annotated[Path, typer.Option(help="Folder for the CA, SuperLink and site keys.")],
-    sites: Annotated[int, typer.Option(min=1, help="Number of sites.")],
+    sites: Annotated[int, typer.Option(help="Number of sites (at least 1).")],
     host: Annotated[list[str] | None, typer.Option(
         help="Name or IP the SuperLink is reached by (repeatable); localhost and 127.0.0.1 "
              "are always included.")] = None,
@@ -162,12 +164,15 @@ def predict(
     run: Annotated[str | None, typer.Option(
         help="Use the model of this run (its id, or the start of the model's digest); the "
              "newest by default.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace --output if it exists (never the input or a file of the site folder).",
+    )] = False,
 ) -> None:
     """Score new patients at a site with the source model and the site's own correction."""
     from client.predict import predict_file
 
     with _quiet("client"):  # the input's warnings are printed below, once
-        summary = predict_file(site_dir, input, output, run=run)
+        summary = predict_file(site_dir, input, output, run=run, overwrite=overwrite)
     say(f"scored {summary.rows} rows into {summary.output} with the source model of "
         f"{summary.model}")
     if not summary.correction_applied:
@@ -257,13 +262,17 @@ def check_data(
 @user_command
 def generate(
     out: Annotated[Path, typer.Option(help="Folder for the site files and sites.toml.")],
-    sites: Annotated[int, typer.Option(min=1, help="Number of hospitals.")] = 4,
+    sites: Annotated[int, typer.Option(help="Number of hospitals (at least 1).")] = 4,
     seed: Annotated[int, typer.Option(help="Seed.")] = 42,
+    force: Annotated[bool, typer.Option(
+        help="Replace files of the same names that fedadapt did not write.")] = False,
 ) -> None:
     """Write generated hospitals (one CSV each), their sites.toml and the ground truth."""
     from simulations.generator import generate as gen
 
-    manifest = gen(_out_dir(out), n_sites=sites, seed=seed)
+    if sites < 1:
+        fail(f"--sites {sites}: generate at least 1 site")
+    manifest = gen(_out_dir(out), n_sites=sites, seed=seed, force=force)
     say(f"wrote {sites} site files and {manifest}")
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedadapt.console import console
+from fedadapt.console import console, say
 
 
 class RunProgress:
     """Show phases and rounds as the ServerApp reports them (``OUT/events.jsonl``).
+
+    The bar appears with the run's first event (a refusal before the run prints no bar).
+    A resumed run starts where its checkpoint was, and says so.
 
     Parameters
     ----------
@@ -28,20 +31,32 @@ class RunProgress:
         # Per repeat: stats, the rounds, adapt, evaluate; then the pooled reference.
         self.task = self.bar.add_task("starting Flower",
                                       total=repeats * (rounds + 3) + int(pooled))
+        self.started = False
 
     def __enter__(self) -> RunProgress:
-        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.__exit__(None, None, None)
+        if self.started:
+            self.bar.__exit__(None, None, None)
 
     def update(self, event: dict[str, Any]) -> None:
         """Advance the bar for one ServerApp event."""
+        if not self.started:
+            self.bar.__enter__()
+            self.started = True
         kind = event.get("event")
         rep = f"repeat {event.get('repeat', 0) + 1}/{event.get('repeats', 1)}"
         if kind == "waiting":
             self.bar.update(self.task, description="waiting for sites")
+        elif kind == "resumed":
+            done = int(event.get("repeat", 0)) * (self.rounds + 3) + int(event.get("round", 0))
+            self.bar.update(self.task, completed=done)
+            say(f"resuming from the checkpoint: {event.get('repeat', 0)} repeat(s) done, "
+                f"{event.get('round', 0)} round(s) of the next")
+        elif kind == "checkpoint-ignored":
+            say(("note: ", "yellow"), f"the checkpoint {event.get('path')} is "
+                f"{event.get('reason')}: this run starts afresh and replaces it")
         elif kind == "phase":
             phase = event["phase"]
             if phase != "train":

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared.files import create_private_file, ensure_private_dir
+from shared.protocol import site_name_problem
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,11 @@ def site_names(n_sites: int, names: Sequence[str] | None = None) -> list[str]:
     if names:
         if len(names) != n_sites:
             raise ValueError(f"{len(names)} site names given for {n_sites} sites")
-        bad = [n for n in names if not n or "/" in n or n.startswith(".")]
-        if bad:
-            raise ValueError(f"site names must be plain folder names: {bad}")
+        problems = [p for n in names if (p := site_name_problem(n))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        if len(set(names)) != len(names):
+            raise ValueError("every site needs its own name: " + ", ".join(names))
         return list(names)
     return [f"site-{i}" for i in range(1, n_sites + 1)]
 

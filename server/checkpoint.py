@@ -42,6 +42,7 @@ class Checkpoint:
         self.path = self.folder / "state.json"
         self.key = key
         self.closed = False
+        self.ignored = ""  # why an existing checkpoint was not resumed, if one was not
 
     def load(self) -> dict[str, Any] | None:
         """The saved state of this run, or None (none saved, or another run's)."""
@@ -50,10 +51,11 @@ class Checkpoint:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as err:
-            log.warning("checkpoint %s unreadable (%s): starting from the beginning", self.path,
-                        type(err).__name__)
+            self.ignored = f"unreadable ({type(err).__name__})"
+            log.warning("checkpoint %s %s: starting from the beginning", self.path, self.ignored)
             return None
         if state.get("key") != self.key:
+            self.ignored = "of a run with other settings"
             log.warning("checkpoint %s belongs to a run with other settings: not resuming",
                         self.path)
             return None

@@ -61,6 +61,9 @@ def run_federation(
                            expected=settings.sites_to_wait_for)
     progress.emit("sites", count=len(nodes))
     state = checkpoint.load() if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.ignored:
+        progress.emit("checkpoint-ignored", reason=checkpoint.ignored,
+                      path=str(checkpoint.path))
     results = [RepeatResult(**r) for r in state["completed"]] if state else []
     if state:
         progress.emit("resumed", repeat=len(results), round=state.get("round", 0))

@@ -28,7 +28,7 @@ from shared.source_model import build_model, to_arrays
 log = logging.getLogger(__name__)
 
 # An error reply's reason starts with "[site NAME] " when the site knew its name.
-SITE_NAMED = re.compile(r"^\[site ([^\]]+)\] ")
+SITE_NAMED = re.compile(rf"^\[site ({protocol.SITE_NAME_RULE})\] ")
 
 
 class RunFailed(RuntimeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from flwr.app import MessageType
 
 # Message types: one per phase of a run (docs/architecture.md, "Phases of one run").
@@ -44,3 +46,15 @@ EVALUATE_METRICS = (
 SITE_ERROR = 100  # any failure at the site (the reason says which, without cell values)
 DATA_ERROR = 101  # the site's file does not fit the run's schema (file:line:column given)
 SCHEMA_MISMATCH = 102  # the site's schema (or its site features) differs from the run's
+
+# A site's name: it names the site's folders, appears in every report and log, and starts the
+# reason of its error replies ("[site NAME] ..."), so it is kept plain.
+SITE_NAME_RULE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
+def site_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a site's name, or None if it can."""
+    if re.fullmatch(SITE_NAME_RULE, name):
+        return None
+    return (f"site name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit")

@@ -419,7 +419,10 @@ def _truth(specs: list[HospitalSpec], sites: list[_Site], seed: int) -> dict[str
     }
 
 
-def generate(out_dir: str | Path, n_sites: int = 4, seed: int = 42) -> Path:
+GENERATED_BY = "written by fedadapt's generator"
+
+
+def generate(out_dir: str | Path, n_sites: int = 4, seed: int = 42, force: bool = False) -> Path:
     """Write one CSV per site, `sites.toml` and `truth.json` into out_dir; return sites.toml.
 
     Parameters
@@ -431,15 +434,29 @@ def generate(out_dir: str | Path, n_sites: int = 4, seed: int = 42) -> Path:
     seed : int
         Seed of everything drawn. The same ``(n_sites, seed)`` gives byte-identical files,
         and site k's file does not depend on how many sites follow it.
+    force : bool
+        Replace files of the same names even if this generator did not write them.
 
     Returns
     -------
     Path
         The path of the written ``sites.toml`` manifest.
+
+    Raises
+    ------
+    ValueError
+        If ``n_sites`` is below 1.
+    FileExistsError
+        If a file it would write exists and was not written by this generator (a patient
+        file is never replaced), unless ``force``.
     """
+    if n_sites < 1:
+        raise ValueError(f"the generator makes at least 1 site, not {n_sites}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = hospital_specs(n_sites, seed)
+    if not force:
+        _refuse_foreign_files(out, [f"{s.name}.csv" for s in specs])
     sites: list[_Site] = []
     files: list[str] = []
     for spec, (_, data_seed) in zip(specs, _seeds(n_sites, seed), strict=True):
@@ -453,9 +470,28 @@ def generate(out_dir: str | Path, n_sites: int = 4, seed: int = 42) -> Path:
         out / MANIFEST_NAME, SCHEMA_NAME,
         [{"name": spec.name, "data-file": file, "site-features": list(spec.site_features)}
          for spec, file in zip(specs, files, strict=True)],
-        comment=f"written by fedadapt's generator (seed {seed}, {len(specs)} sites)",
+        comment=f"{GENERATED_BY} (seed {seed}, {len(specs)} sites)",
     )
     truth = json.dumps(_truth(specs, sites, seed), indent=2, allow_nan=False) + "\n"
     (out / TRUTH_NAME).write_text(truth, encoding="utf-8", newline="")
     log.info("wrote %d sites to %s", len(specs), out)
     return manifest
+
+
+def _refuse_foreign_files(out: Path, files: list[str]) -> None:
+    """Refuse to replace files in ``out`` that an earlier generation did not write."""
+    manifest = out / MANIFEST_NAME
+    ours: set[str] = set()
+    if manifest.is_file():
+        text = manifest.read_text(encoding="utf-8", errors="replace")
+        if not text.startswith(f"# {GENERATED_BY}"):
+            raise FileExistsError(f"{manifest} exists and was not written by fedadapt "
+                                  "generate: choose an empty folder (or pass --force)")
+        ours = {MANIFEST_NAME, TRUTH_NAME, *(
+            line.split("=", 1)[1].strip().strip('"') for line in text.splitlines()
+            if line.startswith("data-file"))}
+    for name in [*files, MANIFEST_NAME, TRUTH_NAME]:
+        if (out / name).exists() and name not in ours:
+            raise FileExistsError(f"{out / name} exists and was not written by fedadapt "
+                                  "generate: it is never replaced; choose an empty folder "
+                                  "(or pass --force)")

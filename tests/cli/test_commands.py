@@ -94,9 +94,10 @@ def test_out_naming_a_file_is_refused(command: list[str], tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("command", ["simulate", "generate"])
 def test_zero_sites_is_refused(command: str, tmp_path: Path) -> None:
-    """--sites 0 is refused by the option itself (exit code 2, no traceback)."""
+    """--sites 0: one line, exit code 1, nothing started."""
     result = CliRunner().invoke(app, [command, "--sites", "0", "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == "error: --sites 0: generate at least 1 site"
 
 
 def test_one_site_is_refused_at_once(tmp_path: Path) -> None:

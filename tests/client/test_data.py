@@ -498,13 +498,61 @@ def test_file_not_found(tmp_path: Path, synthetic: Schema) -> None:
 
 
 def test_many_problems_are_capped_in_the_message(tmp_path: Path, synthetic: Schema) -> None:
-    """Dozens of bad cells are all in ``problems`` but the message lists only the first 20."""
-    rows = "".join(f"{CANARY},94.5,182,134,87,0\n" for _ in range(30))
+    """Dozens of different bad cells are all in ``problems``; the message lists the first 20."""
+    bad = [f"{CANARY},94.5,182,134,87,0\n", f"50,{CANARY},182,134,87,0\n"]
+    rows = "".join(bad[i % 2] for i in range(30))
     path = _write(tmp_path, HEADER + rows)
     err = _data_error(path, synthetic)
     assert len(err.problems) == 30
     assert "... and 10 more problem(s)" in str(err)
     assert CANARY not in str(err)
+
+
+def test_the_same_problem_on_following_lines_is_one_line(
+    tmp_path: Path, synthetic: Schema
+) -> None:
+    """100 rows with the same defect: one line with the count and the last line."""
+    path = _write(tmp_path, HEADER + "".join(f"{CANARY},94.5,182,134,87,0\n"
+                                             for _ in range(100)))
+    err = _data_error(path, synthetic)
+    assert len(err.problems) == 100
+    (line,) = err.lines
+    assert line.startswith(f"{path}:2:1 (column 'age'): not a number")
+    assert line.endswith("(the same on 99 more line(s), up to line 101)")
+
+
+def test_a_file_of_another_schema_is_said_to_be_one(tmp_path: Path, heart: Schema) -> None:
+    """Every row with the wrong field count: the hint asks whether the schema is the right one."""
+    path = _write(tmp_path, HEADER + ROW_A + ROW_B)
+    err = _data_error(path, heart, ())
+    assert len(err.lines) == 1 and "is it the schema this file was exported for" in err.hint
+
+
+def test_locations_without_a_line_or_column_say_less(tmp_path: Path, synthetic: Schema) -> None:
+    """A missing file is "path: ...", a missing column "path:1 (column ...)": never ":0"."""
+    err = _data_error(tmp_path / "nowhere.csv", synthetic)
+    assert str(err.problems[0]).startswith(f"{tmp_path / 'nowhere.csv'}: file not found")
+    path = _write(tmp_path, "weight,height,systolic_bp,glucose,diabetes\n" + "94.5,182,1,87,0\n")
+    err = _data_error(path, synthetic)
+    assert str(err.problems[0]) == (f"{path}:1 (column 'age'): required column is "
+                                    "missing from the header")
+
+
+def test_a_quoted_field_over_two_lines_is_located_where_it_starts(
+    tmp_path: Path, synthetic: Schema
+) -> None:
+    """A record spanning lines 3-4 is reported at line 3."""
+    path = _write(tmp_path, HEADER + ROW_A + '"6\n5",79.4,153,131,98,1\n' + ROW_C)
+    err = _data_error(path, synthetic)
+    assert [(p.line, p.column) for p in err.problems] == [(3, 1)]
+
+
+def test_a_label_given_with_new_patients_must_be_valid(tmp_path: Path, synthetic: Schema) -> None:
+    """Scoring: the label may be absent or empty, but a value that is no label is an error."""
+    path = _write(tmp_path, HEADER + ROW_A + "65,79.4,153,131,98,\n" + "41,70,168,118,90,7\n")
+    with pytest.raises(DataError) as info:
+        read_site_data(path, synthetic, ("glucose",), labelled=False)
+    assert [(p.line, p.column) for p in info.value.problems] == [(4, 6)]
 
 
 # ------------------------------------------------------------------ heart format

@@ -205,6 +205,18 @@ def test_output_paths_that_would_do_harm_are_refused(federation: Path, tmp_path:
     with pytest.raises(PredictError, match="is a file, not a folder"):
         predict_file(site, patients, patients / "risks.csv")
     assert patients.read_bytes() == before
+    for inside in (site / "site.key", site / "corrections" / "risks.csv", site / "r.csv"):
+        kept = inside.read_bytes() if inside.exists() else None
+        with pytest.raises(PredictError, match="inside the site folder"):
+            predict_file(site, patients, inside, overwrite=True)
+        assert (inside.read_bytes() if inside.exists() else None) == kept
+    other = tmp_path / "other-patients.csv"
+    other.write_text("keep")
+    with pytest.raises(PredictError, match="exists: name a new file, or pass --overwrite"):
+        predict_file(site, patients, other)
+    assert other.read_text() == "keep"
+    predict_file(site, patients, other, overwrite=True)
+    assert other.read_text().startswith("line,risk")
 
 
 def test_predict_command_errors_are_one_line(federation: Path, tmp_path: Path) -> None:

@@ -201,3 +201,19 @@ def test_a_run_naming_the_wrong_schema_fails_once_as_the_coordinator_s_mistake(
     message = str(failed.value)
     assert message.startswith("no site's data fit schema 'heart', which this run names")
     assert "correct these cells" not in message.split("First site's answer")[0]
+
+
+def test_a_checkpoint_of_other_settings_is_reported_not_silently_dropped(
+    tmp_path: Path,
+) -> None:
+    """The run starts afresh, and its progress says why the checkpoint was not resumed."""
+    import json
+
+    out = tmp_path / "out"
+    Checkpoint(out, "another-run").save({"completed": [], "repeat": 0, "round": 3})
+    settings = _settings(num_server_rounds=2)
+    key = fingerprint(settings, load_schema(settings.schema).digest())
+    _run(_grid(tmp_path), out, settings, Checkpoint(out, key))
+    events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines()]
+    (note,) = [e for e in events if e["event"] == "checkpoint-ignored"]
+    assert note["reason"] == "of a run with other settings"

@@ -191,11 +191,24 @@ def test_a_manifest_round_trips_any_name(tmp_path: Path) -> None:
     """Names and paths with quotes, backslashes and brackets survive write and read."""
     from client.site import read_manifest, write_manifest
 
-    odd = 'site "a" \\ [b] ü'
-    path = write_manifest(tmp_path / "sites.toml", "synthetic", [
-        {"name": odd, "data-file": "dir [x]/a.csv", "site-features": ["glucose"],
+    path = write_manifest(tmp_path / "sites.toml", 'schema "x" \\ [y].toml', [
+        {"name": "site.a_1", "data-file": 'dir "q" \\ [x] ü/a.csv', "site-features": ["glucose"],
          "drill-fault": 'x"y'}], comment="line one\nline two")
     manifest = read_manifest(path)
     (site,) = manifest.sites
-    assert site.name == odd and site.data_file == (tmp_path / "dir [x]" / "a.csv").resolve()
+    assert manifest.schema == 'schema "x" \\ [y].toml'
+    assert site.data_file == (tmp_path / 'dir "q" \\ [x] ü' / "a.csv").resolve()
     assert site.site_features == ("glucose",)
+
+
+def test_generate_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None:
+    """A patient file (or a foreign sites.toml) where generate would write: refused, kept."""
+    (tmp_path / "hospital-a.csv").write_text("a hospital's own export")
+    with pytest.raises(FileExistsError, match="was not written by fedadapt generate"):
+        generate(tmp_path, n_sites=2, seed=1)
+    assert (tmp_path / "hospital-a.csv").read_text() == "a hospital's own export"
+    generate(tmp_path / "again", n_sites=2, seed=1)
+    generate(tmp_path / "again", n_sites=3, seed=2)  # its own earlier output: replaced
+    assert (tmp_path / "again" / "hospital-c.csv").exists()
+    generate(tmp_path, n_sites=2, seed=1, force=True)
+    assert (tmp_path / "hospital-a.csv").read_text().startswith("age,")
