@@ -72,10 +72,10 @@ def predict_file(
     The input is validated against the schema exactly like training data (the label column may
     be absent). Each output row has the input's line number, ``risk`` (the one to use),
     ``source_risk``, ``adapted_risk``, whether the correction is in ``risk``, and a ``note``
-    naming the site features that were missing when it is not. A row lacking a site feature
-    the correction uses is scored with the source model (its ``risk`` is ``source_risk``),
-    unless the correction was fitted on rows where that feature was missing too (then it
-    knows what "not measured" means there).
+    naming the site features the correction uses that the row lacks. Such a row is scored
+    with the source model (its ``risk`` is ``source_risk``), unless the correction was fitted
+    on rows where that feature was missing too (then it knows what "not measured" means
+    there, and is applied).
 
     Parameters
     ----------
@@ -132,8 +132,8 @@ def predict_file(
     source = predict_logit(model, x)
     own = data.features[list(data.site_columns)]
     alpha = correction.alpha(x, own, list(schema.resolve_site_features(site_features)))
-    notes = _fallback_notes(correction, data)
-    use = np.array([correction.applied and not note for note in notes])
+    notes, fallback = _fallback_notes(correction, data)
+    use = np.array([correction.applied and not falls for falls in fallback])
     p_source, p_adapted = sigmoid(source), sigmoid(adapted_logit(source, alpha))
     risk = np.where(use, p_adapted, p_source)
     buffer = io.StringIO()
@@ -144,8 +144,8 @@ def predict_file(
         writer.writerow([int(line), f"{r:.6f}", f"{ps:.6f}", f"{pa:.6f}", int(used), note])
     write_atomically(out, buffer.getvalue().encode("utf-8"), mode=0o600)
     fallbacks: dict[str, int] = {}
-    for note in notes:
-        if note and correction.applied:
+    for note, falls in zip(notes, fallback, strict=True):
+        if falls and correction.applied:
             fallbacks[note] = fallbacks.get(note, 0) + 1
     log.info("scored %d rows into %s", data.n_rows, out)
     return PredictSummary(
@@ -181,24 +181,30 @@ def _check_output(input_file: Path, output: Path, site_dir: Path, overwrite: boo
     return output
 
 
-def _fallback_notes(correction: Correction, data: SiteData) -> list[str]:
-    """Per row, the site features the correction needs but the row lacks ("" when none)."""
-    needed = _needed_site_features(correction)
+def _fallback_notes(correction: Correction, data: SiteData) -> tuple[list[str], list[bool]]:
+    """Per row, a note on the site features the correction uses, and whether to fall back.
+
+    A row lacking such a feature is scored with the source model alone ("glucose absent",
+    "glucose missing"), unless the correction was fitted on rows where that feature was
+    missing too: then it knows what "not measured" means there and is applied, and the note
+    says so ("glucose missing, as in training").
+    """
     notes: list[list[str]] = [[] for _ in range(data.n_rows)]
-    for name in needed:
-        absent = name not in data.summary or not data.summary[name].present
-        if absent:
-            for note in notes:
-                note.append(f"{name} absent")
-            continue
-        learned_missing = name in set(
-            (correction.site_preprocessing or {}).get("indicator_features", []))
-        if learned_missing:
-            continue
-        values = data.features[name].to_numpy(dtype=float)
-        for i in np.flatnonzero(np.isnan(values)):
-            notes[int(i)].append(f"{name} missing")
-    return ["; ".join(n) for n in notes]
+    fallback = [False] * data.n_rows
+    learned = set((correction.site_preprocessing or {}).get("indicator_features", []))
+    for name in _needed_site_features(correction):
+        if name not in data.summary or not data.summary[name].present:
+            rows: list[int] = list(range(data.n_rows))
+            note, falls = f"{name} absent", True
+        else:
+            values = data.features[name].to_numpy(dtype=float)
+            rows = [int(i) for i in np.flatnonzero(np.isnan(values))]
+            note, falls = ((f"{name} missing, as in training", False) if name in learned
+                           else (f"{name} missing", True))
+        for i in rows:
+            notes[i].append(note)
+            fallback[i] = fallback[i] or falls
+    return ["; ".join(n) for n in notes], fallback
 
 
 def _needed_site_features(correction: Correction) -> list[str]:

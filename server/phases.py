@@ -86,6 +86,7 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
             who = named.group(1) if named else f"node-{node}"
             reason = reason[named.end():] if named else reason
             rep.result.failures[who] = f"stats: {reason}"
+            rep.result.nodes[who] = node
             log.warning("site %s failed the stats phase: %s", who, reason)
             continue
         name = str(reply.content.config_records[protocol.SITE][protocol.SITE_NAME])
@@ -94,8 +95,8 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
             raise RunFailed(
                 f"two sites call themselves {name!r} (nodes {twin} and {node}): every "
                 "SuperNode needs its own site-name, the name its key was registered with "
-                "(`flwr supernode list` shows each node's name); correct the --node-config of "
-                "one of them and restart it"
+                "(`flwr supernode register` printed each key's node id); correct the "
+                "--node-config of one of them and restart it"
             )
         metrics = reply.content.metric_records[protocol.METRICS]
         summary = {k: _as_list(metrics[k]) for k in expected if k in metrics}
@@ -146,7 +147,7 @@ def train_phase(
                                       seed=s.seed + rep.result.repeat))
     shapes = {k: tuple(start[k].shape) for k in start}
     grid = SiteGrid(rep.grid, rep.names, rep.audit, min_sites=min(s.min_sites, len(rep.names)),
-                    wait=s.node_wait_timeout)
+                    wait=s.node_wait_timeout, names=rep.names)
     current = [start]
 
     def on_round(rnd: int, arrays: ArrayRecord | None, metrics: MetricRecord | None,
@@ -182,7 +183,6 @@ def train_phase(
         name = rep.names[node]  # the grid lists only the sites that passed the stats phase
         missed = [r for r in range(rnd, s.num_server_rounds + 1)]
         rep.result.lost[name] = {"round": rnd, "reason": reason, "rounds_missed": missed}
-        log.warning("site %s dropped in round %d (%s)", name, rnd, reason)
     if len(grid.dropped) == len(rep.names):
         raise RunFailed("every site was lost during training")
     rep.result.source_digest = arrays_digest(current[0])
@@ -231,6 +231,9 @@ def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> N
                          rep.result.lost[name]["round"], phase)
             _record(rep.result, phase, name, reply)
         rep.result.timing[phase] = time.monotonic() - t
+    if not rep.result.evaluate:
+        raise RunFailed("no site answered the evaluate phase, so there is nothing to report: "
+                        + "; ".join(f"{k}: {v}" for k, v in rep.result.failures.items()))
 
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flwr.app import Message, RecordDict
@@ -145,9 +145,10 @@ class SiteGrid(Grid):
 
     def __init__(
         self, grid: Grid, nodes: Iterable[int], audit: ReplyLog | None = None,
-        min_sites: int = 1, wait: float = 60.0,
+        min_sites: int = 1, wait: float = 60.0, names: Mapping[int, str] | None = None,
     ) -> None:
         self._grid = grid
+        self._names = dict(names or {})
         self._nodes = sorted(nodes)
         self._audit = audit
         self.min_sites = min_sites
@@ -155,6 +156,14 @@ class SiteGrid(Grid):
         self.dropped: dict[int, tuple[int, str]] = {}  # node -> (round, reason)
         self.round = 0
         self._short_since: float | None = None
+
+    def _drop(self, node: int, rnd: int, reason: str) -> None:
+        """A site sits out the rest of training from round ``rnd`` (said when it happens)."""
+        if node in self.dropped:
+            return
+        self.dropped[node] = (rnd, reason)
+        log.warning("site %s sits out training from round %d: %s",
+                    self._names.get(node, f"node {node}"), rnd, reason)
 
     def set_run(self, run: Run) -> None:
         """Delegate to the wrapped grid."""
@@ -174,7 +183,7 @@ class SiteGrid(Grid):
         connected = set(self._grid.get_node_ids())
         for n in self._nodes:
             if n not in connected and n not in self.dropped:
-                self.dropped[n] = (self.round + 1, "disconnected")
+                self._drop(n, self.round + 1, "disconnected")
         nodes = [n for n in self._nodes if n not in self.dropped]
         if len(nodes) >= self.min_sites:
             self._short_since = None
@@ -217,8 +226,8 @@ class SiteGrid(Grid):
             node = m.metadata.dst_node_id
             reply = replies.get(node)
             if reply is None:
-                self.dropped.setdefault(node, (self.round, f"no reply within {timeout} s"))
+                self._drop(node, self.round, f"no reply within {timeout} s")
             elif reply.has_error():
-                self.dropped.setdefault(node, (self.round, str(reply.error.reason)))
+                self._drop(node, self.round, str(reply.error.reason))
         # The strategy sees the sites' own replies only; errors are accounted for above.
         return [r for r in replies.values() if not r.has_error()]

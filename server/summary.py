@@ -189,6 +189,7 @@ def build_report(
         "summary": summarize_methods(sites),
         "timing_s": timing,
         "source_models": [r.source_digest for r in results],
+        "notes": [],
     }
 
 

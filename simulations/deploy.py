@@ -14,6 +14,7 @@ failure.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import ssl
@@ -68,6 +69,7 @@ class Deployment:
     gateway_port: int = 0
     logs: dict[str, Path] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
+    registered: dict[str, int] = field(default_factory=dict)  # site name -> node id
 
 
 # Flower's SuperExec checks for new work every second by default; every message of a round
@@ -168,12 +170,16 @@ def register_site(dep: Deployment, name: str) -> None:
     """Register a site's public key at the SuperLink (``flwr supernode register``)."""
     public = dep.certs.site_keys[name][1]
     result = subprocess.run(
-        [flower_bin("flwr"), "supernode", "register", str(public), CONNECTION, "--name", name],
+        [flower_bin("flwr"), "supernode", "register", str(public), CONNECTION, "--name", name,
+         "--format", "json"],
         env=dep.env, capture_output=True, text=True, timeout=60, check=False,
     )
     if result.returncode != 0:
         raise DeploymentError(f"registering site {name} failed:\n{result.stdout[-2000:]}"
                               f"{result.stderr[-2000:]}")
+    # Flower prints the node id once, here; the report's node_id of each site must match it.
+    start = result.stdout.find("{")
+    dep.registered[name] = int(json.loads(result.stdout[start:])["node-id"])
 
 
 def supernode_command(
@@ -321,12 +327,19 @@ def deploy_local(
             mark_incomplete(out)
             raise
         run_seconds = time.monotonic() - t1
+    mismatched = {name: entry.get("node_id") for name, entry in report["sites"].items()
+                  if entry.get("node_id") is not None
+                  and entry["node_id"] != dep.registered.get(name)}
+    if mismatched:
+        raise DeploymentError(f"sites answered under names registered for other keys: "
+                              f"{mismatched} (registered: {dep.registered})")
     deltas = [b - a for a, b in itertools.pairwise(rounds)]
     report["deployment"] = {
         "startup_s": startup, "run_s": run_seconds, "total_s": time.monotonic() - t0,
         "round_latency_s": deltas,
         "mean_round_latency_s": sum(deltas) / len(deltas) if deltas else None,
         "tls": True, "supernode_auth": True, "fleet_gateway": True,
+        "registered_nodes": dict(dep.registered),
         "logs": {k: str(v) for k, v in dep.logs.items()},
     }
     report["config"]["data"] = data

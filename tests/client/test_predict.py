@@ -242,3 +242,25 @@ def test_predict_command_errors_are_one_line(federation: Path, tmp_path: Path) -
                                  "--output", str(tmp_path / "y.csv")])
     assert result.exit_code == 1 and "chmod 600" in result.output, result.output
     assert not (tmp_path / "y.csv").exists()
+
+
+def test_an_empty_site_feature_cell_is_noted_on_its_row(federation: Path, tmp_path: Path) -> None:
+    """A row without glucose says so; the correction applies only if it learned missing glucose."""
+    from client.correction_store import load_correction
+    from client.source_model_store import load_source_model
+
+    site = federation / "sites" / "hospital-a"
+    rows = list(csv.reader(_new_patients(federation, tmp_path).read_text().splitlines()))
+    glucose = rows[0].index("glucose")
+    rows[3][glucose] = ""
+    path = tmp_path / "one-missing.csv"
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    predict_file(site, path, tmp_path / "r.csv")
+    result = list(csv.DictReader((tmp_path / "r.csv").read_text().splitlines()))
+    state = load_correction(site, "hospital-a", load_source_model(site).digest)
+    learned = "glucose" in (state["site_preprocessing"] or {}).get("indicator_features", [])
+    row = result[2]
+    assert row["note"] == ("glucose missing, as in training" if learned else "glucose missing")
+    assert row["correction_applied"] == ("1" if learned else "0")
+    present = [i for i, r in enumerate(rows[1:]) if r[glucose] not in ("", "NA")]
+    assert present and all(result[i]["note"] == "" for i in present)
