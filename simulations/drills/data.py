@@ -196,7 +196,9 @@ def malformed_data(out: Path) -> DrillResult:
     failed = [n for n, e in entries.items() if e["status"] == "failed"]
     errors = [str(entries[n].get("error") or "") for n in failed]
     by_name = sorted(failed) == sorted(s.name for s in sites[len(HEALTHY):])
-    located = {kind: any(re.search(re.escape(file) + r":\d+:\d+", e) for e in errors)
+    # file:line:column, or file:line for a column missing from the header (it has no column).
+    located = {kind: any(re.search(re.escape(file) + r":\d+(:\d+| \(column )", e)
+                         for e in errors)
                for file, kind in broken.items()}
     healthy_ok = sum(entries.get(n, {}).get("status") == "ok" for n in HEALTHY)
     hits, absent = canary_hits(run, canaries)
