@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
+
+from simulations.process_guard import marked
 
 REPO = Path(__file__).resolve().parent.parent
 HEART_DIR = REPO.parent / "shared" / "data" / "uci-heart-disease"
@@ -43,26 +43,10 @@ def heart_dir() -> Path:
     return HEART_DIR
 
 
+# Every process a test starts inherits the test's environment (Flower's SuperLink, the
+# simulation, ray's workers, SuperNodes, ClientApps), so this mark finds exactly those, and never
+# another user's or another test run's Flower processes.
 MARK = "FEDADAPT_TEST_PROCESS"
-
-
-def _marked(mark: str) -> dict[int, str]:
-    """Processes (other than this one) whose environment carries ``mark``: this test's own.
-
-    Every process a test starts inherits the test's environment (Flower's SuperLink, the
-    simulation, ray's workers, SuperNodes, ClientApps), so the mark finds exactly those, and
-    never another user's or another test run's Flower processes.
-    """
-    found = {}
-    for p in psutil.process_iter(["pid", "name"]):
-        if p.info["pid"] == os.getpid():
-            continue
-        try:
-            if p.environ().get(MARK) == mark and p.status() != psutil.STATUS_ZOMBIE:
-                found[p.info["pid"]] = p.info["name"]
-        except (psutil.Error, OSError):
-            continue  # gone, a zombie, or not ours to read
-    return found
 
 
 @pytest.fixture
@@ -72,8 +56,8 @@ def no_leftovers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv(MARK, mark)
     yield
     deadline = time.monotonic() + 10.0  # a process may need a moment to finish exiting
-    left = _marked(mark)
+    left = marked(MARK, mark)
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = _marked(mark)
-    assert not left, f"processes left running: {left}"
+        left = marked(MARK, mark)
+    assert not left, f"processes left running: {[(p.pid, p.name()) for p in left]}"

@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from tests.conftest import MARK, _marked
+from simulations.process_guard import marked
+
+MARK = "FEDADAPT_TEST_PROCESS"  # as in conftest.py
 
 
 def _fake_flower(env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -21,11 +23,11 @@ def test_another_flower_job_is_not_a_leftover(monkeypatch: pytest.MonkeyPatch) -
     foreign_env = {k: v for k, v in os.environ.items() if k != MARK}
     foreign, ours = _fake_flower(foreign_env), _fake_flower(dict(os.environ))
     try:
-        found = _marked("this-test")
+        found = [p.pid for p in marked(MARK, "this-test")]
         assert ours.pid in found
         assert foreign.pid not in found
     finally:
         for p in (foreign, ours):
             p.kill()
             p.wait()
-    assert ours.pid not in _marked("this-test")
+    assert ours.pid not in [p.pid for p in marked(MARK, "this-test")]
