@@ -1,20 +1,30 @@
-"""Fitting a site's private correction: strength chosen by cross-validation on training rows only.
+"""A site's final model, chosen by cross-validation on its training rows only.
 
-Candidates, from simplest to strongest: no correction, an intercept-only recalibration
-(``C = 0``), and penalised corrections of increasing strength ``C``. Each is scored by
-repeated K-fold cross-validation inside the site's training rows (stratified; the site-local
-preprocessing is refitted in every fold), giving every training row an out-of-fold log-loss.
-A candidate is eligible only if its cross-validated AUC is at least the source model's (an
-intercept shift keeps the ranking, so it always is). The choice follows the one-standard-error
-rule on paired per-row losses: the simplest eligible candidate whose mean log-loss is within
-one standard error of the best one's. A correction is thus applied only where the site's own
-data show it helps, and "no correction" is kept otherwise. The held-out rows are never seen.
+The candidates, all of the form ``logit = s * logit_source + b + z . w`` over the same inputs
+``z`` (the source model's inputs, then the site's own features; see ``shared.correction``):
 
-Feature corrections need at least ``MIN_CLASS_ROWS`` training rows of each class (the usual
-"ten events per variable" caution: with fewer, a cross-validated AUC rests on a handful of
-patients and cannot vouch for a correction). Below that only the recalibration is tried; with
-fewer than two rows of a class it is cross-validated by plain K-fold on log-loss: AUC cannot
-be validated, but the site's prevalence can.
+- the source model itself (``s = 1``, nothing fitted);
+- a recalibration: the source model plus an intercept (its ranking unchanged);
+- corrections of increasing strength ``C``: the source model plus a penalised logistic
+  regression on ``z`` (shrunk towards the source model);
+- the site's local-only model at each ``C`` (``s = 0``: shrunk towards a constant);
+- blends of the source model and the best local-only model (``s`` = 3/4, 1/2, 1/4).
+
+Each is scored by repeated stratified K-fold cross-validation inside the training rows (the
+site-local preprocessing refitted in every fold), which gives every training row an out-of-
+fold log-loss per candidate. The rule:
+
+1. a candidate that uses features (all but the source model and the recalibration) needs at
+   least ``MIN_CLASS_ROWS`` training rows of each class;
+2. it must not rank worse than the source model: cross-validated AUC at least the source's
+   (a recalibration keeps the ranking);
+3. it must beat the source model's cross-validated log-loss by more than one paired standard
+   error (paired over the training rows): a departure from the shared model needs the site's
+   own evidence;
+4. among those, the lowest cross-validated log-loss wins; with none, the source model.
+
+Log-loss is the criterion because it is a proper score: it rewards calibrated risks, which is
+what clinicians act on, not only their ranking. The held-out rows are never seen.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,9 +46,36 @@ from shared.schema import Feature
 
 log = logging.getLogger(__name__)
 
-STRENGTHS = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+CORRECTION_STRENGTHS = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+LOCAL_STRENGTHS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+BLEND_WEIGHTS = (0.75, 0.5, 0.25)  # the source model's share
 CV_REPEATS = 3
-MIN_CLASS_ROWS = 10
+MIN_CLASS_ROWS = 5
+# The local-only model's intercept is the site's whole base rate, not a shift: a weak prior.
+LOCAL_INTERCEPT_SD = 10.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model a site may choose: its family and parameter."""
+
+    family: str  # source | recalibration | correction | local | blend
+    C: float = 0.0
+    weight: float = 1.0  # the source model's share (blends)
+
+    @property
+    def label(self) -> str:
+        """How the report names it."""
+        if self.family in ("source", "recalibration"):
+            return self.family
+        if self.family == "blend":
+            return f"blend {_fraction(self.weight)} source + local C={self.C:g}"
+        return f"{self.family} C={self.C:g}"
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether it fits weights on the site's features."""
+        return self.family not in ("source", "recalibration")
 
 
 def fit_correction(
@@ -49,9 +87,11 @@ def fit_correction(
     *,
     folds: int = 5,
     seed: int = 0,
-    strengths: Sequence[float] = STRENGTHS,
+    strengths: Sequence[float] = CORRECTION_STRENGTHS,
+    local_strengths: Sequence[float] = LOCAL_STRENGTHS,
+    blends: Sequence[float] = BLEND_WEIGHTS,
 ) -> Correction:
-    """Choose and fit the correction on a site's training rows.
+    """Choose and fit the site's final model on its training rows (see the module's rule).
 
     Parameters
     ----------
@@ -69,96 +109,162 @@ def fit_correction(
         Folds of the cross-validation (reduced when a class has fewer rows).
     seed : int
         Seed of the fold assignment.
-    strengths : sequence of float
-        Candidate values of ``C``.
+    strengths, local_strengths : sequence of float
+        Candidate values of ``C`` for corrections (0: the recalibration) and local models.
+    blends : sequence of float
+        The source model's shares in the blends.
 
     Returns
     -------
     Correction
-        ``applied=False`` when no candidate beats the source model in cross-validation or
-        when a class has fewer than two training rows.
+        The chosen model, its cross-validated evidence and the reason; ``applied=False`` when
+        the source model stays.
     """
     names = [f.name for f in site_features]
     y = np.asarray(y, dtype=int)
     n = len(y)
     minority = int(min(y.sum(), n - y.sum()))
+    features_ok = minority >= MIN_CLASS_ROWS
     if minority >= 2:
         k = min(folds, minority)
         splitter: Any = RepeatedStratifiedKFold(n_splits=k, n_repeats=CV_REPEATS,
                                                 random_state=seed)
-        candidates = [c for c in strengths if c == 0.0 or minority >= MIN_CLASS_ROWS]
     else:
         k = min(folds, n)
         splitter = RepeatedKFold(n_splits=k, n_repeats=CV_REPEATS, random_state=seed)
-        candidates = [0.0]
     if k < 2:
-        return Correction.none(names, reason=f"only {n} training row(s)")
+        return Correction.none(names, reason=f"only {n} training row(s): the source model")
+    candidates = [Candidate("recalibration")]
+    if features_ok:
+        candidates += [Candidate("correction", c) for c in strengths if c > 0]
+        candidates += [Candidate("local", c) for c in local_strengths]
 
-    # oof[r, j, i]: out-of-fold corrected logit of row i, CV repeat r, candidate j.
-    oof = np.zeros((CV_REPEATS, len(candidates), n))
+    oof = _out_of_fold(candidates, splitter, k, x_shared, site_rows, offset, y, site_features)
+    losses = {c: np.mean([_row_loss(y, oof[c][r]) for r in range(CV_REPEATS)], axis=0)
+              for c in candidates}
+    if features_ok and blends:
+        best_local = min((c for c in candidates if c.family == "local"),
+                         key=lambda c: float(losses[c].mean()))
+        for w in blends:
+            blend = Candidate("blend", best_local.C, w)
+            oof[blend] = w * offset[None, :] + (1 - w) * oof[best_local]
+            losses[blend] = np.mean([_row_loss(y, oof[blend][r]) for r in range(CV_REPEATS)],
+                                    axis=0)
+            candidates.append(blend)
+
+    source_loss = _row_loss(y, offset)
+    source_auc = _auc(y, offset)
+    evidence: list[dict[str, Any]] = [{"candidate": "source",
+                                       "cv_log_loss": float(source_loss.mean()),
+                 "cv_auc": source_auc, "gain": 0.0, "se": 0.0}]
+    eligible = []
+    for c in candidates:
+        # With fewer than two rows of a class, an out-of-fold AUC means nothing.
+        auc = (float(np.mean([_auc(y, oof[c][r]) for r in range(CV_REPEATS)]))
+               if minority >= 2 else math.nan)
+        diff = source_loss - losses[c]
+        gain = float(diff.mean())
+        se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+        evidence.append({"candidate": c.label, "cv_log_loss": float(losses[c].mean()),
+                         "cv_auc": auc, "gain": gain, "se": se})
+        ranks_ok = c.family == "recalibration" or (
+            not math.isnan(auc) and not math.isnan(source_auc) and auc >= source_auc)
+        if ranks_ok and gain > se:
+            eligible.append(c)
+    cv_info = {"cv_log_loss_source": float(source_loss.mean()), "cv_auc_source": source_auc,
+               "folds": float(k), "candidates": float(len(candidates))}
+    local_scores = [e for e in evidence if str(e["candidate"]).startswith("local ")]
+    if local_scores:
+        best = min(local_scores, key=lambda e: float(e["cv_log_loss"]))
+        cv_info.update(cv_log_loss_local=float(best["cv_log_loss"]),
+                       cv_auc_local=float(best["cv_auc"]))
+    if not eligible:
+        reason = ("no candidate beat the source model's cross-validated log-loss "
+                  f"({cv_info['cv_log_loss_source']:.4f}) by more than one standard error"
+                  + ("" if features_ok else f"; with {minority} training row(s) of the smaller "
+                     f"class (fewer than {MIN_CLASS_ROWS}) only a recalibration was tried"))
+        log.info("source model kept: %s", reason)
+        kept = Correction.none(names, {**cv_info, "cv_log_loss": cv_info["cv_log_loss_source"],
+                                       "cv_auc": source_auc, "cv_log_loss_se": 0.0},
+                               reason=reason)
+        return _with_evidence(kept, evidence)
+    chosen = min(eligible, key=lambda c: float(losses[c].mean()))
+    row = next(e for e in evidence if e["candidate"] == chosen.label)
+    cv_info.update(cv_log_loss=float(row["cv_log_loss"]), cv_auc=float(row["cv_auc"]),
+                   cv_log_loss_se=float(row["se"]))
+    reason = (f"{chosen.label}: cross-validated log-loss {row['cv_log_loss']:.4f} against the "
+              f"source model's {cv_info['cv_log_loss_source']:.4f} (gain {row['gain']:.4f}, "
+              f"more than its standard error {row['se']:.4f}), the lowest of "
+              f"{len(eligible)} candidate(s) that beat the source model clearly")
+    log.info("chose %s", reason)
+    model = _fit_final(chosen, x_shared, site_rows, offset, y, site_features)
+    model.cv = cv_info
+    model.reason = reason
+    return _with_evidence(model, evidence)
+
+
+def _with_evidence(model: Correction, evidence: list[dict[str, Any]]) -> Correction:
+    model.evidence = evidence
+    return model
+
+
+def _out_of_fold(
+    candidates: Sequence[Candidate], splitter: Any, k: int, x_shared: np.ndarray,
+    site_rows: pd.DataFrame, offset: np.ndarray, y: np.ndarray,
+    site_features: Sequence[Feature],
+) -> dict[Candidate, np.ndarray]:
+    """Out-of-fold logits ``[repeat, row]`` of every fitted candidate."""
+    n = len(y)
+    oof = {c: np.zeros((CV_REPEATS, n)) for c in candidates}
+    zeros = np.zeros(n)
     for fold, (tr, te) in enumerate(splitter.split(np.zeros(n), y)):
         prep = _site_prep(site_features, site_rows.iloc[tr])
         z_tr = correction_inputs(x_shared[tr], site_rows.iloc[tr], prep)
         z_te = correction_inputs(x_shared[te], site_rows.iloc[te], prep)
-        for j, c in enumerate(candidates):
-            model = OffsetLogisticRegression(C=c).fit(z_tr, y[tr], offset[tr])
-            oof[fold // k, j, te] = model.decision_function(z_te, offset[te])
+        for c in candidates:
+            model, base = _model(c), (zeros if c.family == "local" else offset)
+            model.fit(z_tr, y[tr], base[tr])
+            oof[c][fold // k, te] = model.decision_function(z_te, base[te])
+    return oof
 
-    # Per-row losses, "no correction" first: row 0 is the source model itself.
-    losses = np.vstack([_row_loss(y, offset)] + [
-        np.mean([_row_loss(y, oof[r, j]) for r in range(CV_REPEATS)], axis=0)
-        for j in range(len(candidates))
-    ])
-    # With fewer than two rows of a class, out-of-fold AUC (pooled over folds fitted apart)
-    # means nothing: report it as undefined.
-    aucs = [_auc(y, offset)] + [
-        float(np.mean([_auc(y, oof[r, j]) for r in range(CV_REPEATS)])) if minority >= 2
-        else math.nan
-        for j in range(len(candidates))
-    ]
-    eligible = [0] + [
-        j + 1 for j, c in enumerate(candidates)
-        if c == 0.0 or (not math.isnan(aucs[j + 1]) and aucs[j + 1] >= aucs[0])
-    ]
-    means = losses.mean(axis=1)
-    best = min(eligible, key=lambda j: means[j])
-    chosen = next(
-        j for j in eligible  # simplest first
-        if _within_one_se(losses[j], losses[best])
-    )
-    cv_info = {
-        "cv_log_loss_source": float(means[0]), "cv_auc_source": aucs[0], "folds": float(k),
-        "cv_log_loss": float(means[chosen]), "cv_auc": aucs[chosen],
-    }
-    if chosen == 0:
-        log.info("correction not applied: no candidate clearly beat the source model in CV")
-        return Correction.none(names, cv_info,
-                               reason="no candidate clearly beat the source model in CV")
 
-    c = candidates[chosen - 1]
+def _model(c: Candidate) -> OffsetLogisticRegression:
+    if c.family == "recalibration":
+        return OffsetLogisticRegression(C=0.0)
+    if c.family == "local":
+        return OffsetLogisticRegression(C=c.C, intercept_sd=LOCAL_INTERCEPT_SD)
+    return OffsetLogisticRegression(C=c.C)
+
+
+def _fit_final(
+    chosen: Candidate, x_shared: np.ndarray, site_rows: pd.DataFrame, offset: np.ndarray,
+    y: np.ndarray, site_features: Sequence[Feature],
+) -> Correction:
+    """Fit the chosen candidate on all training rows."""
     prep = _site_prep(site_features, site_rows)
     z = correction_inputs(x_shared, site_rows, prep)
-    model = OffsetLogisticRegression(C=c).fit(z, y, offset)
-    shared_names = [f"shared:{i}" for i in range(x_shared.shape[1])]
+    local = chosen.family in ("local", "blend")
+    fitted = _model(Candidate("local", chosen.C) if local else chosen)
+    fitted.fit(z, y, np.zeros(len(y)) if local else offset)
+    share = chosen.weight if chosen.family == "blend" else (0.0 if local else 1.0)
+    scale = 1.0 - share if local else 1.0
     site_names = list(prep.feature_names_out_) if prep is not None else []
-    log.info("correction applied: C=%s over %d inputs", c, z.shape[1])
     return Correction(
         applied=True,
-        strength=float(c),
-        site_features=names,
+        strength=float(chosen.C),
+        site_features=[f.name for f in site_features],
         site_preprocessing=prep.to_dict() if prep is not None else None,
-        intercept=model.intercept_,
-        coef=[float(v) for v in model.coef_],
-        feature_names=shared_names + site_names,
-        cv=cv_info,
+        intercept=scale * float(fitted.intercept_),
+        coef=[scale * float(v) for v in fitted.coef_],
+        feature_names=[f"shared:{i}" for i in range(x_shared.shape[1])] + site_names,
+        cv={},
+        source_weight=share,
+        choice=chosen.label,
     )
 
 
-def _within_one_se(candidate: np.ndarray, best: np.ndarray) -> bool:
-    """Whether ``candidate``'s mean loss is within one paired standard error of ``best``'s."""
-    diff = candidate - best
-    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-    return float(diff.mean()) <= se
+def _fraction(weight: float) -> str:
+    return {0.75: "3/4", 0.5: "1/2", 0.25: "1/4"}.get(weight, f"{weight:g}")
 
 
 def _site_prep(

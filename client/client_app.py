@@ -58,15 +58,15 @@ def _train(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
                        arrays=arrays)
 
 
-def _corrections(job: Callable[..., tuple[dict[str, Any], str]]) -> Work:
-    """The adapt and evaluate replies: aggregate scores, the correction's status, its features."""
+def _corrections(job: Callable[..., tuple[dict[str, Any], dict[str, str]]]) -> Work:
+    """The adapt and evaluate replies: aggregate scores, the site's model in words."""
 
     def work(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
-        metrics, status = job(rows, msg.content.array_records[protocol.ARRAYS], config)
+        metrics, texts = job(rows, msg.content.array_records[protocol.ARRAYS], config)
         return build_reply(
             msg, shared_features=rows.schema.shared_features, metrics=metrics,
-            site={protocol.SITE_NAME: rows.site.name, protocol.CORRECTION_STATUS: status,
-                  protocol.SITE_FEATURES: ",".join(rows.site.site_features)},
+            site={protocol.SITE_NAME: rows.site.name,
+                  protocol.SITE_FEATURES: ",".join(rows.site.site_features), **texts},
         )
 
     return work

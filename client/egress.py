@@ -58,8 +58,10 @@ def allowed_metric_keys(message_type: str, shared_features: Sequence[Feature]) -
 ALLOWED_SITE_KEYS = {
     protocol.STATS: {protocol.SITE_NAME, protocol.SCHEMA_DIGEST},
     protocol.TRAIN: set(),
-    protocol.ADAPT: {protocol.SITE_NAME, protocol.CORRECTION_STATUS, protocol.SITE_FEATURES},
-    protocol.EVALUATE: {protocol.SITE_NAME, protocol.CORRECTION_STATUS, protocol.SITE_FEATURES},
+    protocol.ADAPT: {protocol.SITE_NAME, protocol.CORRECTION_STATUS, protocol.SITE_FEATURES,
+                     protocol.MODEL_CHOICE, protocol.MODEL_REASON},
+    protocol.EVALUATE: {protocol.SITE_NAME, protocol.CORRECTION_STATUS, protocol.SITE_FEATURES,
+                        protocol.MODEL_CHOICE, protocol.MODEL_REASON},
 }
 
 
@@ -160,8 +162,9 @@ def _check_number(key: str, value: MetricValue) -> None:
 
 
 def _may_be_undefined(key: str) -> bool:
-    """AUC (and scores derived from it) is undefined where a set has one class."""
-    return key.endswith("auc") or key.startswith("cv-") or key == "test-log-loss"
+    """AUC, calibration and paired differences are undefined where a set has one class."""
+    return (key.endswith(("auc", "auc_lo", "auc_hi")) or key.startswith(("cv-", "diff."))
+            or ".cal_" in key or key == "test-log-loss")
 
 
 def _check_arrays(arrays: ArrayRecord, sent: ArrayRecord | None) -> None:

@@ -192,9 +192,9 @@ def _model_document(
 
 
 def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> tuple[
-    Metrics, str
+    Metrics, dict[str, str]
 ]:
-    """Phase 3: fit the private correction on the training rows and store it encrypted."""
+    """Phase 3: choose and fit the site's final model on its training rows; store it sealed."""
     from client.adapt import fit_correction
     from shared.correction import adapted_logit
     from shared.metrics import binary_metrics, sigmoid
@@ -211,32 +211,51 @@ def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) ->
     digest = model_digest(document)
     save_correction(rows.site.site_dir, rows.site.name, digest, correction.to_dict())
     save_source_model(rows.site.site_dir, document)
-    alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs)
+    alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs,
+                             offset[test])
     held_out = binary_metrics(rows.data.label[test], sigmoid(adapted_logit(offset[test], alpha)))
     cv = correction.cv
+    nan = float("nan")
     metrics: Metrics = {
         "num-examples": float(len(train)),
         "applied": float(correction.applied),
         "strength": float(correction.strength) if correction.strength is not None else -1.0,
-        "cv-log-loss-source": cv.get("cv_log_loss_source", float("nan")),
-        "cv-log-loss": cv.get("cv_log_loss", float("nan")),
-        "cv-auc-source": cv.get("cv_auc_source", float("nan")),
-        "cv-auc": cv.get("cv_auc", float("nan")),
+        "source-weight": correction.source_weight,
+        "cv-log-loss-source": cv.get("cv_log_loss_source", nan),
+        "cv-log-loss": cv.get("cv_log_loss", nan),
+        "cv-log-loss-se": cv.get("cv_log_loss_se", nan),
+        "cv-auc-source": cv.get("cv_auc_source", nan),
+        "cv-auc": cv.get("cv_auc", nan),
+        "cv-log-loss-local": cv.get("cv_log_loss_local", nan),
+        "cv-auc-local": cv.get("cv_auc_local", nan),
         "folds": cv.get("folds", 0.0),
+        "candidates": cv.get("candidates", 0.0),
         "test-auc": held_out["auc"],
         "test-log-loss": held_out["log_loss"],
     }
-    status = "applied" if correction.applied else f"not applied: {correction.reason}"
-    return metrics, status
+    return metrics, _model_texts(correction)
+
+
+def _model_texts(correction: Any, status: str | None = None) -> dict[str, str]:
+    """The site record's words about its model: status, choice and reason."""
+    from shared import protocol
+
+    return {
+        protocol.CORRECTION_STATUS: status or (
+            "applied" if correction.applied else f"not applied: {correction.reason}"),
+        protocol.MODEL_CHOICE: correction.choice,
+        protocol.MODEL_REASON: correction.reason,
+    }
 
 
 def evaluate_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> tuple[
-    Metrics, str
+    Metrics, dict[str, str]
 ]:
     """Phase 4: held-out metrics of local-only, source and adapted models."""
     from client.local_model import fit_predict_local
     from shared.correction import Correction, adapted_logit
-    from shared.metrics import binary_metrics, sigmoid
+    from shared.metrics import binary_metrics, paired_auc_difference, reliability, sigmoid
+    from shared.protocol import PAIRS
     from shared.source_model import predict_logit
 
     model, x = _source(rows, arrays, config)
@@ -253,8 +272,9 @@ def evaluate_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any])
         digest = model_digest(_model_document(rows, arrays, config))
         state = load_correction(rows.site.site_dir, rows.site.name, digest)
         correction = Correction.from_dict(state)
-        alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs)
-        status = "applied" if correction.applied else f"not applied: {correction.reason}"
+        alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs,
+                             offset[test])
+        status = None
     except CorrectionRefused as err:
         log.warning("site %s: correction refused (%s); using the source model", rows.site.name,
                     err.reason)
@@ -272,13 +292,21 @@ def evaluate_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any])
             float(correction.strength) if correction.strength is not None else -1.0
         ),
         "correction-fallback": fallback,
+        "source-weight": correction.source_weight,
     }
-    for method, p in (
-        ("local", p_local),
-        ("source", sigmoid(offset[test])),
-        ("adapted", sigmoid(adapted_logit(offset[test], alpha))),
-    ):
+    risks = {"local": p_local, "source": sigmoid(offset[test]),
+             "adapted": sigmoid(adapted_logit(offset[test], alpha))}
+    for method, p in risks.items():
         for k, v in binary_metrics(y_test, p).items():
             if k not in ("n", "positives"):
                 metrics[f"{method}.{k}"] = v
-    return metrics, status
+        curve = reliability(y_test, p)
+        metrics.update({f"{method}.rel_predicted": curve["predicted"],
+                        f"{method}.rel_observed": curve["observed"],
+                        f"{method}.rel_rows": curve["rows"]})
+    for a, b in PAIRS:
+        diff, low, high = paired_auc_difference(y_test, risks[a], risks[b],
+                                                seed=int(config["split-seed"]))
+        metrics.update({f"diff.{a}-{b}.auc": diff, f"diff.{a}-{b}.auc_lo": low,
+                        f"diff.{a}-{b}.auc_hi": high})
+    return metrics, _model_texts(correction, status)

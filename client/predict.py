@@ -131,7 +131,7 @@ def predict_file(
     load_arrays(model, stored.arrays)
     source = predict_logit(model, x)
     own = data.features[list(data.site_columns)]
-    alpha = correction.alpha(x, own, list(schema.resolve_site_features(site_features)))
+    alpha = correction.alpha(x, own, list(schema.resolve_site_features(site_features)), source)
     notes, fallback = _fallback_notes(correction, data)
     use = np.array([correction.applied and not falls for falls in fallback])
     p_source, p_adapted = sigmoid(source), sigmoid(adapted_logit(source, alpha))

@@ -15,6 +15,7 @@ from rich.text import Text
 from fedadapt.console import console, fail, say, stops_its_processes, user_command
 from fedadapt.run_options import with_run_settings
 from shared.settings import RunSettings
+from simulations.generator import ROLES
 
 app = typer.Typer(
     help="fedadapt: hospitals learn one risk model together, then each makes it its own.",
@@ -25,7 +26,8 @@ app = typer.Typer(
 # Set by the command itself, from --data and --out: not options of simulate / deploy-local.
 SET_BY_COMMAND = frozenset({"sites-manifest", "schema", "out", "expected-sites"})
 DATA_HELP = "'synthetic' (generated hospitals), 'heart:DIR' (UCI files) or a folder with sites.toml"
-SITES_HELP = escape("Generated hospitals (--data synthetic only). [default: 4]")
+SITES_HELP = escape(f"Generated hospitals (--data synthetic only). [default: {ROLES}]")
+DEPLOY_SITES = 4  # every deployed site is a SuperNode with its own processes: fewer by default
 
 
 def _out_dir(out: Path) -> Path:
@@ -35,13 +37,13 @@ def _out_dir(out: Path) -> Path:
     return out
 
 
-def _sites(data: str, sites: int | None) -> int:
+def _sites(data: str, sites: int | None, default: int = ROLES) -> int:
     if sites is not None and sites < 1:
         fail(f"--sites {sites}: generate at least 1 site")
     if sites is not None and data != "synthetic":
         fail(f"--sites sets the number of generated hospitals; --data {data} brings its own "
              "sites: drop --sites")
-    return 4 if sites is None else sites
+    return default if sites is None else sites
 
 
 @app.command()
@@ -77,7 +79,9 @@ def deploy_local(
     settings: RunSettings,
     given: set[str],
     data: Annotated[str, typer.Option(help=DATA_HELP)] = "synthetic",
-    sites: Annotated[int | None, typer.Option(help=SITES_HELP, show_default=False)] = None,
+    sites: Annotated[int | None, typer.Option(help=escape(
+        f"Generated hospitals (--data synthetic only). [default: {DEPLOY_SITES}]"),
+        show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-deploy"),
     timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,
 ) -> None:
@@ -86,7 +90,7 @@ def deploy_local(
     from simulations.deploy import deploy_local as run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    n_sites = _sites(data, sites)
+    n_sites = _sites(data, sites, DEPLOY_SITES)
 
     def show_logs(logs: dict[str, Path]) -> None:
         say("logs: " + "; ".join(f"{k}: {v}" for k, v in logs.items())
@@ -262,7 +266,7 @@ def check_data(
 @user_command
 def generate(
     out: Annotated[Path, typer.Option(help="Folder for the site files and sites.toml.")],
-    sites: Annotated[int, typer.Option(help="Number of hospitals (at least 1).")] = 4,
+    sites: Annotated[int, typer.Option(help="Number of hospitals (at least 1).")] = ROLES,
     seed: Annotated[int, typer.Option(help="Seed.")] = 42,
     force: Annotated[bool, typer.Option(
         help="Replace files of the same names that fedadapt did not write.")] = False,

@@ -21,6 +21,8 @@ from shared.settings import RunSettings
 
 log = logging.getLogger(__name__)
 
+FORMAT = 2  # of what the checkpoint stores per repeat (server.summary.RepeatResult)
+
 # Settings that do not change the numbers: a run may resume with other values of these.
 NEUTRAL = {"out", "resume", "record-replies", "reply-timeout", "phase-timeout",
            "node-wait-timeout",
@@ -30,7 +32,10 @@ NEUTRAL = {"out", "resume", "record-replies", "reply-timeout", "phase-timeout",
 def fingerprint(settings: RunSettings, schema_digest: str) -> str:
     """SHA-256 of everything that determines a run's results."""
     config = {k: v for k, v in settings.to_run_config().items() if k not in NEUTRAL}
-    blob = json.dumps({"settings": config, "schema": schema_digest}, sort_keys=True)
+    # The state's format is part of it: a checkpoint written by another version of what a
+    # repeat records is not resumed.
+    blob = json.dumps({"settings": config, "schema": schema_digest, "format": FORMAT},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

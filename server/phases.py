@@ -238,15 +238,21 @@ def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> N
 
 
 def _record(result: RepeatResult, phase: str, name: str, reply: Message) -> None:
-    metrics = {k: float(v) for k, v in reply.content.metric_records[protocol.METRICS].items()
-               if isinstance(v, int | float)}
+    metrics: dict[str, Any] = {
+        k: (float(v) if isinstance(v, int | float) else [float(x) for x in v])
+        for k, v in reply.content.metric_records[protocol.METRICS].items()
+        if isinstance(v, int | float | list)
+    }
     site = reply.content.config_records.get(protocol.SITE)
     if phase == "adapt":
         result.adapt[name] = metrics
     else:
         result.evaluate[name] = metrics
-    if site is not None and protocol.CORRECTION_STATUS in site:
-        result.status[name] = str(site[protocol.CORRECTION_STATUS])
+    texts = {key: str(site[key]) for key in (protocol.CORRECTION_STATUS, protocol.MODEL_CHOICE,
+                                              protocol.MODEL_REASON)
+             if site is not None and key in site}
+    if texts:
+        result.texts[name] = texts
     if site is not None and protocol.SITE_FEATURES in site:
         result.site_features[name] = [f for f in str(site[protocol.SITE_FEATURES]).split(",") if f]
 

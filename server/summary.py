@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from server.assessment import assess
+from shared import protocol
 from shared.metrics import mean_sd
 from shared.protocol import METHODS, METRIC_NAMES
 
@@ -23,8 +25,8 @@ class RepeatResult:
         Phase-4 metrics per site (keys ``"<method>.<metric>"``, ``n-test``, ...).
     adapt : dict
         Phase-3 metrics per site.
-    status : dict
-        Correction status text per site.
+    texts : dict
+        Per site, its model in words: correction status, chosen model, reason.
     failures : dict
         Error text per site that failed in this repeat (phase: reason).
     lost : dict
@@ -37,9 +39,9 @@ class RepeatResult:
 
     repeat: int
     split_seed: int
-    evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
-    adapt: dict[str, dict[str, float]] = field(default_factory=dict)
-    status: dict[str, str] = field(default_factory=dict)
+    evaluate: dict[str, dict[str, Any]] = field(default_factory=dict)
+    adapt: dict[str, dict[str, Any]] = field(default_factory=dict)
+    texts: dict[str, dict[str, str]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     lost: dict[str, dict[str, Any]] = field(default_factory=dict)
     site_features: dict[str, list[str]] = field(default_factory=dict)
@@ -95,7 +97,10 @@ def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
         v["correction-strength"] for v, a in zip(evals, applied, strict=True) if a
     ]
     fraction = float(np.mean(applied))
-    return {
+    texts = next((r.texts[name] for r in reversed(results) if name in r.texts), {})
+    choices = [r.texts[name].get(protocol.MODEL_CHOICE, "") for r in results
+               if name in r.texts]
+    entry: dict[str, Any] = {
         "n_train": int(first["n-train"]),
         "n_test": n_test,
         "positives_test": positives,
@@ -110,40 +115,89 @@ def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
             "strength": float(np.median(strengths)) if strengths and fraction >= 0.5 else None,
             "applied_fraction": fraction,
             "fallbacks": int(sum(v.get("correction-fallback", 0.0) for v in evals)),
-            "status": next((r.status[name] for r in reversed(results) if name in r.status), ""),
+            "status": texts.get(protocol.CORRECTION_STATUS, ""),
             "cv_log_loss_source": _mean([a.get("cv-log-loss-source") for a in adapts]),
             "cv_log_loss": _mean([a.get("cv-log-loss") for a in adapts]),
         },
+        "model": {
+            # The model the site uses (the "adapted" column): its choice in the last repeat,
+            # how often each model was chosen over the repeats, and why, in words.
+            "choice": texts.get(protocol.MODEL_CHOICE, "source"),
+            "reason": texts.get(protocol.MODEL_REASON, ""),
+            "choices": {c: choices.count(c) for c in dict.fromkeys(choices)},
+            "source_weight": _mean([v.get("source-weight") for v in evals]),
+            "cv_log_loss": _mean([a.get("cv-log-loss") for a in adapts]),
+            "cv_log_loss_source": _mean([a.get("cv-log-loss-source") for a in adapts]),
+            "cv_log_loss_local": _mean([a.get("cv-log-loss-local") for a in adapts]),
+            "cv_auc": _mean([a.get("cv-auc") for a in adapts]),
+            "cv_auc_source": _mean([a.get("cv-auc-source") for a in adapts]),
+            "cv_auc_local": _mean([a.get("cv-auc-local") for a in adapts]),
+        },
+        "reliability": {m: _reliability(evals, m) for m in METHODS},
         "repeats_failed": len(errors),
         "node_id": node,
         # Lost during training (missed rounds) but back for the correction and evaluation.
         **({"lost": lost} if lost else {}),
     }
+    entry["assessment"] = assess(entry, evals)
+    return entry
+
+
+def _reliability(evals: Sequence[dict[str, Any]], method: str) -> dict[str, list[float]]:
+    """The reliability curve, averaged bin by bin over the repeats that had one."""
+    curves = [(v.get(f"{method}.rel_predicted"), v.get(f"{method}.rel_observed"),
+               v.get(f"{method}.rel_rows")) for v in evals]
+    curves = [c for c in curves if isinstance(c[0], list) and c[0]]
+    if not curves:
+        return {"predicted": [], "observed": [], "rows": []}
+    bins = min(len(c[0]) for c in curves)  # type: ignore[arg-type]
+    same = [c for c in curves if len(c[0]) == bins]  # type: ignore[arg-type]
+    return {key: [float(np.mean([c[i][b] for c in same])) for b in range(bins)]  # type: ignore[index]
+            for i, key in enumerate(("predicted", "observed", "rows"))}
 
 
 def summarize_methods(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Means over sites per method; log-loss weighted by held-out examples (all rows pooled)."""
+    """Means over sites per method: per site (judgeable sites only) and weighted by rows.
+
+    ``mean_*`` average the sites whose held-out set can judge (see ``server.assessment``):
+    a site with three positives does not count as much as one with ninety. ``weighted_*``
+    weight every site by its held-out rows. ``log_loss`` is weighted by held-out rows (all
+    sites' held-out rows together).
+    """
     ok = {k: v for k, v in sites.items() if v["status"] == "ok"}
+    judged = {k: v for k, v in ok.items() if v.get("assessment", {}).get("judgeable", True)}
     methods: dict[str, Any] = {}
     names = [m for m in ("local", "source", "adapted", "pooled")
              if any(m in s["metrics"] for s in ok.values())]
     for m in names:
         entries = [(s["metrics"][m], s["n_test"]) for s in ok.values() if m in s["metrics"]]
-        weights = [n for _, n in entries]
+        per_site = [s["metrics"][m] for s in judged.values() if m in s["metrics"]]
         methods[m] = {
-            "mean_auc": _mean([e["auc"] for e, _ in entries]),
-            "mean_accuracy": _mean([e["accuracy"] for e, _ in entries]),
-            "mean_brier": _mean([e["brier"] for e, _ in entries]),
-            "log_loss": (
-                float(np.average([e["log_loss"] for e, _ in entries], weights=weights))
-                if entries and sum(weights) > 0 else None
-            ),
+            "mean_auc": _mean([e["auc"] for e in per_site]),
+            "mean_accuracy": _mean([e["accuracy"] for e in per_site]),
+            "mean_brier": _mean([e["brier"] for e in per_site]),
+            "log_loss": _weighted(entries, "log_loss"),
+            "weighted_auc": _weighted(entries, "auc"),
+            "weighted_accuracy": _weighted(entries, "accuracy"),
+            "weighted_brier": _weighted(entries, "brier"),
+            "sites_best_auc": sum(s.get("assessment", {}).get("best") == m for s in ok.values()),
+            "sites_clearly_best": sum(s.get("assessment", {}).get("best") == m
+                                      and s["assessment"].get("lead") == "clear"
+                                      for s in ok.values()),
         }
     majority = [
         max(s["prevalence_test"], 1 - s["prevalence_test"]) for s in ok.values()
         if s["prevalence_test"] is not None
     ]
-    return {"methods": methods, "majority_accuracy": _mean(majority)}
+    return {"methods": methods, "majority_accuracy": _mean(majority),
+            "sites_judged": sorted(judged), "sites_too_small": sorted(set(ok) - set(judged))}
+
+
+def _weighted(entries: Sequence[tuple[dict[str, Any], int]], key: str) -> float | None:
+    pairs = [(e[key], n) for e, n in entries if e.get(key) is not None and n > 0]
+    if not pairs:
+        return None
+    return float(np.average([v for v, _ in pairs], weights=[n for _, n in pairs]))
 
 
 def rounds_entry(results: Sequence[RepeatResult]) -> list[dict[str, Any]]:

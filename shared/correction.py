@@ -1,10 +1,18 @@
-"""A site's correction and its use: ``logit_site = logit_source + alpha_site(x_shared, x_site)``."""
+"""A site's final model and its use: ``logit_site = logit_source + alpha_site(x_shared, x_site)``.
+
+Every model a site may choose is one linear form over the same inputs ``z`` (the source model's
+inputs, then the site's own features): ``logit = s * logit_source + b + z . w``. The source
+model is ``s = 1, b = 0, w = 0``; a recalibration ``s = 1`` with ``b`` only; a correction
+``s = 1`` with ``b`` and ``w`` shrunk towards the source model; the site's local-only model
+``s = 0``; a blend of the two ``0 < s < 1``. So ``alpha_site = (s - 1) * logit_source + b + z .
+w``, and the composition stays ``logit_source + alpha_site``.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -109,14 +117,14 @@ def _check_strength(C: Any) -> float:
 
 @dataclass
 class Correction:
-    """A site's fitted correction, everything needed to apply it to new rows.
+    """A site's chosen final model, everything needed to apply it to new rows.
 
     Attributes
     ----------
     applied : bool
         False when cross-validation found no benefit: the site uses the source model as is.
     strength : float or None
-        The chosen ``C`` (0 = intercept only); None when not applied.
+        The chosen candidate's ``C`` (0 = intercept only); None when not applied.
     site_features : list of str
         Site-only features the correction uses.
     site_preprocessing : dict or None
@@ -130,7 +138,16 @@ class Correction:
     cv : dict
         Cross-validated scores on the training rows that justified the choice.
     reason : str
-        Why the correction is not applied (empty when it is).
+        Why this model was chosen, in words (with the cross-validated numbers).
+    source_weight : float
+        ``s``: 1 for the source model and its corrections, 0 for the local-only model, in
+        between for a blend.
+    choice : str
+        The chosen candidate (``source``, ``recalibration``, ``correction C=0.3``,
+        ``local C=1``, ``blend 1/2 source``).
+    evidence : list of dict
+        Every candidate's cross-validated scores (``candidate``, ``cv_log_loss``, ``cv_auc``,
+        ``gain`` over the source model and its paired standard error ``se``).
     """
 
     applied: bool
@@ -142,6 +159,9 @@ class Correction:
     feature_names: list[str]
     cv: dict[str, float]
     reason: str = ""
+    source_weight: float = 1.0
+    choice: str = "source"
+    evidence: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def none(
@@ -151,9 +171,22 @@ class Correction:
         return cls(False, None, list(site_features), None, 0.0, [], [], dict(cv or {}), reason)
 
     def alpha(
-        self, x_shared: np.ndarray, site_rows: pd.DataFrame, site_feature_defs: list[Feature]
+        self, x_shared: np.ndarray, site_rows: pd.DataFrame, site_feature_defs: list[Feature],
+        source_logit: np.ndarray,
     ) -> np.ndarray:
-        """The correction term for rows (``x_shared``: the source model's inputs)."""
+        """``alpha_site`` for rows: ``(s - 1) * logit_source + b + z . w``.
+
+        Parameters
+        ----------
+        x_shared : numpy.ndarray
+            The source model's inputs of the rows.
+        site_rows : pandas.DataFrame
+            The rows' site-only feature columns.
+        site_feature_defs : list of Feature
+            Their definitions.
+        source_logit : numpy.ndarray
+            The source model's logits of the rows.
+        """
         n = len(x_shared)
         if not self.applied:
             return np.zeros(n)
@@ -162,7 +195,8 @@ class Correction:
             raise ValueError(
                 f"correction has {len(self.coef)} weights but the rows give {z.shape[1]} inputs"
             )
-        return self.intercept + z @ np.asarray(self.coef, dtype=float)
+        return ((self.source_weight - 1.0) * np.asarray(source_logit, dtype=float)
+                + self.intercept + z @ np.asarray(self.coef, dtype=float))
 
     def site_prep(self, site_feature_defs: list[Feature]) -> TabularPreprocessor | None:
         """The fitted site-local preprocessing, or None without site features."""
@@ -180,6 +214,9 @@ class Correction:
             # An undefined score (AUC with one class) is stored as null, not NaN.
             "cv": {k: (v if math.isfinite(v) else None) for k, v in self.cv.items()},
             "reason": self.reason,
+            "source_weight": self.source_weight, "choice": self.choice,
+            "evidence": [{k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                          for k, v in e.items()} for e in self.evidence],
         }
 
     @classmethod
@@ -193,6 +230,9 @@ class Correction:
             feature_names=list(state["feature_names"]),
             cv={k: (math.nan if v is None else float(v)) for k, v in state["cv"].items()},
             reason=str(state.get("reason", "")),
+            source_weight=float(state.get("source_weight", 1.0)),
+            choice=str(state.get("choice", "correction" if state["applied"] else "source")),
+            evidence=list(state.get("evidence", [])),
         )
 
 

@@ -26,20 +26,31 @@ SITE_NAME = "site-name"
 SCHEMA_DIGEST = "schema-digest"
 CORRECTION_STATUS = "correction-status"
 SITE_FEATURES = "site-features"  # names of the features the correction uses, comma-separated
+MODEL_CHOICE = "model-choice"  # the site's chosen model (source, local C=1, blend 1/2 ...)
+MODEL_REASON = "model-reason"  # why, with its cross-validated numbers
 
 # Metric keys of the phases' replies (besides the per-feature summary keys of phase 1).
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "global-loss")
 STATS_EXTRA = (NUM_EXAMPLES, "n-test", "label-negative", "label-positive")
 ADAPT_METRICS = (
-    NUM_EXAMPLES, "applied", "strength", "cv-log-loss-source", "cv-log-loss", "cv-auc-source",
-    "cv-auc", "folds", "test-auc", "test-log-loss",
+    NUM_EXAMPLES, "applied", "strength", "source-weight", "cv-log-loss-source", "cv-log-loss",
+    "cv-log-loss-se", "cv-auc-source", "cv-auc", "cv-log-loss-local", "cv-auc-local", "folds",
+    "candidates", "test-auc", "test-log-loss",
 )
 METHODS = ("local", "source", "adapted")
-METRIC_NAMES = ("auc", "accuracy", "brier", "log_loss")
+# Per method, on the held-out rows: discrimination, accuracy at 0.5, proper scores, and the
+# calibration slope and intercept.
+METRIC_NAMES = ("auc", "accuracy", "brier", "log_loss", "cal_slope", "cal_intercept")
+# Reliability curve per method: mean predicted risk, observed rate and rows per bin (lists).
+RELIABILITY = ("rel_predicted", "rel_observed", "rel_rows")
+# Paired comparisons on the same held-out patients: AUC difference and its 95 % interval.
+PAIRS = (("adapted", "local"), ("adapted", "source"), ("local", "source"))
+PAIR_KEYS = tuple(f"diff.{a}-{b}.{k}" for a, b in PAIRS for k in ("auc", "auc_lo", "auc_hi"))
 EVALUATE_METRICS = (
     NUM_EXAMPLES, "n-train", "n-test", "positives-test", "correction-applied",
-    "correction-strength", "correction-fallback",
-    *(f"{m}.{k}" for m in METHODS for k in METRIC_NAMES),
+    "correction-strength", "correction-fallback", "source-weight",
+    *(f"{m}.{k}" for m in METHODS for k in (*METRIC_NAMES, *RELIABILITY)),
+    *PAIR_KEYS,
 )
 
 # Error codes of a site's error reply (Flower's own codes are 0-8).

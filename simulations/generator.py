@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sklearn
-from sklearn.metrics import roc_auc_score
 
 from client.site import write_manifest
 
@@ -50,6 +49,8 @@ HEIGHT_CLIP = (140.0, 205.0)
 BMI_CLIP = (16.0, 55.0)
 
 ERROR_RATE = 0.003
+# Intercepts of the eight role sites (see _role_spec), set for their expected prevalences.
+INTERCEPTS = (-1.38, -0.42, -0.64, -2.78, -1.36, -1.66, -1.22, -0.55)
 # Data-entry errors per column, every one outside the schema's valid range.
 ERROR_VALUES: dict[str, tuple[str, ...]] = {
     "weight": ("0", "999"),
@@ -89,6 +90,9 @@ class HospitalSpec:
         Probability that a weight, height, blood-pressure or glucose cell is left empty.
     label_noise : float
         Probability that a drawn label is flipped.
+    slopes : tuple of float
+        Site-specific factors on the shared age, BMI and blood-pressure effects (1: the shared
+        effect): the moderate deviations every real site shows around a common model.
     extra_bp_effect : float
         Site-specific addition to the blood-pressure slope:
         ``site_extra = extra_bp_effect*(systolic_bp-130)``. Negative at a referral centre whose
@@ -114,6 +118,7 @@ class HospitalSpec:
     has_bp: bool
     missing_rate: float
     label_noise: float = 0.0
+    slopes: tuple[float, float, float] = (1.0, 1.0, 1.0)
     extra_bp_effect: float = 0.0
     error_rate: float = ERROR_RATE
 
@@ -153,41 +158,82 @@ def site_name(index: int) -> str:
     return f"hospital-{index + 1}"
 
 
+# The default federation (eight sites) mirrors what real multi-site cohorts look like. The
+# four UCI Heart Disease centres, for instance, hold 123 to 303 patients with 36 % to 94 % of
+# them diseased; consortia of hospitals and practices span a wider range still, from a few
+# large hospitals with hundreds of patients to practices with a few dozen, and outcomes that
+# are rare at some sites. Here: two large hospitals (900, 700), two mid-sized (400, 250) and
+# four small sites (100, 80, 60, 40); expected prevalence from about 5 % to about 45 %; one
+# shared model with moderate per-site slope factors (0.85-1.15), one site whose recorded blood
+# pressure runs against risk, one with noisy labels, glucose measured at four of the eight.
+# The intercepts were set once so that each site's expected prevalence is the one named in
+# its role (computed from the true model, before any method was run on the data).
+ROLES = 8
+
+
 def _role_spec(index: int) -> HospitalSpec:
-    """Return the fixed spec of one of the four role sites."""
+    """Return the fixed spec of one of the eight role sites."""
     name = site_name(index)
-    if index == 0:
-        return HospitalSpec(
-            name=name, role="baseline population; measures glucose", n=600,
-            age_mean=52.0, age_sd=13.0, bmi_mean=27.5, bmi_sd=5.0,
-            height_mean=170.0, height_sd=9.0, bp_offset=0.0, intercept=-1.3,
+    specs = [
+        HospitalSpec(
+            name=name, role="large hospital; baseline population; measures glucose (~20 %)",
+            n=900, age_mean=52.0, age_sd=13.0, bmi_mean=27.5, bmi_sd=5.0,
+            height_mean=170.0, height_sd=9.0, bp_offset=0.0, intercept=INTERCEPTS[0],
             glucose_measured=True, has_bp=True, missing_rate=0.05,
-        )
-    if index == 1:
-        return HospitalSpec(
+        ),
+        HospitalSpec(
             name=name,
-            role=("older population with a higher baseline risk than its covariates explain; "
-                  "treated hypertension reverses the blood-pressure effect"),
-            n=500, age_mean=64.0, age_sd=11.0, bmi_mean=28.5, bmi_sd=5.0,
-            height_mean=168.0, height_sd=9.0, bp_offset=6.0, intercept=-0.3,
+            role=("large hospital; older, higher baseline risk than its covariates explain; "
+                  "treated hypertension reverses the blood-pressure effect (~45 %)"),
+            n=700, age_mean=64.0, age_sd=11.0, bmi_mean=28.5, bmi_sd=5.0,
+            height_mean=168.0, height_sd=9.0, bp_offset=6.0, intercept=INTERCEPTS[1],
             glucose_measured=False, has_bp=True, missing_rate=0.04,
-            extra_bp_effect=-2 * BETA_BP,
-        )
-    if index == 2:
-        return HospitalSpec(
-            name=name, role="small site; younger and lighter; low prevalence; measures glucose",
+            slopes=(0.9, 1.1, 1.0), extra_bp_effect=-2 * BETA_BP,
+        ),
+        HospitalSpec(
+            name=name, role="small site; younger and lighter; low prevalence; measures glucose "
+                            "(~10 %)",
             n=100, age_mean=38.0, age_sd=11.0, bmi_mean=24.5, bmi_sd=4.0,
-            height_mean=172.0, height_sd=9.0, bp_offset=-5.0, intercept=-0.6,
-            glucose_measured=True, has_bp=True, missing_rate=0.08,
-        )
-    if index == 3:
-        return HospitalSpec(
-            name=name, role="noisy labels (15% flipped); exports no blood pressure", n=400,
-            age_mean=56.0, age_sd=14.0, bmi_mean=29.5, bmi_sd=5.5,
-            height_mean=167.0, height_sd=9.5, bp_offset=3.0, intercept=-1.8,
+            height_mean=172.0, height_sd=9.0, bp_offset=-5.0, intercept=INTERCEPTS[2],
+            glucose_measured=True, has_bp=True, missing_rate=0.08, slopes=(1.1, 0.9, 1.0),
+        ),
+        HospitalSpec(
+            name=name, role="mid-sized; noisy labels (15 % flipped); exports no blood pressure "
+                            "(~25 %)",
+            n=400, age_mean=56.0, age_sd=14.0, bmi_mean=29.5, bmi_sd=5.5,
+            height_mean=167.0, height_sd=9.5, bp_offset=3.0, intercept=INTERCEPTS[3],
             glucose_measured=False, has_bp=False, missing_rate=0.06, label_noise=0.15,
-        )
-    raise ValueError(f"site {index} has no fixed role")
+        ),
+        HospitalSpec(
+            name=name, role="mid-sized district hospital; heavier population; measures glucose "
+                            "(~30 %)",
+            n=250, age_mean=58.0, age_sd=12.0, bmi_mean=29.0, bmi_sd=5.5,
+            height_mean=169.0, height_sd=9.0, bp_offset=2.0, intercept=INTERCEPTS[4],
+            glucose_measured=True, has_bp=True, missing_rate=0.05, slopes=(1.15, 0.85, 1.0),
+        ),
+        HospitalSpec(
+            name=name, role="small rural practice (~25 %)",
+            n=80, age_mean=60.0, age_sd=12.0, bmi_mean=28.0, bmi_sd=5.0,
+            height_mean=168.0, height_sd=9.0, bp_offset=4.0, intercept=INTERCEPTS[5],
+            glucose_measured=False, has_bp=True, missing_rate=0.07, slopes=(0.85, 1.15, 1.1),
+        ),
+        HospitalSpec(
+            name=name, role="small sports-medicine clinic; young and fit; rare outcome (~5 %)",
+            n=60, age_mean=35.0, age_sd=10.0, bmi_mean=24.0, bmi_sd=3.5,
+            height_mean=175.0, height_sd=8.0, bp_offset=-6.0, intercept=INTERCEPTS[6],
+            glucose_measured=False, has_bp=True, missing_rate=0.05, slopes=(1.0, 1.1, 0.9),
+        ),
+        HospitalSpec(
+            name=name, role="small endocrinology clinic; referred patients; measures glucose "
+                            "(~40 %)",
+            n=40, age_mean=55.0, age_sd=12.0, bmi_mean=30.0, bmi_sd=6.0,
+            height_mean=168.0, height_sd=9.0, bp_offset=0.0, intercept=INTERCEPTS[7],
+            glucose_measured=True, has_bp=True, missing_rate=0.05, slopes=(1.05, 0.95, 1.0),
+        ),
+    ]
+    if not 0 <= index < ROLES:
+        raise ValueError(f"site {index} has no fixed role")
+    return specs[index]
 
 
 def _random_spec(index: int, rng: np.random.Generator) -> HospitalSpec:
@@ -199,7 +245,8 @@ def _random_spec(index: int, rng: np.random.Generator) -> HospitalSpec:
     return HospitalSpec(
         name=site_name(index),
         role="randomly drawn shifts",
-        n=int(rng.integers(150, 601)),
+        # Log-uniform from 30 to 900 patients: most sites are small, a few are large.
+        n=round(math.exp(rng.uniform(math.log(30), math.log(900)))),
         age_mean=draw(35.0, 65.0),
         age_sd=draw(9.0, 15.0),
         bmi_mean=draw(24.0, 30.0),
@@ -211,6 +258,7 @@ def _random_spec(index: int, rng: np.random.Generator) -> HospitalSpec:
         glucose_measured=bool(rng.random() < 0.3),
         has_bp=True,
         missing_rate=draw(0.03, 0.10),
+        slopes=(draw(0.85, 1.15), draw(0.85, 1.15), draw(0.85, 1.15)),
     )
 
 
@@ -222,15 +270,14 @@ def _seeds(n_sites: int, seed: int) -> list[tuple[np.random.SeedSequence, np.ran
     ]
 
 
-def hospital_specs(n_sites: int = 4, seed: int = 42) -> list[HospitalSpec]:
+def hospital_specs(n_sites: int = ROLES, seed: int = 42) -> list[HospitalSpec]:
     """Return the specs of ``n_sites`` generated hospitals.
 
     Parameters
     ----------
     n_sites : int
-        Number of sites (at least 1). Sites 0-3 take the fixed roles (baseline, older with a
-        reversed blood-pressure effect, small, noisy without blood pressure); later sites draw
-        their shifts from ``seed``.
+        Number of sites (at least 1). Sites 0-7 take the fixed roles of the default federation
+        (see ``_role_spec``); later sites draw their sizes and shifts from ``seed``.
     seed : int
         Seed of the random shifts of sites 4 and later.
 
@@ -243,7 +290,7 @@ def hospital_specs(n_sites: int = 4, seed: int = 42) -> list[HospitalSpec]:
         raise ValueError("n_sites must be at least 1")
     specs = []
     for k, (spec_seed, _) in enumerate(_seeds(n_sites, seed)):
-        if k < 4:
+        if k < ROLES:
             specs.append(_role_spec(k))
         else:
             specs.append(_random_spec(k, np.random.default_rng(spec_seed)))
@@ -259,11 +306,12 @@ def true_logit(
     spec: HospitalSpec, age: np.ndarray, bmi: np.ndarray, sbp: np.ndarray, glucose: np.ndarray
 ) -> np.ndarray:
     """Return the true log-odds of diabetes at the site of ``spec``."""
+    f_age, f_bmi, f_bp = spec.slopes
     return (
         spec.intercept
-        + BETA_AGE * (age - CENTER_AGE)
-        + BETA_BMI * (bmi - CENTER_BMI)
-        + (BETA_BP + spec.extra_bp_effect) * (sbp - CENTER_BP)
+        + f_age * BETA_AGE * (age - CENTER_AGE)
+        + f_bmi * BETA_BMI * (bmi - CENTER_BMI)
+        + (f_bp * BETA_BP + spec.extra_bp_effect) * (sbp - CENTER_BP)
         + BETA_GLUCOSE * (glucose - CENTER_GLUCOSE)
     )
 
@@ -273,6 +321,7 @@ class _Site:
     """One generated site: file text and the statistics written to the truth."""
 
     text: str
+    best_auc: float
     n: int
     prevalence: float
     fraction_flipped: float
@@ -284,6 +333,9 @@ class _Site:
 
 def _aucs(label: np.ndarray, *scores: np.ndarray) -> list[float | None]:
     """AUC of each score against ``label`` (``None`` when only one class is present)."""
+    import sklearn  # here, not at the top: the command imports this module for its defaults
+    from sklearn.metrics import roc_auc_score
+
     if label.min() == label.max():
         return [None] * len(scores)
     # One call for all scores (a multilabel problem, one column per score): with thousands of
@@ -301,9 +353,34 @@ def _format(values: np.ndarray, decimals: int) -> list[str]:
     return [f"{v:.{decimals}f}" for v in np.round(values, decimals).tolist()]
 
 
-def _generate_site(spec: HospitalSpec, rng: np.random.Generator) -> _Site:
-    """Draw one site's patients and labels and render its CSV text."""
-    n = spec.n
+@dataclass
+class _Patients:
+    """Drawn patients of one site (true values, before recording)."""
+
+    age: np.ndarray
+    height: np.ndarray
+    weight: np.ndarray
+    bmi: np.ndarray
+    sbp: np.ndarray
+    glucose: np.ndarray
+    logit: np.ndarray
+    label: np.ndarray
+    flipped: np.ndarray
+
+    def best_score(self, spec: HospitalSpec) -> np.ndarray:
+        """The best risk score from what the site records (the true logit).
+
+        Unrecorded glucose or blood pressure is replaced by its expected value given the rest.
+        """
+        sbp = self.sbp if spec.has_bp else (
+            BP_BASE + spec.bp_offset + BP_AGE * (self.age - CENTER_AGE)
+            + BP_BMI * (self.bmi - CENTER_BMI))
+        glucose = self.glucose if spec.glucose_measured else glucose_mean(self.age, self.bmi)
+        return true_logit(spec, self.age, self.bmi, sbp, glucose)
+
+
+def _draw(spec: HospitalSpec, rng: np.random.Generator, n: int) -> _Patients:
+    """Draw ``n`` patients of the site of ``spec`` and their labels."""
     age = np.rint(np.clip(rng.normal(spec.age_mean, spec.age_sd, n), *AGE_CLIP))
     height = np.rint(np.clip(rng.normal(spec.height_mean, spec.height_sd, n), *HEIGHT_CLIP))
     bmi_drawn = np.clip(rng.normal(spec.bmi_mean, spec.bmi_sd, n), *BMI_CLIP)
@@ -314,14 +391,39 @@ def _generate_site(spec: HospitalSpec, rng: np.random.Generator) -> _Site:
         + rng.normal(0.0, BP_SD, n),
         *BP_CLIP,
     ))
-    glu_mean = glucose_mean(age, bmi)
-    glucose = np.rint(np.clip(glu_mean + rng.normal(0.0, GLU_SD, n), *GLU_CLIP))
-
+    glucose = np.rint(np.clip(glucose_mean(age, bmi) + rng.normal(0.0, GLU_SD, n), *GLU_CLIP))
     logit = true_logit(spec, age, bmi, sbp, glucose)
-    logit_no_glucose = true_logit(spec, age, bmi, sbp, glu_mean)
     label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
     flipped = rng.random(n) < spec.label_noise
     label = np.where(flipped, 1 - label, label)
+    return _Patients(age, height, weight, bmi, sbp, glucose, logit, label, flipped)
+
+
+# Patients drawn to compute a site's best achievable AUC (its population value; the
+# standard error of an AUC on 20 000 patients is about 0.003).
+BEST_AUC_SAMPLE = 20_000
+
+
+def best_auc(spec: HospitalSpec, seed: np.random.SeedSequence) -> float:
+    """The AUC of the best risk score the site could have (see ``_Patients.best_score``).
+
+    Computed on a large sample of the site's population, against its (noisy) labels: what no
+    method can beat on average, whatever it learns. Missing cells are ignored (they only
+    lower what is achievable).
+    """
+    patients = _draw(spec, np.random.default_rng(seed), BEST_AUC_SAMPLE)
+    (auc,) = _aucs(patients.label, patients.best_score(spec))
+    return float(auc) if auc is not None else math.nan
+
+
+def _generate_site(spec: HospitalSpec, rng: np.random.Generator) -> _Site:
+    """Draw one site's patients and labels and render its CSV text."""
+    n = spec.n
+    drawn = _draw(spec, rng, n)
+    age, height, weight, sbp, glucose = (drawn.age, drawn.height, drawn.weight, drawn.sbp,
+                                         drawn.glucose)
+    label, flipped, logit = drawn.label, drawn.flipped, drawn.logit
+    logit_no_glucose = true_logit(spec, age, drawn.bmi, sbp, glucose_mean(age, drawn.bmi))
 
     columns: dict[str, list[str]] = {"age": _format(age, 0), "weight": _format(weight, 1),
                                      "height": _format(height, 0)}
@@ -354,6 +456,7 @@ def _generate_site(spec: HospitalSpec, rng: np.random.Generator) -> _Site:
     auc_true, auc_no_glucose = _aucs(label, logit, logit_no_glucose)
     return _Site(
         text="\n".join(lines) + "\n",
+        best_auc=math.nan,  # set by generate() from a large sample of the population
         n=n,
         prevalence=round(float(label.mean()), 6),
         fraction_flipped=round(float(flipped.mean()), 6),
@@ -409,6 +512,7 @@ def _truth(specs: list[HospitalSpec], sites: list[_Site], seed: int) -> dict[str
                 "n": site.n,
                 "prevalence": site.prevalence,
                 "fraction_flipped": site.fraction_flipped,
+                "best_auc": round(site.best_auc, 4),
                 "auc_true_logit": site.auc_true_logit,
                 "auc_without_glucose": site.auc_without_glucose,
                 "missing_cells": site.missing_cells,
@@ -422,7 +526,9 @@ def _truth(specs: list[HospitalSpec], sites: list[_Site], seed: int) -> dict[str
 GENERATED_BY = "written by fedadapt's generator"
 
 
-def generate(out_dir: str | Path, n_sites: int = 4, seed: int = 42, force: bool = False) -> Path:
+def generate(
+    out_dir: str | Path, n_sites: int = ROLES, seed: int = 42, force: bool = False
+) -> Path:
     """Write one CSV per site, `sites.toml` and `truth.json` into out_dir; return sites.toml.
 
     Parameters
@@ -461,6 +567,7 @@ def generate(out_dir: str | Path, n_sites: int = 4, seed: int = 42, force: bool 
     files: list[str] = []
     for spec, (_, data_seed) in zip(specs, _seeds(n_sites, seed), strict=True):
         site = _generate_site(spec, np.random.default_rng(data_seed))
+        site.best_auc = best_auc(spec, data_seed.spawn(1)[0])
         file = f"{spec.name}.csv"
         (out / file).write_text(site.text, encoding="utf-8", newline="")
         sites.append(site)

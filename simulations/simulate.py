@@ -11,6 +11,7 @@ from server.report import mark_incomplete, remove_report, write_report
 from server.summary import method_metrics, summarize_methods
 from shared.settings import RunSettings
 from simulations.datasets import check_site_count, prepare_data
+from simulations.generator import ROLES
 from simulations.pooled import pooled_reference
 from simulations.superlink import EventHook, run_app
 
@@ -22,7 +23,7 @@ def simulate(
     out: Path,
     settings: RunSettings,
     *,
-    n_sites: int = 4,
+    n_sites: int = ROLES,
     on_event: EventHook | None = None,
     timeout: float = 3600.0,
 ) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Tests of a site's correction fitting: cross-validated strength, do-no-harm, small classes."""
+"""Tests of a site's model choice: source, corrections, local-only and blends, by CV; do-no-harm."""
 
 import json
 import math
@@ -42,19 +42,35 @@ def _subset(
 
 
 def test_site_feature_effect_is_learned() -> None:
-    """Labels driven by a site feature the source ignores: applied, C > 0, CV loss lower."""
+    """Labels driven by a site feature the source ignores: a model using it, by clear evidence."""
     x, rows, offset, y = _site(600, 1.5, seed=0)
     corr = fit_correction(x, rows, offset, y, GLUCOSE, seed=0)
     assert corr.applied
     assert corr.strength is not None and corr.strength > 0
-    assert corr.cv["cv_log_loss"] < corr.cv["cv_log_loss_source"]
+    assert corr.cv["cv_log_loss_source"] - corr.cv["cv_log_loss"] > corr.cv["cv_log_loss_se"]
     assert corr.cv["cv_auc"] > corr.cv["cv_auc_source"]
     assert corr.site_features == ["glucose"]
     assert corr.feature_names == ["shared:0", "shared:1", "shared:2", "glucose",
                                   "glucose:missing"]
     glucose_weight = corr.coef[corr.feature_names.index("glucose")]
     assert glucose_weight > 0.5
-    assert corr.reason == ""
+    assert corr.choice.startswith(("correction", "local", "blend"))
+    assert corr.reason.startswith(corr.choice) and "standard error" in corr.reason
+    chosen = next(e for e in corr.evidence if e["candidate"] == corr.choice)
+    best = min(e["cv_log_loss"] for e in corr.evidence if e["gain"] > e["se"])
+    assert chosen["cv_log_loss"] == best  # the lowest of the clear winners
+
+
+def test_local_only_model_is_chosen_where_the_source_is_wrong() -> None:
+    """A source model that ranks backwards at this site: the site goes alone (s = 0)."""
+    x, rows, offset, y = _site(800, 1.5, seed=8)
+    corr = fit_correction(x, rows, -offset, y, GLUCOSE, seed=8)
+    assert corr.applied and corr.choice.startswith("local")
+    assert corr.source_weight == 0.0
+    assert corr.cv["cv_auc"] > 0.7 > corr.cv["cv_auc_source"]
+    # Its logits do not depend on the (wrong) source model any more.
+    np.testing.assert_allclose(-offset + corr.alpha(x, rows, GLUCOSE, -offset),
+                               offset + 5.0 + corr.alpha(x, rows, GLUCOSE, offset + 5.0))
 
 
 def test_do_no_harm_when_offset_is_true_logit() -> None:
@@ -79,12 +95,12 @@ def test_fewer_than_two_rows_of_a_class_recalibrates_prevalence() -> None:
     y = np.zeros(30, dtype=int)
     y[3] = 1
     corr = fit_correction(x, rows, np.zeros(30), y, GLUCOSE, seed=0)
-    assert corr.applied and corr.strength == 0.0
+    assert corr.applied and corr.strength == 0.0 and corr.choice == "recalibration"
     assert not any(corr.coef)
     assert math.isfinite(corr.intercept) and corr.intercept < -1.0
     assert all(math.isfinite(v) for k, v in corr.cv.items() if k != "cv_auc")
     assert corr.cv["cv_log_loss"] < corr.cv["cv_log_loss_source"]
-    alpha = corr.alpha(x, rows, GLUCOSE)
+    alpha = corr.alpha(x, rows, GLUCOSE, np.zeros(30))
     assert np.all(np.isfinite(alpha))
 
 
@@ -93,19 +109,19 @@ def test_single_class_shifts_risk_towards_it() -> None:
     x, rows, _, _ = _site(30, 0.0, seed=2)
     offset = np.linspace(-1.0, 1.0, 30)
     corr = fit_correction(x, rows, offset, np.ones(30, dtype=int), GLUCOSE, seed=0)
-    assert corr.applied and corr.strength == 0.0
+    assert corr.applied and corr.strength == 0.0 and corr.choice == "recalibration"
     assert not any(corr.coef)
-    alpha = corr.alpha(x, rows, GLUCOSE)
+    alpha = corr.alpha(x, rows, GLUCOSE, offset)
     assert np.all(np.isfinite(alpha)) and np.all(alpha > 0)
     assert np.all(sigmoid(offset + alpha) > sigmoid(offset))
     assert math.isnan(corr.cv["cv_auc_source"])
 
 
 def test_tiny_site_gives_no_correction() -> None:
-    """A single training row cannot be cross-validated: no correction, with a reason."""
+    """A single training row cannot be cross-validated: the source model, with a reason."""
     x, rows, offset, _ = _site(1, 0.0, seed=3)
     corr = fit_correction(x, rows, offset, np.array([1]), GLUCOSE)
-    assert not corr.applied and corr.strength is None
+    assert not corr.applied and corr.strength is None and corr.choice == "source"
     assert "1 training row" in corr.reason
 
 
@@ -135,21 +151,30 @@ def test_round_trip_and_alpha_reproduce_fitted_logits() -> None:
     corr = fit_correction(x, rows, offset, y, GLUCOSE, seed=4)
     assert corr.applied and corr.strength is not None
     again = Correction.from_dict(json.loads(json.dumps(corr.to_dict(), allow_nan=False)))
-    alpha = corr.alpha(x, rows, GLUCOSE)
-    np.testing.assert_array_equal(again.alpha(x, rows, GLUCOSE), alpha)
+    assert (again.choice, again.source_weight, again.evidence) == (
+        corr.choice, corr.source_weight, json.loads(json.dumps(corr.to_dict()))["evidence"])
+    alpha = corr.alpha(x, rows, GLUCOSE, offset)
+    np.testing.assert_array_equal(again.alpha(x, rows, GLUCOSE, offset), alpha)
 
     prep = TabularPreprocessor(GLUCOSE).fit(rows)
     assert corr.site_preprocessing == prep.to_dict()
     z = correction_inputs(x, rows, prep)
-    model = OffsetLogisticRegression(C=corr.strength).fit(z, y, offset)
-    np.testing.assert_allclose(offset + alpha, model.decision_function(z, offset),
-                               rtol=0, atol=1e-10)
+    s = corr.source_weight
+    local = s < 1.0
+    model = OffsetLogisticRegression(C=corr.strength, intercept_sd=10.0 if local else 2.0)
+    model.fit(z, y, np.zeros(len(y)) if local else offset)
+
+    def expected(z_rows: np.ndarray, base: np.ndarray) -> np.ndarray:
+        if not local:
+            return model.decision_function(z_rows, base)
+        return s * base + (1 - s) * model.decision_function(z_rows, np.zeros(len(base)))
+
+    np.testing.assert_allclose(offset + alpha, expected(z, offset), rtol=0, atol=1e-9)
     # New rows (with a missing glucose) are scored the same way.
     new_x, new_rows, new_offset, _ = _site(20, 1.5, seed=99)
     np.testing.assert_allclose(
-        new_offset + again.alpha(new_x, new_rows, GLUCOSE),
-        model.decision_function(correction_inputs(new_x, new_rows, prep), new_offset),
-        rtol=0, atol=1e-10,
+        new_offset + again.alpha(new_x, new_rows, GLUCOSE, new_offset),
+        expected(correction_inputs(new_x, new_rows, prep), new_offset), rtol=0, atol=1e-9,
     )
 
 

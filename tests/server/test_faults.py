@@ -129,7 +129,8 @@ def test_robust_aggregation_limits_one_wildly_wrong_site(tmp_path: Path, strateg
         grid = _grid(tmp_path / name)
         grid.handlers[104] = _scaled_site(-20.0)
         report = _run(grid, tmp_path / name / "out", _settings(strategy=name))
-        honest = ["hospital-a", "hospital-b", "hospital-c"]
+        # The two large honest sites (hospital-c's held-out set has 3 positives: no judge).
+        honest = ["hospital-a", "hospital-b"]
         results[name] = np.mean([report["sites"][n]["metrics"]["source"]["auc"] for n in honest])
     assert results["fedavg"] < 0.5 < 0.6 < results[strategy]
 

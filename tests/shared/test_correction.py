@@ -162,11 +162,12 @@ def test_correction_round_trip() -> None:
 
 
 def test_alpha_zero_when_not_applied_and_linear_when_applied() -> None:
-    """A correction not applied adds nothing; an applied one adds intercept + z . coef."""
+    """Not applied adds nothing; applied adds (s - 1) * source + intercept + z . coef."""
     x = np.random.default_rng(6).normal(size=(8, 2))
+    source = np.linspace(-2.0, 2.0, 8)
     rows = pd.DataFrame({"glucose": [np.nan, 80.0, 90.0, 100.0, 110.0, 120.0, 130.0, 140.0]})
     none = Correction.none(["glucose"])
-    assert none.alpha(x, rows, GLUCOSE).tolist() == [0.0] * 8
+    assert none.alpha(x, rows, GLUCOSE, source).tolist() == [0.0] * 8
     assert none.site_prep(GLUCOSE) is None
 
     corr = _applied()
@@ -175,11 +176,15 @@ def test_alpha_zero_when_not_applied_and_linear_when_applied() -> None:
     z = correction_inputs(x, rows, prep)
     assert z.shape == (8, 4)
     np.testing.assert_allclose(
-        corr.alpha(x, rows, GLUCOSE), -0.25 + z @ np.array(corr.coef), rtol=0, atol=1e-12
-    )
+        corr.alpha(x, rows, GLUCOSE, source), -0.25 + z @ np.array(corr.coef), rtol=0,
+        atol=1e-12)
+    blend = Correction.from_dict({**corr.to_dict(), "source_weight": 0.25})
+    np.testing.assert_allclose(
+        source + blend.alpha(x, rows, GLUCOSE, source),
+        0.25 * source - 0.25 + z @ np.array(corr.coef), rtol=0, atol=1e-12)
     bad = Correction.from_dict({**corr.to_dict(), "coef": [0.5, -0.1]})
     with pytest.raises(ValueError, match="2 weights but the rows give 4 inputs"):
-        bad.alpha(x, rows, GLUCOSE)
+        bad.alpha(x, rows, GLUCOSE, source)
 
 
 def test_correction_inputs_without_site_features() -> None:

@@ -5,6 +5,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 # The project is not installed into the venv: make its packages importable from here.
@@ -34,21 +35,21 @@ def _sites(folder: Path) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def default_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four default sites, seed 42, generated once for the module."""
+    """The eight default sites, seed 42, generated once for the module."""
     out = tmp_path_factory.mktemp("default")
-    generate(out, n_sites=4, seed=42)
+    generate(out, seed=42)
     return out
 
 
 def test_same_seed_gives_identical_bytes(tmp_path: Path, default_dir: Path) -> None:
     """Generating twice with the same seed writes byte-identical files."""
-    generate(tmp_path, n_sites=4, seed=42)
+    generate(tmp_path, seed=42)
     assert _files(tmp_path) == _files(default_dir)
 
 
 def test_different_seed_gives_different_data(tmp_path: Path, default_dir: Path) -> None:
     """Another seed changes every site's rows."""
-    generate(tmp_path, n_sites=4, seed=43)
+    generate(tmp_path, seed=43)
     ours, theirs = _files(tmp_path), _files(default_dir)
     assert ours.keys() == theirs.keys()
     for name in ours:
@@ -82,7 +83,7 @@ def test_every_file_passes_the_reader(default_dir: Path) -> None:
         assert data.site_columns == tuple(site["site-features"])
         assert data.summary["age"].out_of_range == 0
         assert data.summary["age"].missing == 0
-        assert data.label.mean() == pytest.approx(truth[site["name"]]["prevalence"])
+        assert data.label.mean() == pytest.approx(truth[site["name"]]["prevalence"], abs=1e-6)
         counted = sum(s.out_of_range for s in data.summary.values())
         assert counted == truth[site["name"]]["out_of_range_cells"]
         out_of_range += counted
@@ -100,12 +101,17 @@ def test_missing_cells_are_within_three_to_ten_percent(default_dir: Path) -> Non
         assert 0.02 <= fraction <= 0.11, (site["name"], fraction)
 
 
-def test_roles_of_the_four_default_sites(default_dir: Path) -> None:
-    """Small c, noisy d without blood pressure, glucose only where measured, label shift."""
+def test_roles_of_the_eight_default_sites(default_dir: Path) -> None:
+    """Two large sites, four small ones, rare outcomes, glucose only where measured."""
     truth = _sites(default_dir)
     sizes = {name: s["n"] for name, s in truth.items()}
-    assert min(sizes, key=lambda name: sizes[name]) == "hospital-c"
-    assert 90 <= sizes["hospital-c"] <= 120
+    assert sorted(sizes.values(), reverse=True)[:2] == [900, 700]
+    assert sum(n < 150 for n in sizes.values()) == 4 and min(sizes.values()) < 50
+    expected = {s["name"]: s["spec"]["role"] for s in truth.values()}
+    prevalences = {name: s["prevalence"] for name, s in truth.items()}
+    assert min(prevalences.values()) <= 0.10 and max(prevalences.values()) >= 0.40
+    assert all(0.0 < p < 0.6 for p in prevalences.values()), prevalences
+    assert "rare outcome" in expected["hospital-g"]
 
     header_d = (default_dir / "hospital-d.csv").read_text(encoding="utf-8").splitlines()[0]
     assert "systolic_bp" not in header_d.split(",")
@@ -118,25 +124,30 @@ def test_roles_of_the_four_default_sites(default_dir: Path) -> None:
         measured = truth[site["name"]]["spec"]["glucose_measured"]
         assert ("glucose" in header.split(",")) == measured
         assert site["site-features"] == (["glucose"] if measured else [])
-    assert truth["hospital-a"]["spec"]["glucose_measured"]
-    assert truth["hospital-c"]["spec"]["glucose_measured"]
+    assert sum(s["spec"]["glucose_measured"] for s in truth.values()) == 4
 
-    prevalences = [s["prevalence"] for s in truth.values()]
-    assert max(prevalences) - min(prevalences) >= 0.15
+
+def test_truth_records_each_site_s_best_achievable_auc(default_dir: Path) -> None:
+    """A population AUC per site, from the true model on what the site records."""
+    truth = _sites(default_dir)
+    for name, site in truth.items():
+        assert 0.55 < site["best_auc"] < 0.95, name
+    # Glucose (measured at a, not at b) is what most separates the large sites.
+    assert truth["hospital-a"]["best_auc"] > truth["hospital-b"]["best_auc"] + 0.1
 
 
 def test_site_files_do_not_depend_on_later_sites(tmp_path: Path, default_dir: Path) -> None:
-    """Site k's file is the same whether 4 or 6 sites are generated."""
-    generate(tmp_path, n_sites=6, seed=42)
-    six, four = _files(tmp_path), _files(default_dir)
-    for k in range(4):
+    """Site k's file is the same whether 8 or 10 sites are generated."""
+    generate(tmp_path, n_sites=10, seed=42)
+    ten, eight = _files(tmp_path), _files(default_dir)
+    for k in range(8):
         name = f"{site_name(k)}.csv"
-        assert six[name] == four[name], name
-    assert {"hospital-e.csv", "hospital-f.csv"} <= six.keys()
+        assert ten[name] == eight[name], name
+    assert {"hospital-i.csv", "hospital-j.csv"} <= ten.keys()
 
 
 def test_committed_demo_matches_a_fresh_generation(default_dir: Path) -> None:
-    """simulations/demo/ is exactly what generate(..., 4, 42) writes."""
+    """simulations/demo/ is exactly what generate(..., 8, 42) writes."""
     assert _files(DEMO) == _files(default_dir)
 
 
@@ -157,7 +168,7 @@ def test_site_names_continue_after_z() -> None:
 
 
 def test_fewer_sites_take_the_first_roles() -> None:
-    """With fewer than four sites, the first roles are kept in order."""
+    """With fewer than eight sites, the first roles are kept in order."""
     two = hospital_specs(2, seed=42)
     four = hospital_specs(4, seed=42)
     assert two == four[:2]
@@ -165,15 +176,18 @@ def test_fewer_sites_take_the_first_roles() -> None:
 
 
 def test_random_sites_are_seeded_and_in_range() -> None:
-    """Sites beyond the roles draw sizes 150-600 from the seed, identically per seed."""
-    specs = hospital_specs(40, seed=3)
-    assert specs == hospital_specs(40, seed=3)
-    assert specs[4:] != hospital_specs(40, seed=4)[4:]
-    for spec in specs[4:]:
-        assert 150 <= spec.n <= 600
+    """Sites beyond the roles draw sizes 30-900 (mostly small) from the seed, per seed."""
+    specs = hospital_specs(48, seed=3)
+    assert specs == hospital_specs(48, seed=3)
+    assert specs[8:] != hospital_specs(48, seed=4)[8:]
+    sizes = [spec.n for spec in specs[8:]]
+    assert all(30 <= n <= 900 for n in sizes)
+    assert float(np.median(sizes)) < 300  # log-uniform: most sites are small
+    for spec in specs[8:]:
         assert spec.has_bp
         assert 0.03 <= spec.missing_rate <= 0.10
-    assert len({spec.name for spec in specs}) == 40
+        assert all(0.85 <= f <= 1.15 for f in spec.slopes)
+    assert len({spec.name for spec in specs}) == 48
 
 
 def test_a_thousand_sites(tmp_path: Path) -> None:
