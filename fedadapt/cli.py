@@ -12,7 +12,14 @@ import typer
 from rich.markup import escape
 from rich.text import Text
 
-from fedadapt.console import console, fail, say, stops_its_processes, user_command
+from fedadapt.console import (
+    console,
+    explain,
+    fail,
+    say,
+    stops_its_processes,
+    user_command,
+)
 from fedadapt.run_options import with_run_settings
 from shared.settings import RunSettings
 from simulations.generator import ROLES
@@ -300,6 +307,11 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
         if site.get("status") != "ok" or site.get("lost"):
             say((f"{name}: {site.get('status')}", "yellow"),
                 f" ({site.get('error') or _lost_text(site)})")
+    for name, site in report.get("sites", {}).items():
+        a = site.get("assessment")
+        if site.get("status") == "ok" and a:
+            explain((f"{name}", "bold"), f" should {a['use']}")
+            explain(f"{a['verdict']}", indent=4)
     summary = report.get("summary", {})
     methods = summary.get("methods", {})
     parts = [f"{m} {v['mean_accuracy']:.3f}" for m, v in methods.items()

@@ -19,10 +19,10 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-# When the output is not a terminal (a log, CI), rich would assume 80 columns and squeeze the
-# per-site table (about 140 columns wide): do not.
+# When the output is not a terminal (a log, CI), rich would assume 80 columns; the per-site
+# table is made for 100.
 console = Console(emoji=False, highlight=False,
-                  width=None if Console().is_terminal else 160)
+                  width=None if Console().is_terminal else 100)
 err_console = Console(stderr=True, emoji=False, highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,6 +32,14 @@ def say(*parts: str | tuple[str, str], err: bool = False) -> None:
     """Print plain text; ``(text, style)`` pairs are styled, never parsed as markup."""
     # soft_wrap: a message is one line however long (a path, a location), never cut up.
     (err_console if err else console).print(Text.assemble(*parts), soft_wrap=True)
+
+
+def explain(*parts: str | tuple[str, str], indent: int = 0) -> None:
+    """Print plain text wrapped at the console's width (continuation lines indented)."""
+    from rich.padding import Padding
+
+    text = Text.assemble(*parts)
+    console.print(Padding(text, (0, 0, 0, indent)) if indent else text)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

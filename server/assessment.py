@@ -20,10 +20,6 @@ from shared.protocol import METHODS, PAIRS
 # handful of patients (the same ten-events rule the sites apply before fitting on features).
 MIN_CLASS_ROWS_TO_JUDGE = 10
 
-METHOD_WORDS = {"local": "its local-only model", "source": "the shared source model",
-                "adapted": "its chosen model"}
-
-
 def paired_interval(
     values: Sequence[dict[str, Any]], a: str, b: str, n_train: int, n_test: int,
 ) -> dict[str, Any]:
@@ -100,9 +96,8 @@ def assess(entry: dict[str, Any], values: Sequence[dict[str, Any]]) -> dict[str,
         out.update(best=best, runner_up=second,
                    lead=("clear" if clear else "within uncertainty") if ok else "not judged")
     out["verdict"] = _verdict(out, aucs, comparisons, n_test, int(entry["positives_test"]))
-    out["use"] = (f"use {METHOD_WORDS['adapted']} ({choice}): "
-                  + (entry.get("model", {}).get("reason") or "chosen by cross-validation on "
-                     "its training rows"))
+    reason = entry.get("model", {}).get("reason") or "chosen by cross-validation"
+    out["use"] = f"use {choice}: {reason.removeprefix(f'{choice}: ')}"
     return out
 
 

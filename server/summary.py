@@ -167,7 +167,7 @@ def summarize_methods(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ok = {k: v for k, v in sites.items() if v["status"] == "ok"}
     judged = {k: v for k, v in ok.items() if v.get("assessment", {}).get("judgeable", True)}
     methods: dict[str, Any] = {}
-    names = [m for m in ("local", "source", "adapted", "pooled")
+    names = [m for m in ("local", "source", "adapted", "pooled", "oracle")
              if any(m in s["metrics"] for s in ok.values())]
     for m in names:
         entries = [(s["metrics"][m], s["n_test"]) for s in ok.values() if m in s["metrics"]]

@@ -416,6 +416,19 @@ def best_auc(spec: HospitalSpec, seed: np.random.SeedSequence) -> float:
     return float(auc) if auc is not None else math.nan
 
 
+def true_scores(n_sites: int, seed: int) -> dict[str, np.ndarray]:
+    """Per site, each generated patient's best score (``_Patients.best_score``), in file order.
+
+    The same draws as :func:`generate` with these arguments: row ``i`` of a site's file is
+    patient ``i`` here.
+    """
+    return {
+        spec.name: _draw(spec, np.random.default_rng(data_seed), spec.n).best_score(spec)
+        for spec, (_, data_seed) in zip(hospital_specs(n_sites, seed), _seeds(n_sites, seed),
+                                        strict=True)
+    }
+
+
 def _generate_site(spec: HospitalSpec, rng: np.random.Generator) -> _Site:
     """Draw one site's patients and labels and render its CSV text."""
     n = spec.n

@@ -12,6 +12,7 @@ from server.summary import method_metrics, summarize_methods
 from shared.settings import RunSettings
 from simulations.datasets import check_site_count, prepare_data
 from simulations.generator import ROLES
+from simulations.oracle import oracle_reference
 from simulations.pooled import pooled_reference
 from simulations.superlink import EventHook, run_app
 
@@ -65,6 +66,7 @@ def simulate(
         ok = [name for name, entry in report["sites"].items() if entry["status"] == "ok"]
         pooled, skipped = pooled_reference(manifest, settings, ok)
         add_pooled(report, pooled)
+        add_reference(report, "oracle", oracle_reference(manifest, settings, ok))
         if skipped:
             report.setdefault("notes", []).append(
                 f"pooled reference without {', '.join(skipped)} (not usable in the run)")
@@ -74,6 +76,15 @@ def simulate(
         mark_incomplete(out)
         raise
     return report
+
+
+def add_reference(report: dict[str, Any], method: str,
+                  values: dict[str, list[dict[str, Any]]]) -> None:
+    """Add a reference computed outside the federation (``pooled``, ``oracle``) to the sites."""
+    for name, entry in report["sites"].items():
+        if entry["status"] == "ok" and values.get(name):
+            entry["metrics"][method] = method_metrics(values[name], method)
+    report["summary"] = {**report.get("summary", {}), **summarize_methods(report["sites"])}
 
 
 def add_pooled(report: dict[str, Any], pooled: dict[str, list[dict[str, Any]]]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-METHODS = ("local", "source", "adapted", "pooled")
+METHODS = ("local", "source", "adapted", "pooled", "oracle")
 """Every method a report may hold, in display order; ``pooled`` only exists in simulation."""
 
 METRICS = ("auc", "accuracy", "brier")

@@ -9,7 +9,7 @@ from typing import Any
 
 from server.report.common import _json_text, to_jsonable
 from server.report.markdown import render_markdown
-from server.report.plots import plot_loss, plot_metrics
+from server.report.plots import plot_calibration, plot_loss, plot_metrics
 from shared.files import write_atomically
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     write_atomically(paths["json"], _json_text(clean).encode("utf-8"))
     paths["metrics"] = plot_metrics(clean, out / "plots" / "metrics.png")
     paths["loss"] = plot_loss(clean, out / "plots" / "loss.png")
-    relative = {name: paths[name].relative_to(out) for name in ("metrics", "loss")}
+    paths["calibration"] = plot_calibration(clean, out / "plots" / "calibration.png")
+    relative = {name: paths[name].relative_to(out) for name in ("metrics", "calibration", "loss")}
     paths["markdown"] = out / "report.md"
     write_atomically(paths["markdown"], render_markdown(clean, relative).encode("utf-8"))
     return paths

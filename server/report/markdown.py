@@ -64,7 +64,8 @@ def _metric_section(
 ) -> list[str]:
     """Return a per-metric Markdown table: sites as rows, methods as columns, a mean row."""
     repeats = _repeats(report)
-    header = ["site", "n test", "positives (prevalence)", *methods]
+    header = ["site", "n test", "positives (prevalence)",
+              *("best achievable" if m == "oracle" else m for m in methods)]
     rows: list[list[str]] = []
     partial_auc = False
     for name, site in shown:
@@ -72,7 +73,8 @@ def _metric_section(
         if _is_failed(site):
             rows.append(row + [_md(site.get("status", "failed"))] * len(methods))
             continue
-        best = _best_method(site, methods, metric) if metric == "auc" else None
+        site_methods = [m for m in methods if m in ("local", "source", "adapted")]
+        best = _best_method(site, site_methods, metric) if metric == "auc" else None
         for method in methods:
             value, sd = _value_sd(site, method, metric)
             cell = _fmt(value, sd)
@@ -85,16 +87,17 @@ def _metric_section(
                 cell = f"**{cell}**"
             row.append(cell)
         rows.append(row)
-    n_ok = sum(not _is_failed(site) for _, site in _sites(report))
+    judged = len((report.get("summary") or {}).get("sites_judged") or [])
     rows.append(
-        [f"**mean ({_plural(n_ok, 'site')} with results)**", "", ""]
+        [f"**mean over the {_plural(judged, 'site')} that can judge**", "", ""]
         + [_fmt(_mean_metric(report, m, metric)) for m in methods]
     )
     lines = [f"### {_METRIC_TITLES[metric]}", ""]
     lines += _md_table(header, rows, "lrr" + "r" * len(methods))
     notes = []
     if metric == "auc":
-        notes.append("Bold: the best AUC at the site. A dash: AUC undefined (one class in test).")
+        notes.append("Bold: the best AUC of the site's three models (local, source, adapted). "
+                     "A dash: AUC undefined (one class in test).")
         if partial_auc:
             notes.append(
                 f"(n=k): AUC was defined in only k of the {repeats} repeats; "
@@ -105,33 +108,109 @@ def _metric_section(
     return [*lines, ""]
 
 
-def _correction_section(shown: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
-    """Return the table of each site's private correction."""
-    rows = []
-    for name, site in shown:
-        corr = site.get("correction") or {}
-        applied = corr.get("applied")
-        features = site.get("site_features") or []
-        rows.append(
-            [
-                _md(name),
-                f"site {_md(site.get('status', 'failed'))}"
-                if _is_failed(site)
-                else (_DASH if applied is None else ("yes" if applied else "no")),
-                _fmt(_num(corr.get("strength"))),
-                _fmt_pct(_num(corr.get("applied_fraction")), 0),
-                _md(", ".join(str(f) for f in features)) if features else _DASH,
-            ]
-        )
-    header = ["site", "applied", "strength", "applied fraction", "site features"]
-    return [
-        "## Private corrections",
-        "",
-        "Applied fraction: the share of repeats in which the site's correction was used.",
-        "",
-        *_md_table(header, rows, "llrrl"),
+def _models_section(shown: Sequence[tuple[str, dict[str, Any]]], repeats: int | None) -> list[str]:
+    """Return what each site should use and why, and how sure its lead is."""
+    lines = ["## What each site should use, and why", ""]
+    lines += [
+        "Each site chose its model by repeated cross-validation on its own training rows only "
+        "(the held-out rows are never seen): the source model, a recalibration, a correction of "
+        "strength C, its local-only model, or a blend of the two. Another model is taken only "
+        "when it beats the source model's cross-validated log-loss by more than one standard "
+        "error (and ranks patients at least as well); among those, the lowest log-loss wins. "
+        "The held-out comparison below then shows how that choice did on patients it never "
+        "saw.",
         "",
     ]
+    for name, site in shown:
+        if _is_failed(site):
+            continue
+        assessment = site.get("assessment") or {}
+        model = site.get("model") or {}
+        choices = model.get("choices") or {}
+        chosen = ""
+        if repeats and repeats > 1 and choices:
+            chosen = " Chosen over the splits: " + ", ".join(
+                f"{_md(c)} ({n})" for c, n in choices.items()) + "."
+        lines += [f"- **{_md(name)}** should {_md(assessment.get('use', ''))}.{chosen} "
+                  f"{_md(assessment.get('verdict', ''))}."]
+    lines += [""]
+    header = ["site", "adapted − local", "adapted − source", "local − source"]
+    rows = []
+    for name, site in shown:
+        comparisons = (site.get("assessment") or {}).get("comparisons") or {}
+        if _is_failed(site) or not comparisons:
+            continue
+        row = [_md(name)]
+        for key in ("adapted-local", "adapted-source", "local-source"):
+            c = comparisons.get(key) or {}
+            if c.get("difference") is None:
+                row.append(_DASH)
+            elif c.get("low") is None:
+                row.append(f"{c['difference']:+.3f}")
+            else:
+                row.append(f"{c['difference']:+.3f} ({c['low']:+.3f} to {c['high']:+.3f})")
+        rows.append(row)
+    if rows:
+        lines += ["### Paired AUC differences on the same held-out patients", "",
+                  "Difference and 95 % interval: the paired bootstrap of one split's held-out "
+                  "patients, or, over several seeded splits, the corrected resampled t interval "
+                  "(Nadeau and Bengio). An interval that excludes 0 is a lead larger than its "
+                  "uncertainty.", "", *_md_table(header, rows, "lrrr"), ""]
+    return lines
+
+
+def _calibration_section(shown: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Return each method's calibration slope and intercept per site."""
+    header = ["site", *(f"{m} slope / intercept" for m in ("local", "source", "adapted"))]
+    rows = []
+    for name, site in shown:
+        if _is_failed(site):
+            continue
+        row = [_md(name)]
+        for method in ("local", "source", "adapted"):
+            slope, _ = _value_sd(site, method, "cal_slope")
+            intercept, _ = _value_sd(site, method, "cal_intercept")
+            row.append(f"{_fmt(slope, digits=2)} / {_fmt(intercept, digits=2)}")
+        rows.append(row)
+    if not rows:
+        return []
+    return ["## Calibration", "",
+            "Clinicians act on risks, not ranks. The calibration slope (1 is ideal; below 1: "
+            "risks too extreme) and intercept (0 is ideal; below 0: risks too high on average) "
+            "come from a logistic fit of the held-out outcomes on each model's logits; the "
+            "figure shows the reliability curves.", "", *_md_table(header, rows, "lrrr"), ""]
+
+
+def _glossary(methods: Sequence[str]) -> list[str]:
+    """How to read the report: the methods present, the choices, the statuses, the flags."""
+    words = ("- **local**: the site's own model, trained on its own rows alone (what it could "
+             "build without the federation). **source**: the shared model trained by federated "
+             "learning. **adapted**: the model the site chose (see below).")
+    if "pooled" in methods:
+        words += (" **pooled**: one central model on every site's rows (simulation only: what "
+                  "pooling records would give).")
+    if "oracle" in methods:
+        words += (" **best achievable** (generated data only): the true model's AUC on the "
+                  "same held-out patients.")
+    return ["## How to read this report", "", words, *GLOSSARY]
+
+
+GLOSSARY = [
+    "- **Choices**: *source* (the shared model unchanged); *recalibration* (the shared model "
+    "with the site's own base rate: risks shift, the ranking does not); *correction C=c* (the "
+    "shared model plus a penalised logistic regression on the site's inputs and its own "
+    "features; **strength** C is the inverse penalty: larger C lets the site's data move the "
+    "model further from the shared one); *local C=c* (the site's own model, ignoring the "
+    "shared one); *blend s source* (share s of the shared model's logit plus 1 - s of the "
+    "local one).",
+    "- **Status**: *ok* (evaluated), *failed* (the phase and reason are given), *lost* (missed "
+    "training rounds and did not come back; a site that came back is *ok* with its missed "
+    "rounds listed). A correction *refused* at evaluation (tampered, foreign, other model) "
+    "means the site fell back to the source model and says why.",
+    "- **Too few to judge**: a held-out set with fewer than 10 rows of either class; its AUCs "
+    "are shown but left out of the per-site means (the weighted means count every row).",
+    "",
+]
 
 
 def _summary_section(report: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
@@ -139,23 +218,29 @@ def _summary_section(report: Mapping[str, Any], methods: Sequence[str]) -> list[
     summary = report.get("summary") or {}
     majority = _num(summary.get("majority_accuracy"))
     rows = []
+    summary_methods = summary.get("methods") or {}
     for method in methods:
         accuracy = _mean_metric(report, method, "accuracy")
         gain = _DASH
         if accuracy is not None and majority is not None:
             gain = f"{accuracy - majority:+.3f}"
+        weighted = summary_methods.get(method) or {}
         rows.append(
             [
                 method,
                 _fmt(_mean_metric(report, method, "auc")),
+                _fmt(_num(weighted.get("weighted_auc"))),
                 _fmt(accuracy),
                 gain,
                 _fmt(_mean_metric(report, method, "brier")),
                 _fmt(_mean_metric(report, method, "log_loss")),
+                _fmt_int(weighted.get("sites_best_auc")),
             ]
         )
-    rows.append(["majority label (baseline)", _DASH, _fmt(majority), _DASH, _DASH, _DASH])
-    header = ["method", "mean AUC", "mean accuracy", "vs majority", "mean Brier", "log loss"]
+    rows.append(["majority label (baseline)", _DASH, _DASH, _fmt(majority), _DASH, _DASH, _DASH,
+                 _DASH])
+    header = ["method", "mean AUC", "weighted AUC", "mean accuracy", "vs majority",
+              "mean Brier", "log loss", "sites best"]
     sites = _sites(report)
     failed = sum(_is_failed(site) for _, site in sites)
     lines = [
@@ -166,7 +251,11 @@ def _summary_section(report: Mapping[str, Any], methods: Sequence[str]) -> list[
         "The majority-label baseline predicts each site's most frequent label; "
         "an accuracy at or below it means the model adds little.",
         "",
-        *_md_table(header, rows, "lrrrrr"),
+        *_md_table(header, rows, "lrrrrrrr"),
+        "",
+        "Means: over the sites whose held-out sets can judge "
+        f"({len(summary.get('sites_judged', []))}); weighted: every site, weighted by its "
+        "held-out rows. Sites best: where the method has the highest AUC of the site's three.",
         "",
     ]
     compared = [
@@ -266,9 +355,10 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path] | None = None
     about = (
         "This report compares, for every participating site, models evaluated on the site's "
         "own held-out test split. **source** is the shared model trained by federated learning "
-        "across all sites; **adapted** is the source model plus the site's private correction, "
-        "which never leaves the site; **local** is a model trained by the site alone on its own "
-        "data."
+        "across all sites; **adapted** is the model each site chose on its own training rows "
+        "(the source model, recalibrated or corrected with the site's private correction, its "
+        "local-only model or a blend), which never leaves the site; **local** is a model "
+        "trained by the site alone on its own data."
     )
     if "pooled" in methods:
         about += (
@@ -292,6 +382,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path] | None = None
     if facts:
         lines += ["Run: " + "; ".join(facts) + ".", ""]
 
+    lines += _glossary(methods)
     lines += ["## Results per site", ""]
     if len(sites) > len(shown):
         lines += [
@@ -306,13 +397,15 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path] | None = None
             lines += _metric_section(report, metric, methods, shown)
 
     if plots:
-        captions = {"metrics": "Per-site metrics by method", "loss": "Training loss by round"}
+        captions = {"metrics": "Per-site metrics by method", "loss": "Training loss by round",
+                    "calibration": "Reliability curves per site"}
         lines += ["## Figures", ""]
         for name, path in plots.items():
             lines += [f"![{captions.get(name, name)}]({Path(path).as_posix()})", ""]
 
     if sites:
-        lines += _correction_section(shown)
+        lines += _models_section(shown, repeats)
+        lines += _calibration_section(shown)
     lines += _summary_section(report, methods)
     lines += _failed_section(sites)
     lines += _timing_section(report)

@@ -36,14 +36,16 @@ MAX_BAR_SITES = 30
 _METHOD_LABELS = {
     "local": "local (site alone)",
     "source": "source (federated)",
-    "adapted": "adapted (source + correction)",
+    "adapted": "adapted (the site's chosen model)",
     "pooled": "pooled (central reference)",
+    "oracle": "best achievable (true model)",
 }
 _METHOD_COLORS = {
     "local": "#8c8c8c",
     "source": "#1f77b4",
     "adapted": "#ff7f0e",
     "pooled": "#2ca02c",
+    "oracle": "#d0d0d0",
 }
 _PLOT_DPI = 120
 
@@ -405,4 +407,64 @@ def plot_loss(report: dict[str, Any], path: Path) -> Path:
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="upper right")
+    return _save_figure(figure, path)
+
+
+CALIBRATION_METHODS = ("local", "source", "adapted")
+MAX_CALIBRATION_SITES = 16
+
+
+def plot_calibration(report: dict[str, Any], path: Path) -> Path:
+    """Plot each site's reliability curves (predicted risk against observed rate); write PNG.
+
+    Parameters
+    ----------
+    report : dict
+        A run's report (``sites.<name>.reliability``).
+    path : Path
+        Where to write the PNG.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Notes
+    -----
+    One small panel per site (up to ``MAX_CALIBRATION_SITES``), one curve per site method,
+    each point a bin of at least ten held-out patients (quantiles of the predicted risk); the
+    diagonal is perfect calibration, and the legend gives each method's calibration slope.
+    """
+    sites = [(n, s) for n, s in _sites(report)
+             if not _is_failed(s) and any((s.get("reliability") or {}).get(m, {}).get(
+                 "predicted") for m in CALIBRATION_METHODS)][:MAX_CALIBRATION_SITES]
+    cols = max(1, min(4, len(sites)))
+    rows = max(1, -(-len(sites) // cols))
+    figure = _new_figure(3.4 * cols, 3.2 * rows + 0.6)
+    figure.suptitle("Calibration per site: mean predicted risk vs observed rate "
+                    "(bins of >= 10 held-out patients)", fontsize=12)
+    if not sites:
+        figure.text(0.5, 0.5, "no site has enough held-out rows for a reliability curve",
+                    ha="center", va="center", fontsize=11)
+        return _save_figure(figure, path)
+    axes = figure.subplots(rows, cols, squeeze=False)
+    for ax, (name, site) in zip(axes.ravel(), sites, strict=False):
+        ax.plot([0, 1], [0, 1], color="#999999", linewidth=0.8, linestyle=":")
+        for method in CALIBRATION_METHODS:
+            curve = (site.get("reliability") or {}).get(method) or {}
+            if not curve.get("predicted"):
+                continue
+            slope = _num(((site.get("metrics") or {}).get(method) or {}).get("cal_slope"))
+            label = f"{method}" + (f" (slope {slope:.2f})" if slope is not None else "")
+            ax.plot(curve["predicted"], curve["observed"], marker="o", markersize=3,
+                    linewidth=1.2, color=_METHOD_COLORS[method], label=label)
+        ax.set_title(_site_label(name, site).replace("\n", " · "), fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("predicted risk", fontsize=8)
+        ax.set_ylabel("observed rate", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in axes.ravel()[len(sites):]:
+        ax.set_visible(False)
     return _save_figure(figure, path)

@@ -1,32 +1,50 @@
-"""Build the terminal table of a run's per-site results."""
+"""Build the terminal table of a run's per-site results (at most 100 columns)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from server.report.common import (
-    _DASH,
-    _METRIC_SHORT,
-    METRICS,
-    _best_method,
-    _fmt,
-    _fmt_int,
-    _fmt_pct,
-    _is_failed,
-    _mean_metric,
-    _num,
-    _sites,
-    _value_sd,
-    methods_in,
-)
+from server.report.common import _DASH, _fmt, _is_failed, _num, _sites, _value_sd
 
 if TYPE_CHECKING:
     from rich.table import Table
 
+SITE_METHODS = ("local", "source", "adapted")
+REFERENCES = ("pooled", "oracle")  # not a site's own choice: shown when present
+SHORT = {"local": "local", "source": "source", "adapted": "adapted", "pooled": "pooled",
+         "oracle": "best"}
+
+
+def _model(site: dict[str, Any]) -> str:
+    """The model the site uses, short: ``local C=0.3``, ``blend 3/4``, ``recalibration``."""
+    choice = str((site.get("model") or {}).get("choice") or "source")
+    return (choice.replace(" source + local", "").replace("recalibration", "recalibrated")
+            .replace("correction", "corr."))
+
+
+def _lead(site: dict[str, Any]) -> str:
+    """The best site method's lead over the runner-up: ``+0.021±0.030``, or why there is none.
+
+    ``!`` marks a lead larger than its uncertainty (the 95 % interval excludes 0).
+    """
+    a = site.get("assessment") or {}
+    best, second = a.get("best"), a.get("runner_up")
+    if best is None:
+        return "AUC undef."
+    comparisons = a.get("comparisons") or {}
+    c = comparisons.get(f"{best}-{second}") or comparisons.get(f"{second}-{best}") or {}
+    if c.get("difference") is None:
+        return _DASH
+    sign = 1 if f"{best}-{second}" in comparisons else -1
+    diff = sign * c["difference"]
+    if c.get("low") is None:
+        return f"{diff:+.3f}"
+    half = (c["high"] - c["low"]) / 2
+    return f"{diff:+.3f}±{half:.3f}" + ("!" if a.get("lead") == "clear" else "")
+
 
 def site_table(report: dict[str, Any], max_rows: int | None = None) -> Table:
-    """Build a compact terminal table of the per-site results.
+    """Build the terminal table of per-site AUCs (100 columns at most).
 
     Parameters
     ----------
@@ -38,80 +56,58 @@ def site_table(report: dict[str, Any], max_rows: int | None = None) -> Table:
     Returns
     -------
     rich.table.Table
-        One row per site (then a mean row): status, n test, prevalence, and one column per
-        metric holding every method's value as ``local / source / adapted / pooled``. The best
-        AUC of each site is bold. About 130 characters wide with four methods.
+        One row per site: held-out rows and positives (``*``: too few to judge), the AUC of
+        the site's local-only model, the shared source model and the model the site uses
+        (``adapted``), the references when present (pooled central model, best achievable),
+        the best of the three site methods with its lead over the runner-up and that lead's
+        95 % half-width, and the model the site uses. Then the means: over the sites that can
+        judge, and weighted by held-out rows.
     """
+    from rich.box import SIMPLE_HEAD
     from rich.table import Table
     from rich.text import Text
 
-    methods = methods_in(report)
     sites = _sites(report)
     shown = sites if max_rows is None else sites[:max_rows]
-    short = {"local": "local", "source": "src", "adapted": "adapt", "pooled": "pool"}
-    order = "/".join(short[m] for m in methods)
+    refs = [m for m in REFERENCES if any(m in (s.get("metrics") or {}) for _, s in sites)]
     table = Table(
-        title="fedadapt: test metrics per site",
-        caption=f"cells: {' / '.join(methods)}; bold = best AUC at the site; — = undefined",
-        show_edge=False,
-        pad_edge=False,
-        header_style="bold",
+        title="fedadapt: held-out AUC per site",
+        caption=("bold: the site's best model; lead: its AUC minus the runner-up's ± half "
+                 "the 95 % interval (! clear lead); * too few held-out rows of a class to judge; "
+                 "best: the best achievable"),
+        box=SIMPLE_HEAD, pad_edge=False, padding=(0, 1), header_style="bold",
     )
-    table.add_column("site", overflow="ellipsis", max_width=24, no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("n test", justify="right", no_wrap=True)
-    table.add_column("prev.", justify="right", no_wrap=True)
-    for metric in METRICS:
-        table.add_column(f"{_METRIC_SHORT[metric]}\n{order}", justify="center", no_wrap=True)
-
-    def cells(values: Sequence[float | None], bold_index: int | None) -> Text:
-        text = Text()
-        for i, value in enumerate(values):
-            if i:
-                text.append(" / ", style="dim")
-            text.append(_fmt(value), style="bold" if i == bold_index else "")
-        return text
+    table.add_column("site", overflow="ellipsis", max_width=12, no_wrap=True, min_width=6)
+    table.add_column("held-out", justify="right", no_wrap=True, min_width=7)
+    for method in (*SITE_METHODS, *refs):
+        table.add_column(SHORT[method], justify="right", no_wrap=True,
+                         min_width=len(SHORT[method]))
+    table.add_column("lead", no_wrap=True, min_width=12)
+    table.add_column("site uses", overflow="ellipsis", max_width=16, no_wrap=True)
 
     for name, site in shown:
-        prevalence = _fmt_pct(_num(site.get("prevalence_test")))
-        status = str(site.get("status", "ok"))
+        n, pos = _num(site.get("n_test")), _num(site.get("positives_test"))
+        judged = (site.get("assessment") or {}).get("judgeable", True)
+        held = _DASH if n is None else f"{int(n)}/{int(pos or 0)}" + ("" if judged else "*")
         if _is_failed(site):
-            blank = Text(_DASH, style="dim")
-            table.add_row(
-                Text(name),
-                Text(status, style="bold red"),
-                _fmt_int(site.get("n_test")),
-                prevalence,
-                *[blank] * len(METRICS),
-            )
+            blanks = [Text(_DASH, style="dim")] * (len(SITE_METHODS) + len(refs))
+            table.add_row(Text(name), held, *blanks,
+                          Text(str(site.get("status", "failed")), style="bold red"), "")
             continue
-        metric_cells = []
-        for metric in METRICS:
-            values = [_value_sd(site, method, metric)[0] for method in methods]
-            best = None
-            if metric == "auc":
-                best_method = _best_method(site, methods, "auc")
-                best = methods.index(best_method) if best_method else None
-            metric_cells.append(cells(values, best))
-        table.add_row(
-            Text(name),
-            Text(status, style="green"),
-            _fmt_int(site.get("n_test")),
-            prevalence,
-            *metric_cells,
-        )
+        best = (site.get("assessment") or {}).get("best")
+        cells = []
+        for method in (*SITE_METHODS, *refs):
+            value = _value_sd(site, method, "auc")[0]
+            style = "bold" if method == best else ("dim" if method in refs else "")
+            cells.append(Text(_fmt(value), style=style))
+        table.add_row(Text(name), held, *cells, Text(_lead(site)), Text(_model(site)))
     if len(shown) < len(sites):
-        table.add_row(Text(f"… {len(sites) - len(shown)} more", style="dim"), "", "", "")
-    if sites:
+        table.add_row(Text(f"… {len(sites) - len(shown)} more", style="dim"))
+    methods = (report.get("summary") or {}).get("methods") or {}
+    if methods:
         table.add_section()
-        table.add_row(
-            Text("mean", style="bold"),
-            "",
-            "",
-            "",
-            *[
-                cells([_mean_metric(report, m, metric) for m in methods], None)
-                for metric in METRICS
-            ],
-        )
+        for label, key in (("mean", "mean_auc"), ("weighted", "weighted_auc")):
+            table.add_row(Text(label, style="bold"), "", *[
+                Text(_fmt(_num((methods.get(m) or {}).get(key)))) for m in (*SITE_METHODS, *refs)
+            ], "", "")
     return table

@@ -146,7 +146,8 @@ def test_replies_hold_only_model_arrays_and_aggregates(
             assert not content.array_records
         for record in content.config_records.values():
             assert set(record) <= {protocol.SITE_NAME, protocol.SCHEMA_DIGEST,
-                                   protocol.CORRECTION_STATUS, protocol.SITE_FEATURES}
+                                   protocol.CORRECTION_STATUS, protocol.SITE_FEATURES,
+                                   protocol.MODEL_CHOICE, protocol.MODEL_REASON}
         _assert_no_canary(reply)
 
     # The correction stays at the site: none of its weights is in any reply.

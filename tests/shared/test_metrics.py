@@ -75,3 +75,44 @@ def test_sigmoid_is_stable() -> None:
         out = sigmoid(z)
     np.testing.assert_allclose(out, expit(z), rtol=1e-15, atol=0)
     assert out[0] == 0.0 and out[-1] == 1.0 and out[3] == 0.5
+
+
+def test_calibration_slope_and_intercept_of_known_miscalibration() -> None:
+    """Well calibrated: slope 1, intercept 0; doubled logits: slope 1/2; shifted: intercept."""
+    from shared.metrics import calibration
+
+    rng = np.random.default_rng(3)
+    logit = rng.normal(size=20000)
+    y = (rng.random(20000) < sigmoid(logit)).astype(int)
+    slope, intercept = calibration(y, sigmoid(logit))
+    assert slope == pytest.approx(1.0, abs=0.05) and intercept == pytest.approx(0.0, abs=0.05)
+    assert calibration(y, sigmoid(2 * logit))[0] == pytest.approx(0.5, abs=0.03)
+    assert calibration(y, sigmoid(logit + 1.0))[1] == pytest.approx(-1.0, abs=0.06)
+
+
+def test_reliability_bins_hold_at_least_ten_rows_and_no_row() -> None:
+    """Quantile bins of >= 10 rows; 19 rows give no curve; only bin means and counts."""
+    from shared.metrics import MIN_BIN_ROWS, reliability
+
+    rng = np.random.default_rng(4)
+    p = rng.random(57)
+    y = (rng.random(57) < p).astype(int)
+    curve = reliability(y, p)
+    assert len(curve["rows"]) == 5 and min(curve["rows"]) >= MIN_BIN_ROWS
+    assert sum(curve["rows"]) == 57 and curve["predicted"] == sorted(curve["predicted"])
+    assert reliability(y[:19], p[:19]) == {"predicted": [], "observed": [], "rows": []}
+
+
+def test_paired_bootstrap_interval_covers_a_difference_and_is_paired() -> None:
+    """A better score's lead has an interval above zero; identical scores give zero width."""
+    from shared.metrics import paired_auc_difference
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=400)
+    y = (rng.random(400) < sigmoid(2 * x)).astype(int)
+    good, noisy = x, x + rng.normal(scale=2.0, size=400)
+    diff, low, high = paired_auc_difference(y, sigmoid(good), sigmoid(noisy), seed=1)
+    assert 0 < low < diff < high
+    same = paired_auc_difference(y, sigmoid(good), sigmoid(good), seed=1)
+    assert same == (0.0, 0.0, 0.0)
+    assert all(math.isnan(v) for v in paired_auc_difference(np.ones(9), good[:9], x[:9]))
