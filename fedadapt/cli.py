@@ -319,7 +319,7 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
     if parts:
         majority = summary.get("majority_accuracy")
         base = f" (majority label {majority:.3f})" if majority is not None else ""
-        say("mean accuracy over sites: " + ", ".join(parts) + base)
+        say("mean accuracy over the sites that can judge: " + ", ".join(parts) + base)
     fvp = summary.get("federated_vs_pooled")
     if fvp and fvp.get("difference") is not None:
         say(f"held-out log-loss: federated source {fvp['source_log_loss']:.4f}, "

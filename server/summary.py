@@ -185,11 +185,12 @@ def summarize_methods(sites: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                       and s["assessment"].get("lead") == "clear"
                                       for s in ok.values()),
         }
-    majority = [
-        max(s["prevalence_test"], 1 - s["prevalence_test"]) for s in ok.values()
-        if s["prevalence_test"] is not None
-    ]
-    return {"methods": methods, "majority_accuracy": _mean(majority),
+    def majority(entries: dict[str, dict[str, Any]]) -> float | None:
+        return _mean([max(s["prevalence_test"], 1 - s["prevalence_test"])
+                      for s in entries.values() if s["prevalence_test"] is not None])
+
+    return {"methods": methods, "majority_accuracy": majority(judged),
+            "majority_accuracy_all_sites": majority(ok),
             "sites_judged": sorted(judged), "sites_too_small": sorted(set(ok) - set(judged))}
 
 

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from server.report import to_jsonable
 from shared.settings import RunSettings
 from simulations.simulate import simulate
@@ -86,16 +88,22 @@ def flamby(out: Path, heart: Path) -> dict[str, Any]:
     """FLamby's rows and split: mean test accuracy (and AUC) over the four centres."""
     report = simulate(f"heart:{heart}", out / "flamby", RunSettings(protocol="flamby"))
     methods = report["summary"]["methods"]
-    accuracy = {m: v["mean_accuracy"] for m, v in methods.items()}
+    sites = report["sites"].values()
+    # FLamby's figure is the plain mean over the four centres (Switzerland's 16 test patients
+    # included), not the report's mean over the sites that can judge.
+    accuracy = {m: float(np.mean([s["metrics"][m]["accuracy"] for s in sites]))
+                for m in methods}
+    aucs = {m: [s["metrics"][m]["auc"] for s in sites if s["metrics"][m]["auc"] is not None]
+            for m in methods}
     return {
         "mean_accuracy": accuracy,
-        "mean_auc": {m: v["mean_auc"] for m, v in methods.items()},
+        "mean_auc": {m: float(np.mean(v)) if v else None for m, v in aucs.items()},
         "per_centre_accuracy": {n: {m: s["metrics"][m]["accuracy"] for m in s["metrics"]}
                                 for n, s in report["sites"].items()},
         "per_centre_auc": {n: {m: s["metrics"][m]["auc"] for m in s["metrics"]}
                            for n, s in report["sites"].items()},
         "choices": {n: s.get("model", {}).get("choice") for n, s in report["sites"].items()},
-        "majority_accuracy": report["summary"]["majority_accuracy"],
+        "majority_accuracy": report["summary"]["majority_accuracy_all_sites"],
         "best_published": FLAMBY_BEST_PUBLISHED,
         "target": 0.85,
         "passed": accuracy["adapted"] >= 0.85,

@@ -39,4 +39,22 @@ def test_build_report_marks_failed_sites_and_keeps_the_others() -> None:
     assert report["timing_s"] == {"total": 4.2, "stats": 1.0, "train": 2.0, "adapt": 0.5,
                                   "evaluate": 0.5}
     assert report["rounds"][0]["loss"] == 0.6 and report["rounds"][0]["loss_sd"] is None
-    assert report["summary"]["majority_accuracy"] == 0.6
+    assert report["summary"]["majority_accuracy_all_sites"] == 0.6
+    assert report["summary"]["majority_accuracy"] is None  # no held-out set can judge
+    assert report["summary"]["sites_too_small"] == ["a"]
+
+
+def _sized(auc: float, n: float, positives: float) -> dict[str, float]:
+    return {**_metrics(auc, 0.8), "n-test": n, "positives-test": positives}
+
+
+def test_small_sets_are_left_out_of_per_site_means_but_weighted_in() -> None:
+    """A site with 2 positives does not count as much as one with 40: means and weights."""
+    r = RepeatResult(repeat=0, split_seed=1, evaluate={
+        "big": _sized(0.9, 100.0, 40.0), "tiny": _sized(0.3, 10.0, 2.0)})
+    report = build_report({}, [r], total_seconds=1.0)
+    source = report["summary"]["methods"]["source"]
+    assert source["mean_auc"] == 0.9  # the tiny site cannot judge
+    assert math.isclose(source["weighted_auc"], (0.9 * 100 + 0.3 * 10) / 110)
+    assert report["summary"]["sites_judged"] == ["big"]
+    assert report["sites"]["tiny"]["assessment"]["verdict"].startswith("too few patients")

@@ -31,7 +31,9 @@ def test_simulate_synthetic_from_the_command_line(tmp_path: Path, no_leftovers: 
     assert set(report["sites"]) == {"hospital-a", "hospital-b", "hospital-c"}
     for site in report["sites"].values():
         assert site["status"] == "ok"
-        assert set(site["metrics"]) == {"local", "source", "adapted", "pooled"}
+        # "oracle" (the best achievable, from the generator's truth) exists on generated data.
+        assert set(site["metrics"]) == {"local", "source", "adapted", "pooled", "oracle"}
+        assert site["metrics"]["oracle"]["auc"] >= site["metrics"]["source"]["auc"] - 0.05
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
     assert report["config"]["flwr_version"].startswith("1.4")
     assert report["summary"]["federated_vs_pooled"]["difference"] is not None
@@ -54,7 +56,9 @@ def test_flamby_protocol_reproduces_the_test_split(
     report = json.loads((out / "report.json").read_text())
     sizes = {name: site["n_test"] for name, site in report["sites"].items()}
     assert sizes == {"cleveland": 104, "hungarian": 89, "switzerland": 16, "va": 45}
-    assert abs(report["summary"]["majority_accuracy"] - 0.721) < 0.001
+    # FLamby's baseline is over all four centres; the mean over judgeable ones is separate.
+    assert abs(report["summary"]["majority_accuracy_all_sites"] - 0.721) < 0.001
+    assert "switzerland" in report["summary"]["sites_too_small"]
     assert report["sites"]["cleveland"]["site_features"] == ["slope", "ca", "thal"]
 
 
@@ -64,14 +68,14 @@ def test_flwr_run_uses_the_pyproject_settings(tmp_path: Path, no_leftovers: None
     with simulation_superlink(tmp_path / "logs") as (env, connection):
         result = subprocess.run(
             [flower_bin("flwr"), "run", str(APP_DIR), connection, "--stream",
-             "--federation-config", "num-supernodes=4",
+             "--federation-config", "num-supernodes=8",
              "--run-config", f"out=\"{out}\" num-server-rounds=2"],
             cwd=APP_DIR, env=env, capture_output=True, text=True, timeout=300, check=False,
         )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["sites-manifest"] == "simulations/demo/sites.toml"
-    assert sorted(report["sites"]) == ["hospital-a", "hospital-b", "hospital-c", "hospital-d"]
+    assert sorted(report["sites"]) == [f"hospital-{c}" for c in "abcdefgh"]
     assert all(site["status"] == "ok" for site in report["sites"].values())
 
 
