@@ -12,7 +12,15 @@ from flwr.clientapp import ClientApp
 from threadpoolctl import threadpool_limits
 
 from client.egress import build_reply, error_reply
-from client.jobs import SiteRows, adapt_job, evaluate_job, open_site, stats_job, train_job
+from client.jobs import (
+    SiteRows,
+    adapt_job,
+    evaluate_job,
+    newton_job,
+    open_site,
+    stats_job,
+    train_job,
+)
 from client.site import resolve_site
 from shared import logs, protocol
 
@@ -53,7 +61,8 @@ def _stats(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
 
 
 def _train(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
-    arrays, metrics = train_job(rows, msg.content.array_records[protocol.ARRAYS], config)
+    job = newton_job if config.get(protocol.STRATEGY) == "newton" else train_job
+    arrays, metrics = job(rows, msg.content.array_records[protocol.ARRAYS], config)
     return build_reply(msg, shared_features=rows.schema.shared_features, metrics=metrics,
                        arrays=arrays)
 

@@ -1,9 +1,11 @@
 """The single door out of a site: every reply a site sends is built and checked here.
 
 A reply may carry only the source model's arrays (train phase, same names and shapes as the
-weights the server sent), aggregate numbers under the keys of ``shared.protocol`` and, in the
-``site`` record, the site's name and fixed status strings. Anything else is refused before it
-is sent. Errors go out as Flower error replies whose text is known to carry no cell value.
+weights the server sent; in a Newton round, the gradient and Hessian sums over the training
+rows, whose shapes follow from the model's), aggregate numbers under the keys of
+``shared.protocol`` and, in the ``site`` record, the site's name and fixed status strings.
+Anything else is refused before it is sent. Errors go out as Flower error replies whose text is
+known to carry no cell value.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from client.correction_store import CorrectionRefused, SiteDirError
 from client.data import DataError
 from client.site import SchemaMismatch, SiteConfigError
 from shared import protocol
+from shared.newton import sum_shapes
 from shared.preprocessing import summary_keys
 from shared.schema import Feature, SchemaError
 from shared.settings import SettingsError
@@ -42,12 +45,14 @@ SAFE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def allowed_metric_keys(message_type: str, shared_features: Sequence[Feature]) -> set[str]:
-    """The metric keys a reply to ``message_type`` may carry."""
+def allowed_metric_keys(
+    message_type: str, shared_features: Sequence[Feature], newton: bool = False
+) -> set[str]:
+    """The metric keys a reply to ``message_type`` may carry (a Newton round's if ``newton``)."""
     if message_type == protocol.STATS:
         return set(summary_keys(shared_features)) | set(protocol.STATS_EXTRA)
     if message_type == protocol.TRAIN:
-        return set(protocol.TRAIN_METRICS)
+        return set(protocol.NEWTON_METRICS if newton else protocol.TRAIN_METRICS)
     if message_type == protocol.ADAPT:
         return set(protocol.ADAPT_METRICS)
     if message_type == protocol.EVALUATE:
@@ -101,7 +106,9 @@ def build_reply(
         If anything in the reply is not allowed.
     """
     mtype = msg.metadata.message_type
-    allowed = allowed_metric_keys(mtype, shared_features)
+    config = msg.content.config_records.get(protocol.CONFIG)
+    newton = config is not None and config.get(protocol.STRATEGY) == "newton"
+    allowed = allowed_metric_keys(mtype, shared_features, newton)
     extra = sorted(set(metrics) - allowed)
     if extra:
         raise EgressViolation(f"reply to {mtype} carries keys that are not allowed: {extra}")
@@ -111,7 +118,7 @@ def build_reply(
     if arrays is not None:
         if mtype != protocol.TRAIN:
             raise EgressViolation(f"a reply to {mtype} may not carry arrays")
-        _check_arrays(arrays, msg.content.array_records.get(protocol.ARRAYS))
+        _check_arrays(arrays, msg.content.array_records.get(protocol.ARRAYS), newton)
         content[protocol.ARRAYS] = arrays
     elif mtype == protocol.TRAIN:
         raise EgressViolation("a train reply must carry the trained source model")
@@ -167,12 +174,12 @@ def _may_be_undefined(key: str) -> bool:
             or ".cal_" in key or key == "test-log-loss")
 
 
-def _check_arrays(arrays: ArrayRecord, sent: ArrayRecord | None) -> None:
+def _check_arrays(arrays: ArrayRecord, sent: ArrayRecord | None, newton: bool) -> None:
+    """The reply's arrays: the source model's names and shapes, or a Newton round's sums."""
     if sent is None:
         raise EgressViolation("a train reply needs the train message's arrays to compare with")
     got = {k: tuple(arrays[k].shape) for k in arrays}
-    want = {k: tuple(sent[k].shape) for k in sent}
+    want = sum_shapes(sent) if newton else {k: tuple(sent[k].shape) for k in sent}
     if got != want:
-        raise EgressViolation(
-            f"reply arrays {got} differ from the source model's {want}: refused"
-        )
+        what = "a Newton round's sums" if newton else "the source model's"
+        raise EgressViolation(f"reply arrays {got} differ from {what} {want}: refused")

@@ -178,6 +178,26 @@ def train_job(
     return to_arrays(model), metrics
 
 
+def newton_job(
+    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
+) -> tuple[ArrayRecord, Metrics]:
+    """Phase 2, one Newton round: loss, gradient and Hessian sums over the training rows.
+
+    Sums over the rows at the received weights, nothing trained here: the coordinator adds
+    them over the sites and takes the step (``shared.newton``).
+    """
+    from flwr.app import Array
+
+    from shared import newton
+
+    theta = newton.parameters(arrays)
+    x = _prep(rows, config).transform(rows.shared)
+    train = rows.split.train
+    sums = newton.site_sums(x[train], rows.data.label[train], theta)
+    reply = ArrayRecord({newton.GRAD: Array(sums.grad), newton.HESS: Array(newton.pack(sums.hess))})
+    return reply, {"num-examples": float(sums.n), "loss-sum": sums.loss}
+
+
 def _model_document(
     rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
 ) -> dict[str, Any]:

@@ -157,8 +157,13 @@ def train_phase(
         dropped = sorted(rep.names.get(n, f"node-{n}") for n, (r, _) in grid.dropped.items()
                          if r == number)
         loss, gl = _scalar(metrics, "train-loss"), _scalar(metrics, "global-loss")
-        rep.result.rounds.append({"round": number, "loss": loss, "global_loss": gl,
-                                  "rejected": rejected, "dropped": dropped})
+        entry = {"round": number, "loss": loss, "global_loss": gl, "rejected": rejected,
+                 "dropped": dropped}
+        accepted = _scalar(metrics, "step-accepted")  # strategy newton: were the weights kept
+        if accepted is not None:
+            entry["step_accepted"] = bool(accepted)
+            entry["step"] = _scalar(metrics, "newton-step")
+        rep.result.rounds.append(entry)
         rep.emit("round", round=number, rounds=s.num_server_rounds, loss=loss,
                  rejected=rejected, dropped=dropped)
         if on_saved is not None:
@@ -175,9 +180,16 @@ def train_phase(
                 **rep.base, "preprocessing": json.dumps(prep.to_dict()),
                 "local-epochs": s.local_epochs, "learning-rate": s.learning_rate,
                 "batch-size": s.batch_size, "weight-decay": s.weight_decay,
-                "round-offset": done_rounds,
+                "round-offset": done_rounds, protocol.STRATEGY: s.training,
             }),
         )
+    best = getattr(strategy, "best", None)  # Newton ends on its last accepted weights
+    if isinstance(best, ArrayRecord):
+        current[0] = best
+    converged = getattr(strategy, "converged_round", None)
+    if converged is not None:
+        rep.result.converged_round = converged + done_rounds
+        rep.emit("converged", round=converged + done_rounds)
     rep.result.timing["train"] = time.monotonic() - t
     for node, (rnd, reason) in grid.dropped.items():
         name = rep.names[node]  # the grid lists only the sites that passed the stats phase

@@ -78,6 +78,8 @@ def send_and_receive(
         come from the SuperLink's node id, not from the site's.
     """
     messages = list(messages)
+    if not messages:  # a strategy that converged sends nothing
+        return {}
     nodes = [m.metadata.dst_node_id for m in messages]
     if len(set(nodes)) != len(nodes):
         raise ValueError("send_and_receive sends one message per node")

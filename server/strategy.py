@@ -10,7 +10,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
-from shared import protocol
+from server.newton import NewtonSteps
+from shared import newton, protocol
 from shared.settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -21,11 +22,16 @@ RoundHook = Callable[[int, ArrayRecord | None, MetricRecord | None, list[str]], 
 MAX_EXAMPLES = 10_000_000
 
 
-def reply_problem(reply: Message, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+def reply_problem(
+    reply: Message, shapes: Mapping[str, tuple[int, ...]],
+    metric_keys: tuple[str, ...] = protocol.TRAIN_METRICS,
+) -> str | None:
     """Why a train reply must not be aggregated, or None if it is sound.
 
     Checks what a buggy or hostile site could send: missing or extra arrays, wrong shapes,
-    NaN or infinite weights, and an example count that is not a positive, plausible integer.
+    NaN or infinite values, and an example count that is not a positive, plausible integer.
+    ``shapes`` and ``metric_keys`` are what a sound reply holds: the source model's arrays and
+    the training metrics, or, in a Newton round, the gradient and Hessian sums and the loss sum.
     """
     if reply.has_error():
         return f"error reply: {reply.error.reason}"
@@ -47,7 +53,7 @@ def reply_problem(reply: Message, shapes: Mapping[str, tuple[int, ...]]) -> str 
         float(n) != int(n)
     ):
         return "num-examples is missing, not a positive integer, or implausibly large"
-    for key in protocol.TRAIN_METRICS:
+    for key in metric_keys:
         value = metrics.get(key)
         if not isinstance(value, int | float) or not math.isfinite(value):
             return f"metric {key!r} is missing or not finite"
@@ -68,6 +74,8 @@ class GuardedAggregation:
         the aggregated metrics and the rejected sites.
     """
 
+    metric_keys: tuple[str, ...] = protocol.TRAIN_METRICS
+
     def __init__(
         self,
         *args: object,
@@ -86,11 +94,13 @@ class GuardedAggregation:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Drop unsound replies (logged with the site's name), aggregate the rest."""
+        if getattr(self, "finished", False):
+            return None, None  # converged earlier (NewtonSteps): nothing was sent this round
         sound, rejected = [], []
         for reply in replies:
             node = reply.metadata.src_node_id
             site = self.site_names.get(node, f"node {node}")
-            problem = reply_problem(reply, self.shapes)
+            problem = reply_problem(reply, self.shapes, self.metric_keys)
             if problem is None:
                 sound.append(reply)
             else:
@@ -124,6 +134,12 @@ class GuardedFedTrimmedAvg(GuardedAggregation, FedTrimmedAvg):
     """Trimmed mean of checked replies (``trim-beta`` of the sites cut at each end)."""
 
 
+class GuardedNewton(GuardedAggregation, NewtonSteps):
+    """Damped Newton steps from checked gradient and Hessian sums (logistic model only)."""
+
+    metric_keys = protocol.NEWTON_METRICS
+
+
 def make_strategy(
     settings: RunSettings,
     n_sites: int,
@@ -138,16 +154,21 @@ def make_strategy(
     """
     classes: dict[str, type[GuardedAggregation]] = {
         "fedavg": GuardedFedAvg, "fedprox": GuardedFedProx, "fedmedian": GuardedFedMedian,
-        "fedtrimmedavg": GuardedFedTrimmedAvg,
+        "fedtrimmedavg": GuardedFedTrimmedAvg, "newton": GuardedNewton,
     }
     extra: dict[str, float] = {
         "fedprox": {"proximal_mu": settings.proximal_mu},
         "fedtrimmedavg": {"beta": settings.trim_beta},
-    }.get(settings.strategy, {})
+        "newton": {"weight_decay": settings.weight_decay,
+                   "tolerance": settings.newton_tolerance},
+    }.get(settings.training, {})
+    if settings.training == "newton":  # replies hold the sums, sized by the model's weights
+        d = sum(math.prod(shape) for shape in shapes.values())
+        shapes = {newton.GRAD: (d,), newton.HESS: (d * (d + 1) // 2,)}
     # Every healthy site trains each round; the strategy may go on with as few as min-sites
     # (the grid ends the run, with a clear error, below that).
     minimum = min(settings.min_sites, n_sites)
-    strategy = classes[settings.strategy](
+    strategy = classes[settings.training](
         shapes=shapes, site_names=site_names, on_round=on_round,
         fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=minimum,
         min_available_nodes=minimum, weighted_by_key=protocol.NUM_EXAMPLES,

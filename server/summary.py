@@ -33,6 +33,8 @@ class RepeatResult:
         Per site dropped during training: the round, the reason, the rounds it missed.
     rounds : list of dict
         Per round: ``round``, ``loss``, ``global_loss``, ``rejected`` sites.
+    converged_round : int or None
+        Strategy newton: the round in which it converged (later rounds were not run).
     timing : dict
         Seconds per phase.
     """
@@ -47,6 +49,7 @@ class RepeatResult:
     site_features: dict[str, list[str]] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    converged_round: int | None = None  # strategy newton: the round it converged in
     timing: dict[str, float] = field(default_factory=dict)
     source_digest: str = ""
 
@@ -218,6 +221,9 @@ def rounds_entry(results: Sequence[RepeatResult]) -> list[dict[str, Any]]:
             "rejected": sorted({s for e in entries for s in e.get("rejected", [])}),
             "dropped": sorted({s for e in entries for s in e.get("dropped", [])}),
         })
+        if any("step_accepted" in e for e in entries):  # strategy newton
+            out[-1]["step_accepted"] = all(e.get("step_accepted", False) for e in entries)
+            out[-1]["step"] = mean_sd([e.get("step", math.nan) for e in entries])[0]
     return out
 
 
@@ -241,6 +247,7 @@ def build_report(
         "config": config,
         "sites": sites,
         "rounds": rounds_entry(results),
+        "converged_rounds": [r.converged_round for r in results],
         "summary": summarize_methods(sites),
         "timing_s": timing,
         "source_models": [r.source_digest for r in results],

@@ -31,6 +31,11 @@ MODEL_REASON = "model-reason"  # why, with its cross-validated numbers
 
 # Metric keys of the phases' replies (besides the per-feature summary keys of phase 1).
 TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "global-loss")
+# A Newton round's reply (strategy "newton"): the rows' summed logistic loss at the received
+# weights, beside the arrays shared.newton.GRAD and HESS (sums over the same rows).
+NEWTON_METRICS = (NUM_EXAMPLES, "loss-sum")
+# The train config key telling a site which kind of training round it is asked for.
+STRATEGY = "strategy"
 STATS_EXTRA = (NUM_EXAMPLES, "n-test", "label-negative", "label-positive")
 ADAPT_METRICS = (
     NUM_EXAMPLES, "applied", "strength", "source-weight", "cv-log-loss-source", "cv-log-loss",

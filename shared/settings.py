@@ -6,7 +6,7 @@ from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
 MODELS = ("logreg", "mlp")  # shared.source_model builds them; not imported here (torch)
-STRATEGIES = ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
+STRATEGIES = ("auto", "newton", "fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
 PROTOCOLS = ("default", "flamby")
 FLAMBY_SPLIT_SEED = 43
 
@@ -69,9 +69,12 @@ class RunSettings:
     test_fraction: float = _setting(0.3, "share of each site's rows held out for evaluation")
     num_server_rounds: int = _setting(30, "federated training rounds")
     strategy: str = _setting(
-        "fedavg", "aggregation: fedavg, fedprox, or fedmedian / fedtrimmedavg (limit one "
-        "wildly wrong site)", STRATEGIES)
+        "auto", "training: newton (second-order steps from the sites' gradient and Hessian "
+        "sums; model logreg only), fedavg, fedprox, fedmedian / fedtrimmedavg (limit one "
+        "wildly wrong site); auto = newton for logreg, fedavg for the MLP", STRATEGIES)
     proximal_mu: float = _setting(0.0, "FedProx's proximal term (strategy fedprox)")
+    newton_tolerance: float = _setting(
+        1e-6, "strategy newton: stop when the step's largest change of a weight is below this")
     trim_beta: float = _setting(0.25, "share of sites cut at each end (strategy fedtrimmedavg)")
     model: str = _setting("logreg", "source model: logistic regression or a one-hidden-layer "
                           "MLP", MODELS)
@@ -140,6 +143,11 @@ class RunSettings:
         for name in ("repeats", "num_server_rounds", "local_epochs", "hidden_units", "min_sites"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
+        if self.strategy == "newton" and self.model != "logreg":
+            problems.append("strategy newton trains the logistic model only: use model logreg, "
+                            "or strategy fedavg / fedprox for the MLP")
+        if self.newton_tolerance <= 0:
+            problems.append("newton-tolerance must be positive")
         if not 0.0 <= self.trim_beta < 0.5:
             problems.append("trim-beta must be in [0, 0.5)")
         if self.expected_sites < 0:
@@ -155,6 +163,13 @@ class RunSettings:
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', '-')} must not be negative")
         return problems
+
+    @property
+    def training(self) -> str:
+        """The strategy that trains: ``strategy``, with ``auto`` resolved by the model."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "newton" if self.model == "logreg" else "fedavg"
 
     @property
     def sites_to_wait_for(self) -> int:

@@ -17,7 +17,7 @@ from client.client_app import app as client_app
 from client.correction_store import load_correction
 from client.egress import EgressViolation, build_reply
 from client.source_model_store import list_models, load_source_model
-from shared import protocol
+from shared import newton, protocol
 from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
 from shared.schema import load_schema
 from shared.source_model import build_model, to_arrays
@@ -112,6 +112,9 @@ def _run_phases(tmp_path: Path) -> tuple[dict[str, Message], Path]:
               "learning-rate": 0.5, "batch-size": 0, "weight-decay": 0.001, "server-round": 1}
     replies["train"] = _send(protocol.TRAIN, RecordDict({
         protocol.ARRAYS: to_arrays(model), protocol.CONFIG: ConfigRecord(config)}), ctx)
+    replies["newton"] = _send(protocol.TRAIN, RecordDict({
+        protocol.ARRAYS: to_arrays(model),
+        protocol.CONFIG: ConfigRecord({**config, protocol.STRATEGY: "newton"})}), ctx)
     final = replies["train"].content.array_records[protocol.ARRAYS]
     content = RecordDict({protocol.ARRAYS: final, protocol.CONFIG: ConfigRecord(config)})
     replies["adapt"] = _send(protocol.ADAPT, content, ctx)
@@ -129,19 +132,22 @@ def test_replies_hold_only_model_arrays_and_aggregates(
     allowed = {
         "stats": set(summary_keys(SCHEMA.shared_features)) | set(protocol.STATS_EXTRA),
         "train": set(protocol.TRAIN_METRICS),
+        "newton": set(protocol.NEWTON_METRICS),
         "adapt": set(protocol.ADAPT_METRICS),
         "evaluate": set(protocol.EVALUATE_METRICS),
     }
-    model_shapes = {"net.weight": (1, 7), "net.bias": (1,)}
+    shapes = {"train": {"net.weight": (1, 7), "net.bias": (1,)},
+              # 8 parameters: the gradient sum and the Hessian sum's upper triangle.
+              "newton": {newton.GRAD: (8,), newton.HESS: (36,)}}
     for phase, reply in replies.items():
         assert not reply.has_error(), (phase, reply.error.reason if reply.has_error() else "")
         content = reply.content
         assert set(content.metric_records) == {protocol.METRICS}
         assert set(content[protocol.METRICS]) <= allowed[phase]
-        if phase == "train":
+        if phase in shapes:
             arrays = content.array_records[protocol.ARRAYS]
             assert set(content.array_records) == {protocol.ARRAYS}
-            assert {k: tuple(arrays[k].shape) for k in arrays} == model_shapes
+            assert {k: tuple(arrays[k].shape) for k in arrays} == shapes[phase]
         else:
             assert not content.array_records
         for record in content.config_records.values():
@@ -237,9 +243,12 @@ def test_an_unexpected_failure_is_reported_by_type_only(
     assert str(CANARY_WEIGHT) not in caplog.text
 
 
-def _train_message(shapes: dict[str, tuple[int, ...]]) -> Message:
+def _train_message(
+    shapes: dict[str, tuple[int, ...]], config: dict[str, Any] | None = None
+) -> Message:
     arrays = ArrayRecord({k: _array(v) for k, v in shapes.items()})
-    return Message(content=RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord({})}),
+    return Message(content=RecordDict({protocol.ARRAYS: arrays,
+                                       protocol.CONFIG: ConfigRecord(config or {})}),
                    dst_node_id=1, message_type=protocol.TRAIN)
 
 
@@ -283,3 +292,23 @@ def test_build_reply_refuses_anything_else(task_identity: None) -> None:
 
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
+
+
+def test_a_newton_reply_holds_only_the_sums_of_the_model_s_size(task_identity: None) -> None:
+    """In a Newton round the sums are the only arrays; model weights or extra keys are refused."""
+    shapes = {"net.weight": (1, 3), "net.bias": (1,)}
+    msg = _train_message(shapes, {protocol.STRATEGY: "newton"})
+    feats = SCHEMA.shared_features
+    good = {"num-examples": 10.0, "loss-sum": 6.9}
+    sums = ArrayRecord({newton.GRAD: _array((4,)), newton.HESS: _array((10,))})
+    reply = build_reply(msg, shared_features=feats, metrics=good, arrays=sums)
+    assert set(reply.content.array_records[protocol.ARRAYS]) == {newton.GRAD, newton.HESS}
+    with pytest.raises(EgressViolation, match="Newton"):
+        build_reply(msg, shared_features=feats, metrics=good, arrays=ArrayRecord(
+            {k: _array(v) for k, v in shapes.items()}))
+    with pytest.raises(EgressViolation, match="Newton"):  # a full Hessian is not the packed one
+        build_reply(msg, shared_features=feats, metrics=good, arrays=ArrayRecord(
+            {newton.GRAD: _array((4,)), newton.HESS: _array((4, 4))}))
+    with pytest.raises(EgressViolation, match="not allowed"):
+        build_reply(msg, shared_features=feats, metrics={**good, "train-loss": 0.5},
+                    arrays=sums)
