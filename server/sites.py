@@ -62,7 +62,12 @@ def send_and_receive(
     grid: Grid, messages: Iterable[Message], timeout: float | None, poll: float = 0.1,
     max_poll: float = 0.5, audit: ReplyLog | None = None, label: dict[str, Any] | None = None,
 ) -> dict[int, Message]:
-    """Push one message per node, then pull the replies until all arrived or ``timeout`` passed.
+    """Push one message per node, then pull replies until all arrived or none came for ``timeout``.
+
+    The timeout counts from the last reply received (from the push before the first): a site
+    is given up on only when the others have stopped answering too, so a site that is merely
+    queued (Flower's simulation engine runs a few virtual sites at a time) is never taken for
+    a lost one, and a dead site still costs one timeout after the last live reply.
 
     Flower's deployed grid waits 3 s between pulls; a round would pay for that wait every
     time. This loop uses Flower's own ``push_messages``/``pull_messages`` and polls from
@@ -88,11 +93,18 @@ def send_and_receive(
     deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
     replies: dict[int, Message] = {}
     while ids:
-        for reply in grid.pull_messages(ids):
+        pulled = list(grid.pull_messages(ids))
+        for reply in pulled:
             answered = reply.metadata.reply_to_message_id
             if answered in destination:
                 replies[destination[answered]] = reply
             ids.discard(answered)
+        if pulled and timeout is not None:
+            # The timeout counts from the last reply: sites still answering are not lost.
+            # Flower's simulation engine runs a few virtual sites at a time and queues the
+            # rest; at 1,000 sites the last ones start minutes after the message was sent.
+            deadline = time.monotonic() + timeout
+            poll = 0.1
         if not ids or (timeout is not None and time.monotonic() >= deadline):
             break
         time.sleep(poll)

@@ -92,11 +92,13 @@ class RunSettings:
         "seconds")
     node_wait_timeout: float = _setting(60.0, "seconds to wait for the expected sites")
     reply_timeout: float = _setting(
-        300.0, "seconds a site has to answer one training round (a slower site sits out the "
-        "rest of training)")
+        300.0, "seconds without any reply after which the sites that have not answered a "
+        "training round sit out the rest of training (counted from the last reply, so sites "
+        "queued in the simulation engine are not lost)")
     phase_timeout: float = _setting(
-        900.0, "seconds a site has for the stats, adapt and evaluate phases (reading its "
-        "file, cross-validating its correction)")
+        900.0, "seconds without any reply after which the stats, adapt and evaluate phases "
+        "give up on the sites that have not answered (reading a file, cross-validating a "
+        "correction)")
     record_replies: bool = _setting(
         False, "record every value each site sent in OUT/replies.jsonl (keys, shapes and "
         "sizes are always recorded)")

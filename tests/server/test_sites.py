@@ -1,0 +1,87 @@
+"""Collecting replies: queued sites are waited for, a silent one is given up after the timeout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from server import sites
+
+
+class _Clock:
+    """Virtual time for the module under test: sleeping advances it, nothing really waits."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _QueuedGrid:
+    """A grid whose sites answer one after another, ``spacing`` seconds apart (an engine queue)."""
+
+    def __init__(self, clock: _Clock, spacing: float, silent: set[int]) -> None:
+        self.clock, self.spacing, self.silent = clock, spacing, silent
+        self.sent: list[Message] = []
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+            self.sent.append(m)
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, ids: Iterable[str]) -> list[Message]:
+        wanted = set(ids)
+        ready = []
+        for i, m in enumerate(self.sent):
+            due = (i + 1) * self.spacing
+            if (m.metadata.message_id in wanted and m.metadata.dst_node_id not in self.silent
+                    and self.clock.now >= due):
+                ready.append(Message(RecordDict({"config": ConfigRecord({})}), reply_to=m))
+        return ready
+
+
+def _messages(n: int) -> list[Message]:
+    return [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=100 + i,
+                    message_type="train") for i in range(n)]
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    """Virtual time in ``server.sites``."""
+    fake = _Clock()
+    monkeypatch.setattr(sites, "time", fake)
+    return fake
+
+
+def test_sites_queued_behind_others_are_not_lost(clock: _Clock, task_identity: None) -> None:
+    """50 sites answering 1 s apart with a 5 s timeout: all 50 replies are collected."""
+    grid = _QueuedGrid(clock, spacing=1.0, silent=set())
+    replies = sites.send_and_receive(grid, _messages(50), timeout=5.0)  # type: ignore[arg-type]
+    assert sorted(replies) == [100 + i for i in range(50)]
+    assert clock.now >= 50.0  # far longer than the timeout: the queue was waited for
+
+
+def test_a_silent_site_is_given_up_one_timeout_after_the_last_reply(
+    clock: _Clock, task_identity: None
+) -> None:
+    """The others' replies are kept; the wait ends about one timeout after the last of them."""
+    grid = _QueuedGrid(clock, spacing=1.0, silent={104})
+    replies = sites.send_and_receive(grid, _messages(10), timeout=5.0)  # type: ignore[arg-type]
+    assert 104 not in replies and len(replies) == 9
+    assert 10.0 + 5.0 <= clock.now <= 10.0 + 5.0 + 1.0
+
+
+def test_nothing_to_send_returns_at_once(clock: _Clock) -> None:
+    """A strategy that converged sends no message; nothing is waited for."""
+    grid = _QueuedGrid(clock, spacing=1.0, silent=set())
+    assert sites.send_and_receive(grid, [], timeout=5.0) == {}  # type: ignore[arg-type]
+    assert clock.now == 0.0
