@@ -1,8 +1,9 @@
 """What the coordinator received from each site: one JSON line per reply, in ``replies.jsonl``.
 
-Always: the message type, the sending node, and for each record its keys, array shapes and sizes
-in bytes. With ``record-replies = true`` also the values (all aggregates or source-model weights,
-by the sites' egress rules): the proof that no reply carries anything else is made on this file.
+Always: the message type, the sending node, the reply's size on the wire (``bytes``), and for
+each record its keys, array shapes and sizes in bytes. With ``record-replies = true`` also the
+values (all aggregates or source-model weights, by the sites' egress rules): the proof that no
+reply carries anything else is made on this file.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class ReplyLog:
         if reply.has_error():
             entry["error"] = str(reply.error.reason)
             return entry
+        entry["bytes"] = wire_bytes(reply)
         content = reply.content
         entry["arrays"] = {
             name: {k: {"shape": list(rec[k].shape), "bytes": len(rec[k].data),
@@ -74,6 +76,12 @@ class ReplyLog:
             for name, rec in content.config_records.items()
         }
         return entry
+
+
+def wire_bytes(obj: Any) -> int:
+    """Bytes of a message as Flower serialises it for the wire: the object and its children."""
+    children = getattr(obj, "children", None) or {}
+    return len(obj.deflate()) + sum(wire_bytes(c) for c in children.values())
 
 
 def _floats(value: Any) -> Any:

@@ -14,6 +14,7 @@ from simulations.datasets import check_site_count, prepare_data
 from simulations.generator import ROLES
 from simulations.oracle import oracle_reference
 from simulations.pooled import pooled_reference
+from simulations.ray_cluster import attach
 from simulations.superlink import EventHook, run_app
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ def simulate(
     n_sites: int = ROLES,
     on_event: EventHook | None = None,
     timeout: float = 3600.0,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run stats, federated training, private corrections and evaluation over virtual sites.
 
@@ -44,6 +46,10 @@ def simulate(
         Progress callback (ServerApp events, then ``{"event": "pooled"}``).
     timeout : float
         Bound on the Flower run, in seconds.
+    ray_address : str, optional
+        ``HOST:PORT`` of the head of a running Ray cluster to run the virtual sites on,
+        checked before anything starts and recorded as ``config.ray-cluster``; by default
+        the simulation starts (and stops) a Ray instance of its own on this machine.
 
     Returns
     -------
@@ -51,6 +57,9 @@ def simulate(
         The report, with the pooled reference added.
     """
     out = out.resolve()
+    # The cluster is where the simulation runs, not part of the federated run: not a run
+    # setting (shared.settings.RunSettings), never sent to the ServerApp or the sites.
+    cluster = attach(ray_address) if ray_address is not None else None
     manifest = prepare_data(data, out / "data", n_sites, settings.seed)
     check_site_count(len(manifest.sites), settings)
     settings = replace(
@@ -60,7 +69,8 @@ def simulate(
     remove_report(out)  # an earlier run's report must not pass for this one's
     try:
         report = run_app(settings.to_run_config(), len(manifest.sites), out,
-                         on_event=on_event, timeout=timeout)
+                         on_event=on_event, timeout=timeout,
+                         ray_address=cluster.address if cluster else None)
         if on_event is not None:
             on_event({"event": "pooled"})
         ok = [name for name, entry in report["sites"].items() if entry["status"] == "ok"]
@@ -71,6 +81,8 @@ def simulate(
             report.setdefault("notes", []).append(
                 f"pooled reference without {', '.join(skipped)} (not usable in the run)")
         report["config"]["data"] = data
+        if cluster is not None:
+            report["config"]["ray-cluster"] = cluster.as_dict()
         write_report(report, out)
     except BaseException:
         mark_incomplete(out)

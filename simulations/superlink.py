@@ -163,13 +163,30 @@ def wait_healthy(port: int, proc: subprocess.Popen[Any], timeout: float, log_pat
 
 
 @contextmanager
-def simulation_superlink(logs: Path) -> Iterator[tuple[dict[str, str], str]]:
+def simulation_superlink(
+    logs: Path, *, ray_address: str | None = None,
+) -> Iterator[tuple[dict[str, str], str]]:
     """Start a private simulation SuperLink; yield the environment and connection name for it.
 
     The SuperLink is stopped on exit, whatever happened inside the block.
+
+    Parameters
+    ----------
+    logs : Path
+        Folder for ``superlink.log``.
+    ray_address : str, optional
+        ``HOST:PORT`` of a running Ray cluster for the simulation engine to attach to (checked
+        by :func:`simulations.ray_cluster.attach`); by default it starts a Ray instance of its
+        own, stopped with the SuperLink.
     """
     with tempfile.TemporaryDirectory(prefix="fedadapt-flwr-") as home, guard() as mark:
-        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": home, **mark}
+        # Flower's Ray backend calls ray.init() without an address (its federation config has
+        # none), so Ray reads RAY_ADDRESS; when that is unset it would attach to whatever
+        # cluster `ray start` last started on this machine. "local" always starts a private
+        # instance. A cluster attached to is only disconnected from (ray.shutdown()) when the
+        # simulation process ends, never stopped; Ray ends the run's actors with it.
+        env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": home, **mark,
+               "RAY_ADDRESS": ray_address or "local"}
         # The SuperLink starts `flower-superexec` by name: put this environment's commands first.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         port = free_port()
@@ -222,6 +239,7 @@ def run_app(
     on_event: EventHook | None = None,
     timeout: float = 3600.0,
     app_dir: Path = APP_DIR,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run the fedadapt app in Flower's simulation engine and return its report.
 
@@ -239,6 +257,8 @@ def run_app(
         Seconds after which the run is stopped and reported as failed.
     app_dir : Path
         The Flower app to run (this project; a drill passes one with a misbehaving ClientApp).
+    ray_address : str, optional
+        A running Ray cluster to run the virtual sites on (see :func:`simulation_superlink`).
 
     Returns
     -------
@@ -251,14 +271,19 @@ def run_app(
         If the run failed, timed out, or wrote no report.
     """
     out = out.resolve()
-    with simulation_superlink(out / "logs") as (env, connection):
+    with simulation_superlink(out / "logs", ray_address=ray_address) as (env, connection):
         return submit_run(env, connection, run_config, out, on_event=on_event, timeout=timeout,
-                          # One CPU per ClientApp: Flower's default (two) runs the sites of
-                          # a two-core machine one after another, so one slow site would
-                          # hold up all the others.
-                          extra=["--federation-config", f"num-supernodes={num_sites}",
-                                 "--federation-config", "client-resources-num-cpus=1"],
-                          app_dir=app_dir)
+                          extra=simulation_options(num_sites), app_dir=app_dir)
+
+
+def simulation_options(num_sites: int) -> list[str]:
+    """``flwr run`` options of a simulated federation of ``num_sites`` SuperNodes.
+
+    One CPU per ClientApp: Flower's default (two) runs the sites of a two-core machine one
+    after another, so one slow site would hold up all the others.
+    """
+    return ["--federation-config", f"num-supernodes={num_sites}",
+            "--federation-config", "client-resources-num-cpus=1"]
 
 
 def submit_run(

@@ -29,12 +29,18 @@ class DrillResult:
     passed: bool
     figure: dict[str, Any]
     details: dict[str, Any] = field(default_factory=dict)
+    skipped: str = ""  # why the drill could not run here (then it neither passed nor failed)
+
+    @classmethod
+    def skip(cls, scenario: str, reason: str) -> DrillResult:
+        """A drill this machine cannot run (no privileges, a missing tool), with the reason."""
+        return cls(scenario, "", f"skipped: {reason}", False, {}, skipped=reason)
 
     def to_json(self) -> dict[str, Any]:
         """The contract's keys first (scenario, expected, observed, passed, figure)."""
         return {"scenario": self.scenario, "expected": self.expected,
                 "observed": self.observed, "passed": self.passed, "figure": self.figure,
-                "details": self.details}
+                "details": self.details, "skipped": self.skipped or None}
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,8 @@ def test_options_reach_the_run_settings(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["simulate", "--strategy", "fedyogi"], "strategy must be one of auto, newton, fedavg, fedprox"),
+    (["simulate", "--strategy", "fedyogi"],
+     "strategy must be one of auto, newton, fedavg, fedprox"),
     (["simulate", "--data", "heart:/nowhere", "--sites", "3"], "drop --sites"),
     (["simulate", "--rounds", "0"], "num-server-rounds must be at least 1"),
     (["deploy-local", "--sites", "2", "--min-sites", "0"], "min-sites must be at least 1"),
