@@ -67,6 +67,8 @@ class Deployment:
     env: dict[str, str]
     # The Fleet gateway's port: the sites' address (``port`` is the coordinator's only).
     gateway_port: int = 0
+    # The address the gateway listens on and the sites are given (in the TLS certificate).
+    site_host: str = "127.0.0.1"
     logs: dict[str, Path] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
     registered: dict[str, int] = field(default_factory=dict)  # site name -> node id
@@ -86,8 +88,9 @@ def flower_env(home: Path) -> dict[str, str]:
 
 
 def wait_https(port: int, ca: Path, proc: subprocess.Popen[Any], log_path: Path,
-               timeout: float = STARTUP_TIMEOUT, what: str = "the SuperLink") -> None:
-    """Wait until ``what`` answers ``GET /health`` over TLS, verified against ``ca``."""
+               timeout: float = STARTUP_TIMEOUT, what: str = "the SuperLink",
+               host: str = "127.0.0.1") -> None:
+    """Wait until ``what`` answers ``GET /health`` on ``host`` over TLS, verified against ``ca``."""
     context = ssl.create_default_context(cafile=str(ca))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,7 +98,7 @@ def wait_https(port: int, ca: Path, proc: subprocess.Popen[Any], log_path: Path,
             raise DeploymentError(f"{what} exited with code {proc.returncode}; "
                                   f"see {log_path}")
         try:
-            with urllib.request.urlopen(f"https://127.0.0.1:{port}/health", context=context,
+            with urllib.request.urlopen(f"https://{host}:{port}/health", context=context,
                                         timeout=1.0) as resp:
                 if resp.status == 200:
                     return
@@ -146,14 +149,14 @@ def start_gateway(dep: Deployment) -> None:
     """
     proc = _start(dep, "gateway", [
         sys.executable, "-m", "server.gateway",
-        "--listen", f"127.0.0.1:{dep.gateway_port}",
+        "--listen", f"{dep.site_host}:{dep.gateway_port}",
         "--superlink", f"127.0.0.1:{dep.port}",
         "--ca-cert", str(dep.certs.ca_cert),
         "--cert", str(dep.certs.server_cert),
         "--key", str(dep.certs.server_key),
     ], dep.out / "gateway")
     wait_https(dep.gateway_port, dep.certs.ca_cert, proc, dep.logs["gateway"],
-               what="the Fleet gateway")
+               what="the Fleet gateway", host=dep.site_host)
 
 
 def crash_superlink(dep: Deployment) -> None:
@@ -192,7 +195,7 @@ def supernode_command(
         f'data-file="{data_file}" site-dir="{site_dir}" site-name="{name}" '
         f'site-features="{",".join(site_features)}"'
     )
-    cmd = [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{dep.gateway_port}",
+    cmd = [flower_bin("flower-supernode"), "--superlink", f"{dep.site_host}:{dep.gateway_port}",
            "--port", str(free_port()), "--node-config", node_config]
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(ca or dep.certs.ca_cert)]
     key = private_key if private_key is not None else dep.certs.site_keys[name][0]
@@ -208,15 +211,17 @@ def start_supernode(dep: Deployment, name: str, cmd: list[str], site_dir: Path) 
 
 
 @contextmanager
-def coordinator(out: Path, site_names: list[str]) -> Iterator[Deployment]:
+def coordinator(out: Path, site_names: list[str],
+                site_host: str = "127.0.0.1") -> Iterator[Deployment]:
     """Certificates, a TLS SuperLink with authentication, ``flwr``'s connection, the gateway.
 
-    The SuperLink is reached directly only by ``flwr`` and the ServerApp; the sites get the
-    Fleet gateway's port (``gateway_port``). Every process started inside the block (also
-    SuperNodes) is stopped on exit.
+    The SuperLink is reached directly only by ``flwr`` and the ServerApp (on loopback); the
+    sites get the Fleet gateway at ``site_host``:``gateway_port`` (an IP address of this
+    machine, which the SuperLink's certificate then names too). Every process started inside
+    the block (also SuperNodes) is stopped on exit.
     """
     out.mkdir(parents=True, exist_ok=True)
-    certs = make_certs(out / "certs", len(site_names), names=site_names)
+    certs = make_certs(out / "certs", len(site_names), hosts=[site_host], names=site_names)
     home = out / "coordinator" / ".flwr"
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -230,7 +235,7 @@ def coordinator(out: Path, site_names: list[str]) -> Iterator[Deployment]:
         gateway_port = free_port()
     with guard() as mark:
         dep = Deployment(out=out, certs=certs, port=port, env={**flower_env(home), **mark},
-                         gateway_port=gateway_port)
+                         gateway_port=gateway_port, site_host=site_host)
         try:
             start_superlink(dep)
             start_gateway(dep)

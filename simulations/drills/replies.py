@@ -78,7 +78,8 @@ def straggler(out: Path) -> DrillResult:
     timeout, sleep = 10.0, 25.0
     manifest = federation(out, 4, 42, {"hospital-c": f"slow:2:{sleep:g}"})
     report = simulate_with_faults(out, manifest, RunSettings(
-        num_server_rounds=4, reply_timeout=timeout, record_replies=True))
+        num_server_rounds=4, reply_timeout=timeout, record_replies=True,
+        strategy="fedavg"))  # every round runs (Newton may stop early when converged)
     events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines() if x]
     times = {e["round"]: e["t"] for e in events if e.get("event") == "round"}
     starts = [e["t"] for e in events if e.get("event") == "phase" and e.get("phase") == "train"]
@@ -90,7 +91,9 @@ def straggler(out: Path) -> DrillResult:
                           and r["configs"]["site"]["site-name"] == "hospital-c")
     late = [r["round"] for r in train if r["node"] == straggler_node and r["round"] > 1]
     site = report["sites"]["hospital-c"]
-    passed = (round2 <= timeout + 4 and not mixed and not late
+    # Round 2 closed before the straggler's reply was due: it was not waited for (how much
+    # sooner depends on the machine's load: the timeout counts from the others' last reply).
+    passed = (timeout <= round2 < sleep and not mixed and not late
               and [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
               and [lost["round"] for lost in site.get("lost", [])] == [2])
     return DrillResult(

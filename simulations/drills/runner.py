@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def load_drills() -> None:
     """Import the scenario modules (each registers its drills)."""
-    from simulations.drills import data, processes, replies, storage  # noqa: F401
+    from simulations.drills import data, network, processes, replies, storage  # noqa: F401
 
 
 def run_drills(names: Sequence[str], out: Path) -> list[DrillResult]:
@@ -46,6 +46,8 @@ def run_drills(names: Sequence[str], out: Path) -> list[DrillResult]:
             result = DrillResult(name, d.expected, f"the drill itself failed: "
                                  f"{type(err).__name__}: {err}", False, {})
         result.expected = d.expected
+        if result.skipped:
+            log.warning("drill %s skipped: %s", name, result.skipped)
         result.details["seconds"] = round(time.monotonic() - t0, 1)
         results.append(result)
         write(results, out)
@@ -53,7 +55,10 @@ def run_drills(names: Sequence[str], out: Path) -> list[DrillResult]:
 
 
 def write(results: Sequence[DrillResult], out: Path) -> Path:
-    """``drills.json``: a list of {scenario, expected, observed, passed, figure, details}."""
+    """``drills.json``: a list of {scenario, expected, observed, passed, figure, details, skipped}.
+
+    ``skipped`` is the reason a drill could not run on this machine (``null`` when it ran).
+    """
     out.mkdir(parents=True, exist_ok=True)
     payload: list[Any] = to_jsonable([r.to_json() for r in results])
     return write_atomically(out / "drills.json", json.dumps(payload, indent=2).encode("utf-8"))
