@@ -146,8 +146,11 @@ def train_phase(
         start = to_arrays(build_model(s.model, len(prep.feature_names_out_), s.hidden_units,
                                       seed=s.seed + rep.result.repeat))
     shapes = {k: tuple(start[k].shape) for k in start}
+    # Before any site has answered a round, it waits up to the phase timeout (a busy machine
+    # delays every site alike); after the first reply, reply-timeout counts from the last one.
     grid = SiteGrid(rep.grid, rep.names, rep.audit, min_sites=min(s.min_sites, len(rep.names)),
-                    wait=s.node_wait_timeout, names=rep.names)
+                    wait=s.node_wait_timeout, names=rep.names,
+                    first_reply_timeout=s.phase_timeout)
     current = [start]
 
     def on_round(rnd: int, arrays: ArrayRecord | None, metrics: MetricRecord | None,

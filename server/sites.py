@@ -61,13 +61,17 @@ def wait_for_sites(
 def send_and_receive(
     grid: Grid, messages: Iterable[Message], timeout: float | None, poll: float = 0.1,
     max_poll: float = 0.5, audit: ReplyLog | None = None, label: dict[str, Any] | None = None,
+    first_reply_timeout: float | None = None,
 ) -> dict[int, Message]:
     """Push one message per node, then pull replies until all arrived or none came for ``timeout``.
 
     The timeout counts from the last reply received (from the push before the first): a site
     is given up on only when the others have stopped answering too, so a site that is merely
     queued (Flower's simulation engine runs a few virtual sites at a time) is never taken for
-    a lost one, and a dead site still costs one timeout after the last live reply.
+    a lost one, and a dead site still costs one timeout after the last live reply. Before the
+    first reply the wait is ``first_reply_timeout`` (default: ``timeout``): when no site has
+    answered yet, the machine or the network is slow, not one site, and giving up would drop
+    every site at once.
 
     Flower's deployed grid waits 3 s between pulls; a round would pay for that wait every
     time. This loop uses Flower's own ``push_messages``/``pull_messages`` and polls from
@@ -90,7 +94,8 @@ def send_and_receive(
         raise ValueError("send_and_receive sends one message per node")
     ids = set(grid.push_messages(messages))
     destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    deadline = time.monotonic() + (timeout if timeout is not None else 0.0)
+    first = max(timeout or 0.0, first_reply_timeout or 0.0)
+    deadline = time.monotonic() + first
     replies: dict[int, Message] = {}
     while ids:
         pulled = list(grid.pull_messages(ids))
@@ -155,11 +160,14 @@ class SiteGrid(Grid):
         Fewest sites to go on with.
     wait : float
         Seconds to wait for enough sites before giving up.
+    first_reply_timeout : float, optional
+        Seconds a round waits while no site has answered at all (a busy machine or network).
     """
 
     def __init__(
         self, grid: Grid, nodes: Iterable[int], audit: ReplyLog | None = None,
         min_sites: int = 1, wait: float = 60.0, names: Mapping[int, str] | None = None,
+        first_reply_timeout: float | None = None,
     ) -> None:
         self._grid = grid
         self._names = dict(names or {})
@@ -167,6 +175,7 @@ class SiteGrid(Grid):
         self._audit = audit
         self.min_sites = min_sites
         self.wait = wait
+        self.first_reply_timeout = first_reply_timeout
         self.dropped: dict[int, tuple[int, str]] = {}  # node -> (round, reason)
         self.round = 0
         self._short_since: float | None = None
@@ -235,7 +244,8 @@ class SiteGrid(Grid):
             self.round = (rnd if isinstance(rnd, int) else 0) + (
                 offset if isinstance(offset, int) else 0)
         replies = send_and_receive(self._grid, messages, timeout, audit=self._audit,
-                                   label={"round": self.round})
+                                   label={"round": self.round},
+                                   first_reply_timeout=self.first_reply_timeout)
         for m in messages:
             node = m.metadata.dst_node_id
             reply = replies.get(node)

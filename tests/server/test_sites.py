@@ -85,3 +85,16 @@ def test_nothing_to_send_returns_at_once(clock: _Clock) -> None:
     grid = _QueuedGrid(clock, spacing=1.0, silent=set())
     assert sites.send_and_receive(grid, [], timeout=5.0) == {}  # type: ignore[arg-type]
     assert clock.now == 0.0
+
+
+def test_no_reply_yet_waits_the_first_reply_timeout(clock: _Clock, task_identity: None) -> None:
+    """Every site slow alike (a busy machine): no site is given up before the first reply."""
+    grid = _QueuedGrid(clock, spacing=30.0, silent=set())
+    replies = sites.send_and_receive(  # type: ignore[arg-type]
+        grid, _messages(1), timeout=5.0, first_reply_timeout=100.0)
+    assert sorted(replies) == [100]  # answered after 30 s, six timeouts
+    silent = _QueuedGrid(clock, spacing=1.0, silent={100, 101})
+    start = clock.now
+    assert sites.send_and_receive(  # type: ignore[arg-type]
+        silent, _messages(2), timeout=5.0, first_reply_timeout=100.0) == {}
+    assert clock.now - start >= 100.0
