@@ -71,7 +71,7 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
     t = time.monotonic()
     replies = query_sites(rep.grid, nodes, protocol.STATS,
                           RecordDict({protocol.CONFIG: ConfigRecord(rep.base)}),
-                          rep.settings.phase_timeout, rep.audit)
+                          rep.settings.phase_timeout, rep.audit, rep.settings.max_in_flight)
     expected = summary_keys(rep.schema.shared_features)
     summaries = []
     misfits = 0  # sites whose file or schema does not fit the run's schema
@@ -150,7 +150,7 @@ def train_phase(
     # delays every site alike); after the first reply, reply-timeout counts from the last one.
     grid = SiteGrid(rep.grid, rep.names, rep.audit, min_sites=min(s.min_sites, len(rep.names)),
                     wait=s.node_wait_timeout, names=rep.names,
-                    first_reply_timeout=s.phase_timeout)
+                    first_reply_timeout=s.phase_timeout, window=s.max_in_flight)
     current = [start]
 
     def on_round(rnd: int, arrays: ArrayRecord | None, metrics: MetricRecord | None,
@@ -224,7 +224,7 @@ def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> N
             rep.result.failures.setdefault(name, f"{phase}: not connected")
             log.warning("site %s is not connected for the %s phase", name, phase)
         replies = query_sites(rep.grid, nodes, mtype, content, rep.settings.phase_timeout,
-                              rep.audit)
+                              rep.audit, rep.settings.max_in_flight)
         for node in nodes:
             name = rep.names[node]
             reply = replies.get(node)

@@ -61,7 +61,7 @@ def wait_for_sites(
 def send_and_receive(
     grid: Grid, messages: Iterable[Message], timeout: float | None, poll: float = 0.1,
     max_poll: float = 0.5, audit: ReplyLog | None = None, label: dict[str, Any] | None = None,
-    first_reply_timeout: float | None = None,
+    first_reply_timeout: float | None = None, window: int = 0,
 ) -> dict[int, Message]:
     """Push one message per node, then pull replies until all arrived or none came for ``timeout``.
 
@@ -72,6 +72,11 @@ def send_and_receive(
     first reply the wait is ``first_reply_timeout`` (default: ``timeout``): when no site has
     answered yet, the machine or the network is slow, not one site, and giving up would drop
     every site at once.
+
+    With ``window > 0`` at most that many messages are in flight: the next is pushed as a
+    reply comes in. Flower's link state scans every stored message for every node it serves
+    (``InMemoryLinkState.get_message_ins``), which at 1,000 virtual sites costs seconds per
+    pass; a window keeps that scan short. Sites given up on free their places in the window.
 
     Flower's deployed grid waits 3 s between pulls; a round would pay for that wait every
     time. This loop uses Flower's own ``push_messages``/``pull_messages`` and polls from
@@ -86,14 +91,23 @@ def send_and_receive(
         to the source it names: Flower's own error replies (a node that became unavailable)
         come from the SuperLink's node id, not from the site's.
     """
-    messages = list(messages)
-    if not messages:  # a strategy that converged sends nothing
+    waiting = list(messages)
+    if not waiting:  # a strategy that converged sends nothing
         return {}
-    nodes = [m.metadata.dst_node_id for m in messages]
+    nodes = [m.metadata.dst_node_id for m in waiting]
     if len(set(nodes)) != len(nodes):
         raise ValueError("send_and_receive sends one message per node")
-    ids = set(grid.push_messages(messages))
-    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    size = window if window > 0 else len(waiting)
+    destination: dict[str, int] = {}
+    ids: set[str] = set()
+
+    def push() -> None:
+        batch, waiting[:] = waiting[:size - len(ids)], waiting[size - len(ids):]
+        if batch:
+            ids.update(grid.push_messages(batch))
+            destination.update({m.metadata.message_id: m.metadata.dst_node_id for m in batch})
+
+    push()
     first = max(timeout or 0.0, first_reply_timeout or 0.0)
     deadline = time.monotonic() + first
     replies: dict[int, Message] = {}
@@ -110,7 +124,14 @@ def send_and_receive(
             # rest; at 1,000 sites the last ones start minutes after the message was sent.
             deadline = time.monotonic() + timeout
             poll = 0.1
-        if not ids or (timeout is not None and time.monotonic() >= deadline):
+        push()
+        if timeout is not None and time.monotonic() >= deadline:
+            if not waiting:
+                break
+            ids.clear()  # give up on the silent ones in the window; the rest still get a turn
+            push()
+            deadline = time.monotonic() + first
+        if not ids:
             break
         time.sleep(poll)
         poll = min(poll * 1.5, max_poll)
@@ -121,7 +142,7 @@ def send_and_receive(
 
 def query_sites(
     grid: Grid, nodes: Iterable[int], message_type: str, content: RecordDict, timeout: float,
-    audit: ReplyLog | None = None,
+    audit: ReplyLog | None = None, window: int = 0,
 ) -> dict[int, Message]:
     """Send one message to each node and collect the replies that arrive within ``timeout``.
 
@@ -133,7 +154,7 @@ def query_sites(
     messages = [
         Message(content=content, message_type=message_type, dst_node_id=node) for node in nodes
     ]
-    return send_and_receive(grid, messages, timeout=timeout, audit=audit)
+    return send_and_receive(grid, messages, timeout=timeout, audit=audit, window=window)
 
 
 class SiteGrid(Grid):
@@ -162,12 +183,14 @@ class SiteGrid(Grid):
         Seconds to wait for enough sites before giving up.
     first_reply_timeout : float, optional
         Seconds a round waits while no site has answered at all (a busy machine or network).
+    window : int
+        Most messages in flight at once (0: all); see :func:`send_and_receive`.
     """
 
     def __init__(
         self, grid: Grid, nodes: Iterable[int], audit: ReplyLog | None = None,
         min_sites: int = 1, wait: float = 60.0, names: Mapping[int, str] | None = None,
-        first_reply_timeout: float | None = None,
+        first_reply_timeout: float | None = None, window: int = 0,
     ) -> None:
         self._grid = grid
         self._names = dict(names or {})
@@ -176,6 +199,7 @@ class SiteGrid(Grid):
         self.min_sites = min_sites
         self.wait = wait
         self.first_reply_timeout = first_reply_timeout
+        self.window = window
         self.dropped: dict[int, tuple[int, str]] = {}  # node -> (round, reason)
         self.round = 0
         self._short_since: float | None = None
@@ -245,7 +269,8 @@ class SiteGrid(Grid):
                 offset if isinstance(offset, int) else 0)
         replies = send_and_receive(self._grid, messages, timeout, audit=self._audit,
                                    label={"round": self.round},
-                                   first_reply_timeout=self.first_reply_timeout)
+                                   first_reply_timeout=self.first_reply_timeout,
+                                   window=self.window)
         for m in messages:
             node = m.metadata.dst_node_id
             reply = replies.get(node)

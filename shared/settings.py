@@ -99,6 +99,9 @@ class RunSettings:
         900.0, "seconds without any reply after which the stats, adapt and evaluate phases "
         "give up on the sites that have not answered (reading a file, cross-validating a "
         "correction)")
+    max_in_flight: int = _setting(
+        128, "most messages out to sites at once (0: all); Flower's link state scans every "
+        "waiting message for every site, so at hundreds of sites a window is faster")
     record_replies: bool = _setting(
         False, "record every value each site sent in OUT/replies.jsonl (keys, shapes and "
         "sizes are always recorded)")
@@ -161,7 +164,7 @@ class RunSettings:
         for name in ("learning_rate", "node_wait_timeout", "reply_timeout", "phase_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name.replace('_', '-')} must be positive")
-        for name in ("proximal_mu", "weight_decay", "batch_size"):
+        for name in ("proximal_mu", "weight_decay", "batch_size", "max_in_flight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', '-')} must not be negative")
         return problems
