@@ -100,8 +100,9 @@ class RunSettings:
         "give up on the sites that have not answered (reading a file, cross-validating a "
         "correction)")
     max_in_flight: int = _setting(
-        128, "most messages out to sites at once (0: all); Flower's link state scans every "
-        "waiting message for every site, so at hundreds of sites a window is faster")
+        0, "most messages out to sites at once (0: all; fedadapt simulate uses 8 per CPU): "
+        "Flower's in-memory link state scans every waiting message for every site, so with "
+        "hundreds of virtual sites a small window is faster")
     record_replies: bool = _setting(
         False, "record every value each site sent in OUT/replies.jsonl (keys, shapes and "
         "sizes are always recorded)")
