@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,16 @@ app = ClientApp()
 Work = Callable[[Message, SiteRows, dict[str, Any]], Message]
 
 
+@functools.cache
+def _one_thread(modules: int) -> None:
+    """One BLAS/OpenMP thread for the libraries loaded (not per message: 6 ms each).
+
+    These models are tiny, and several sites (or other programs) sharing a machine otherwise
+    oversubscribe its cores (measured: a correction fit 4x slower with two sites on two cores).
+    """
+    threadpool_limits(limits=1)
+
+
 def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
     """Run one phase's work at this site; any failure becomes a safe error reply."""
     t0 = time.perf_counter()
@@ -41,11 +53,8 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
         site = resolve_site(context.node_config, context.run_config)
         config = dict(msg.content.config_records[protocol.CONFIG])
         rows = open_site(site, config, context.state)
-        # One BLAS/OpenMP thread: these models are tiny, and several sites (or other programs)
-        # sharing a machine otherwise oversubscribe its cores (measured: a correction fit 4x
-        # slower with two sites on two cores).
-        with threadpool_limits(limits=1):
-            reply = work(msg, rows, config)
+        _one_thread(len(sys.modules))  # again only when modules were imported since
+        reply = work(msg, rows, config)
     except Exception as err:  # every failure must still produce a reply without cell values
         return error_reply(msg, err, phase, site.name if site is not None else "")
     log.info("%s done in %.2f s (process up %.2f s)", phase, time.perf_counter() - t0,
