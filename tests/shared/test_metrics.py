@@ -116,3 +116,18 @@ def test_paired_bootstrap_interval_covers_a_difference_and_is_paired() -> None:
     same = paired_auc_difference(y, sigmoid(good), sigmoid(good), seed=1)
     assert same == (0.0, 0.0, 0.0)
     assert all(math.isnan(v) for v in paired_auc_difference(np.ones(9), good[:9], x[:9]))
+
+
+def test_rank_auc_is_scikit_learn_s_auc_with_ties() -> None:
+    """The Mann-Whitney AUC equals roc_auc_score, ties included; NaN with one class."""
+    from sklearn.metrics import roc_auc_score
+
+    from shared.metrics import rank_auc
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        y = (rng.random(60) < 0.3).astype(int)
+        y[:2] = [0, 1]
+        score = np.round(rng.normal(size=60), 1)  # many ties
+        assert abs(rank_auc(y, score) - roc_auc_score(y, score)) < 1e-12
+    assert np.isnan(rank_auc(np.zeros(5), np.arange(5.0)))
