@@ -43,11 +43,11 @@ Say = Callable[[str], None]
 
 @contextmanager
 def _quiet_sites() -> Iterator[None]:
-    """The in-process sites' and coordinator's INFO lines would bury the progress lines."""
+    """The in-process sites' and coordinator's log lines would bury the progress lines."""
     loggers = [logging.getLogger(n) for n in ("client", "server", "shared", "flwr")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.WARNING)
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
