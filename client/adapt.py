@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import RepeatedKFold, RepeatedStratifiedKFold
 
 from shared.correction import Correction, OffsetLogisticRegression, correction_inputs
+from shared.metrics import rank_auc
 from shared.preprocessing import TabularPreprocessor
 from shared.schema import Feature
 
@@ -59,10 +59,11 @@ MIN_CLASS_ROWS = 5
 LOCAL_INTERCEPT_SD = 10.0
 # A large site chooses on a stratified subsample of its training rows: SELECTION_ROWS rows, or
 # more when that many would hold fewer than SELECTION_MIN_CLASS rows of the rarer class (with
-# 60 correction inputs, about 17 rows of it per input). Cross-validating every candidate on
-# all of a million rows takes over ten minutes and gains nothing the choice needs: between
-# candidates that differ by less than the noise of 20 000 rows, either is as good at a
-# million. Sites up to SELECTION_ROWS rows (the clinically usual size) use all their rows.
+# 60 correction inputs, about 17 of them per input). Why: cross-validating all candidates on
+# a million rows took over ten minutes (simulations/bench_site.py), while on 20 000 rows the
+# paired standard error of a candidate's gain is already about 0.003 in log-loss, and
+# candidates closer than that are about as good. Sites up to SELECTION_ROWS training rows (the
+# clinically usual size) are cross-validated on all of them, exactly as before.
 SELECTION_ROWS = 20_000
 SELECTION_MIN_CLASS = 1_000
 
@@ -131,6 +132,13 @@ def fit_correction(
     Correction
         The chosen model, its cross-validated evidence and the reason; ``applied=False`` when
         the source model stays.
+
+    Notes
+    -----
+    With more than ``SELECTION_ROWS`` training rows the candidates are cross-validated on a
+    stratified subsample of them (:func:`selection_rows`; ``cv`` then also holds
+    ``selection_rows`` and ``training_rows``, and the reason says so), and the chosen one is
+    fitted on all of them.
     """
     names = [f.name for f in site_features]
     y = np.asarray(y, dtype=int)
@@ -395,4 +403,4 @@ def _row_loss(y: np.ndarray, logit: np.ndarray) -> np.ndarray:
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float:
-    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else math.nan
+    return rank_auc(y, score)  # NaN with a single class
