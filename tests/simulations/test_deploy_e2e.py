@@ -13,6 +13,7 @@ import pytest
 from client.correction_store import CorrectionRefused, load_correction
 from client.source_model_store import load_source_model
 from server.certs import make_certs
+from shared import newton
 from shared.settings import RunSettings
 from simulations.deploy import (
     coordinator,
@@ -88,13 +89,17 @@ def test_tls_run_matches_simulation_and_keeps_corrections_at_sites(
             load_correction(other, name, digest)
         assert refused.value.reason == "wrong-key"
 
-    # The replies the coordinator received (with their values): model arrays and aggregates.
+    # The replies the coordinator received (with their values): only the training round's
+    # arrays (Newton, the default for the logistic model: the gradient and Hessian sums over
+    # the site's training rows) and aggregates.
+    assert settings.training == "newton"
     replies = _replies(tmp_path / "dep" / "replies.jsonl")
     assert {r["type"] for r in replies} == {"query.stats", "train", "query.adapt", "evaluate"}
     assert not any("error" in r for r in replies)
     for r in replies:
         for record in r["arrays"].values():
-            assert set(record) == {"net.weight", "net.bias"}
+            assert r["type"] == "train"
+            assert set(record) == {newton.GRAD, newton.HESS}
     weights = [c for corr in corrections.values() for c in [corr["intercept"], *corr["coef"]]
                if abs(c) > 1e-9]
     assert weights, "at least one site should have a non-trivial correction"
