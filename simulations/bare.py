@@ -30,8 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -39,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 from simulations.memory import PeakRss
 from simulations.superlink import (
     SimulationError,
-    free_port,
     simulation_options,
     simulation_superlink,
     start_run,
@@ -47,7 +44,7 @@ from simulations.superlink import (
 )
 
 if TYPE_CHECKING:
-    from simulations.deploy import Deployment
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -205,39 +202,6 @@ def run_bare_simulation(
                     timings, peak, run_log)
 
 
-@contextmanager
-def _direct_coordinator(out: Path, names: list[str]) -> Iterator[Deployment]:
-    """``deploy.coordinator`` without the Fleet gateway: the nodes reach the SuperLink itself.
-
-    Certificates, the TLS SuperLink with SuperNode authentication and ``flwr``'s connection
-    are made by ``simulations.deploy``'s own helpers; every process started inside the block
-    is stopped on exit (and by the process guard if this process is killed).
-    """
-    from server.certs import make_certs
-    from simulations.deploy import CONNECTION, Deployment, flower_env, start_superlink
-    from simulations.process_guard import guard
-
-    out.mkdir(parents=True, exist_ok=True)
-    certs = make_certs(out / "certs", len(names), names=names)
-    home = out / "coordinator" / ".flwr"
-    home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs.ca_cert}"\n',
-        encoding="utf-8",
-    )
-    with guard() as mark:
-        dep = Deployment(out=out, certs=certs, port=port, env={**flower_env(home), **mark},
-                         gateway_port=port)
-        try:
-            start_superlink(dep)
-            yield dep
-        finally:
-            for name, proc in reversed(list(dep.processes.items())):
-                stop_process(proc, name)
-
-
 def run_bare_deployed(
     n_nodes: int, rounds: int, n_inputs: int, workdir: Path, *, rows: int = ROWS,
     poll_interval: float = 0.0, gateway: bool = False, timeout: float = 3600.0,
@@ -290,7 +254,7 @@ def run_bare_deployed(
     names = [f"node-{i}" for i in range(1, n_nodes + 1)]
     t0 = time.monotonic()
     with PeakRss(include_root=False) as peak:
-        running = coordinator(workdir, names) if gateway else _direct_coordinator(workdir, names)
+        running = coordinator(workdir, names, gateway=gateway)
         with running as dep:
             for name in names:
                 register_site(dep, name)

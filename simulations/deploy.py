@@ -211,13 +211,14 @@ def start_supernode(dep: Deployment, name: str, cmd: list[str], site_dir: Path) 
 
 
 @contextmanager
-def coordinator(out: Path, site_names: list[str],
-                site_host: str = "127.0.0.1") -> Iterator[Deployment]:
+def coordinator(out: Path, site_names: list[str], site_host: str = "127.0.0.1",
+                gateway: bool = True) -> Iterator[Deployment]:
     """Certificates, a TLS SuperLink with authentication, ``flwr``'s connection, the gateway.
 
     The SuperLink is reached directly only by ``flwr`` and the ServerApp (on loopback); the
     sites get the Fleet gateway at ``site_host``:``gateway_port`` (an IP address of this
-    machine, which the SuperLink's certificate then names too). Every process started inside
+    machine, which the SuperLink's certificate then names too). Without ``gateway`` (the bare
+    Flower baseline) the sites reach the SuperLink's own port. Every process started inside
     the block (also SuperNodes) is stopped on exit.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -230,15 +231,16 @@ def coordinator(out: Path, site_names: list[str],
         f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs.ca_cert}"\n',
         encoding="utf-8",
     )
-    gateway_port = free_port()
-    while gateway_port == port:
+    gateway_port = free_port() if gateway else port
+    while gateway and gateway_port == port:
         gateway_port = free_port()
     with guard() as mark:
         dep = Deployment(out=out, certs=certs, port=port, env={**flower_env(home), **mark},
                          gateway_port=gateway_port, site_host=site_host)
         try:
             start_superlink(dep)
-            start_gateway(dep)
+            if gateway:
+                start_gateway(dep)
             yield dep
         finally:
             for name, proc in reversed(list(dep.processes.items())):
