@@ -62,6 +62,7 @@ EVALUATE_METRICS = (
 SITE_ERROR = 100  # any failure at the site (the reason says which, without cell values)
 DATA_ERROR = 101  # the site's file does not fit the run's schema (file:line:column given)
 SCHEMA_MISMATCH = 102  # the site's schema (or its site features) differs from the run's
+REFUSED = 103  # the site's policy refuses the request; the reason names the rule
 
 # A site's name: it names the site's folders, appears in every report and log, and starts the
 # reason of its error replies ("[site NAME] ..."), so it is kept plain.

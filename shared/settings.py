@@ -8,6 +8,7 @@ from typing import Any
 MODELS = ("logreg", "mlp")  # shared.source_model builds them; not imported here (torch)
 STRATEGIES = ("auto", "newton", "fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
 PROTOCOLS = ("default", "flamby")
+DP_MODES = ("off", "record", "client")
 FLAMBY_SPLIT_SEED = 43
 
 
@@ -108,6 +109,18 @@ class RunSettings:
         "sizes are always recorded)")
     resume: bool = _setting(
         True, "resume an interrupted run from its last completed round (OUT/checkpoint/)")
+    dp: str = _setting(
+        "off", "differential privacy of training: off; record (each site clips every "
+        "patient's contribution and adds Gaussian noise, accounting its own epsilon: a "
+        "per-patient guarantee); client (Flower's client-side fixed clipping: a per-site "
+        "guarantee, for federations with many sites)", DP_MODES)
+    dp_epsilon: float = _setting(
+        3.0, "dp record: the epsilon one run may spend at each site, over the planned rounds "
+        "(the noise is calibrated from it)")
+    dp_delta: float = _setting(1e-5, "dp record: the delta of the (epsilon, delta) guarantee")
+    dp_clip: float = _setting(
+        1.0, "dp: the clipping norm of one patient's gradient (record) or of one site's "
+        "update (client)")
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> RunSettings:
@@ -165,6 +178,10 @@ class RunSettings:
         for name in ("learning_rate", "node_wait_timeout", "reply_timeout", "phase_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name.replace('_', '-')} must be positive")
+        if self.dp != "off" and (self.dp_epsilon <= 0 or self.dp_clip <= 0):
+            problems.append("dp-epsilon and dp-clip must be positive")
+        if not 0.0 < self.dp_delta < 1.0:
+            problems.append("dp-delta must be between 0 and 1")
         for name in ("proximal_mu", "weight_decay", "batch_size", "max_in_flight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', '-')} must not be negative")
