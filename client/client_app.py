@@ -23,6 +23,7 @@ from client.jobs import (
     stats_job,
     train_job,
 )
+from client.policy import admit, check_reply_rows, site_policy
 from client.site import resolve_site
 from shared import logs, protocol
 
@@ -52,9 +53,15 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
     try:
         site = resolve_site(context.node_config, context.run_config)
         config = dict(msg.content.config_records[protocol.CONFIG])
+        policy = site_policy(site)
+        admit(policy, phase, config)  # before any data is read
         rows = open_site(site, config, context.state)
+        policy.check_rows("the training rows", len(rows.split.train))
+        if phase == "evaluate":
+            policy.check_rows("the held-out rows", len(rows.split.test))
         _one_thread(len(sys.modules))  # again only when modules were imported since
         reply = work(msg, rows, config)
+        check_reply_rows(policy, reply)  # e.g. a feature's sum over too few observed values
     except Exception as err:  # every failure must still produce a reply without cell values
         return error_reply(msg, err, phase, site.name if site is not None else "")
     log.info("%s done in %.2f s (process up %.2f s)", phase, time.perf_counter() - t0,

@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 
 from client.correction_store import CorrectionRefused, SiteDirError
 from client.data import DataError
+from client.policy import PolicyError, PolicyRefusal
 from client.site import SchemaMismatch, SiteConfigError
 from shared import protocol
 from shared.newton import sum_shapes
@@ -41,7 +42,7 @@ class EgressViolation(RuntimeError):
 # feature names, identifiers); every other exception is reported by its type only.
 SAFE_ERRORS: tuple[type[BaseException], ...] = (
     DataError, SchemaError, SiteConfigError, SettingsError, CorrectionRefused, SiteDirError,
-    EgressViolation,
+    EgressViolation, PolicyError, PolicyRefusal,
 )
 
 
@@ -144,7 +145,10 @@ def error_reply(msg: Message, err: BaseException, phase: str, site: str = "") ->
     frames but without its message (which could quote a value). The reason starts with
     ``[site NAME]`` when the site knows its name, so the coordinator can say who failed.
     """
-    if isinstance(err, SAFE_ERRORS):
+    if isinstance(err, PolicyRefusal):
+        reason = f"refused by policy rule '{err.rule}': {err}"[:MAX_TEXT]
+        log.warning("%s refused by policy rule '%s': %s", phase, err.rule, err)
+    elif isinstance(err, SAFE_ERRORS):
         reason = f"{type(err).__name__}: {err}"[:MAX_TEXT]
         log.error("%s failed: %s", phase, reason)
     else:
@@ -154,8 +158,10 @@ def error_reply(msg: Message, err: BaseException, phase: str, site: str = "") ->
         reason = f"{type(err).__name__} at the site during {phase}; see the site's log"
     if site:
         reason = SITE_PREFIX.format(site) + reason
-    code = (protocol.DATA_ERROR if isinstance(err, DataError) else protocol.SCHEMA_MISMATCH
-            if isinstance(err, SchemaMismatch | SchemaError) else protocol.SITE_ERROR)
+    code = (protocol.REFUSED if isinstance(err, PolicyRefusal)
+            else protocol.DATA_ERROR if isinstance(err, DataError)
+            else protocol.SCHEMA_MISMATCH if isinstance(err, SchemaMismatch | SchemaError)
+            else protocol.SITE_ERROR)
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ SITE_FEATURES = "site-features"
 SITE_DIR = "site-dir"
 SITE_NAME = "site-name"
 SCHEMA = "schema"
+POLICY = "policy"  # the site's policy file (client.policy); optional
 
 
 class SiteConfigError(ValueError):
@@ -47,6 +48,7 @@ class SiteSettings:
     site_features: tuple[str, ...]
     site_dir: Path
     schema: str | None = None
+    policy: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
             site_features=features,
             site_dir=Path(str(node_config[SITE_DIR])).expanduser().resolve(),
             schema=str(node_config[SCHEMA]) if SCHEMA in node_config else None,
+            policy=_optional_path(node_config.get(POLICY), Path.cwd()),
         )
     if "partition-id" in node_config:
         manifest_ref = str(run_config.get("sites-manifest", "")).strip()
@@ -118,8 +121,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
         site = manifest.sites[pid]
         if site.site_dir == Path():
             out = _resolve(str(run_config.get("out", "fedadapt-out")), Path.cwd())
-            site = SiteSettings(site.name, site.data_file, site.site_features,
-                                out / "sites" / site.name, site.schema)
+            site = replace(site, site_dir=out / "sites" / site.name)
         return site
     raise SiteConfigError(
         "this node has no data: start the SuperNode with --node-config "
@@ -180,6 +182,7 @@ def read_manifest(path: str | Path) -> Manifest:
             site_features=tuple(str(f) for f in entry.get("site-features", [])),
             site_dir=_resolve(str(site_dir), base) if site_dir else Path(),
             schema=str(raw["schema"]) if "schema" in raw else None,
+            policy=_optional_path(entry.get(POLICY), base),
         ))
     if not sites:
         raise SiteConfigError(f"{path}: no [[sites]] entries")
@@ -227,6 +230,13 @@ def write_manifest(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8", newline="")
     return path
+
+
+def _optional_path(ref: object, base: Path) -> Path | None:
+    """An optional file setting: None when absent or blank, else an absolute path."""
+    if ref is None or not str(ref).strip():
+        return None
+    return _resolve(str(ref), base)
 
 
 def _resolve(ref: str, base: Path) -> Path:
