@@ -13,6 +13,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from threadpoolctl import threadpool_limits
 
+from client.audit_log import audited
 from client.egress import build_reply, error_reply
 from client.jobs import (
     SiteRows,
@@ -63,10 +64,12 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
         reply = work(msg, rows, config)
         check_reply_rows(policy, reply)  # e.g. a feature's sum over too few observed values
     except Exception as err:  # every failure must still produce a reply without cell values
-        return error_reply(msg, err, phase, site.name if site is not None else "")
-    log.info("%s done in %.2f s (process up %.2f s)", phase, time.perf_counter() - t0,
-             time.perf_counter() - _STARTED)
-    return reply
+        reply = error_reply(msg, err, phase, site.name if site is not None else "")
+    else:
+        log.info("%s done in %.2f s (process up %.2f s)", phase, time.perf_counter() - t0,
+                 time.perf_counter() - _STARTED)
+    # The one way out: every reply (result, error, refusal) is in the site's audit log first.
+    return audited(msg, reply, phase, site)
 
 
 def _stats(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:

@@ -17,6 +17,8 @@ from typing import Any
 
 from flwr.app import Message
 
+from shared.wire import wire_bytes  # also measures the sites' audit
+
 
 class ReplyLog:
     """Append a line per reply received.
@@ -76,12 +78,6 @@ class ReplyLog:
             for name, rec in content.config_records.items()
         }
         return entry
-
-
-def wire_bytes(obj: Any) -> int:
-    """Bytes of a message as Flower serialises it for the wire: the object and its children."""
-    children = getattr(obj, "children", None) or {}
-    return len(obj.deflate()) + sum(wire_bytes(c) for c in children.values())
 
 
 def _floats(value: Any) -> Any:
