@@ -217,8 +217,10 @@ def read_policy(path: str | Path) -> Policy:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise PolicyError(f"{path}:{getattr(err, 'lineno', 1)}:{getattr(err, 'colno', 1)}: "
-                          f"invalid TOML: {getattr(err, 'msg', err)}") from None
+        # Python 3.11's message ends "(at line L, column C)"; the position leads here.
+        m = re.search(r"(.*) \(at line (\d+), column (\d+)\)", str(err))
+        where, what = (f"{m.group(2)}:{m.group(3)}", m.group(1)) if m else ("1:1", str(err))
+        raise PolicyError(f"{path}:{where}: invalid TOML: {what}") from None
     known = {f.name.replace("_", "-"): f for f in fields(Policy) if f.name != "path"}
     values: dict[str, Any] = {}
     for key, value in raw.items():

@@ -291,6 +291,20 @@ def bench(
     say(f"wrote {out / 'bench.json'} and plots in {out / 'plots'}")
 
 
+@app.command("check-policy")
+@user_command
+def check_policy(
+    file: Annotated[Path, typer.Argument(help="The site's policy file (TOML).")],
+) -> None:
+    """Check a site's policy file and print what it allows."""
+    from client.policy import read_policy
+
+    policy = read_policy(file)
+    say((f"{policy.path} is a valid site policy", "bold green"), ". This site:")
+    for line in policy.describe():
+        say(f"  - {line}")
+
+
 @app.command("check-data")
 @user_command
 def check_data(

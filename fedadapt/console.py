@@ -52,6 +52,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "the user's input or environment", not a bug in fedadapt."""
     from client.correction_store import CorrectionRefused, SiteDirError
     from client.data import DataError
+    from client.policy import PolicyError
     from client.predict import PredictError
     from client.site import SiteConfigError
     from client.source_model_store import ModelStoreError
@@ -62,7 +63,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (DataError, SchemaError, SettingsError, SiteConfigError, DatasetError,
             SimulationError, ModelStoreError, PredictError, SiteDirError, CorrectionRefused,
-            OSError)
+            PolicyError, OSError)
 
 
 def _describe(err: BaseException) -> str:

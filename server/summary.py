@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,38 @@ class RepeatResult:
     source_digest: str = ""
 
 
+# How a site's refusal reads (client.egress.error_reply): the rule, then why.
+REFUSAL = re.compile(r"refused by policy rule '([A-Za-z0-9_-]+)': ?(.*)", re.S)
+
+
+def refusals(errors: Sequence[str], lost: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The requests a site refused by its policy: phase (and round), rule, reason.
+
+    Parameters
+    ----------
+    errors : sequence of str
+        The site's failures, ``"<phase>: <reason>"``.
+    lost : sequence of dict
+        The site's drops during training (``round``, ``reason``).
+
+    Returns
+    -------
+    list of dict
+        ``phase``, ``round`` (training only, else None), ``rule`` and ``reason``; one per
+        distinct refusal.
+    """
+    found: list[dict[str, Any]] = []
+    candidates = [(e.split(":", 1)[0], None, e) for e in errors]
+    candidates += [("train", drop.get("round"), str(drop.get("reason", ""))) for drop in lost]
+    for phase, rnd, text in candidates:
+        m = REFUSAL.search(text)
+        if m:
+            item = {"phase": phase, "round": rnd, "rule": m.group(1), "reason": m.group(2)}
+            if item not in found:
+                found.append(item)
+    return found
+
+
 def method_metrics(values: Sequence[dict[str, float]], method: str) -> dict[str, Any]:
     """Mean, sd and count over repeats of one method's metrics at one site."""
     out: dict[str, Any] = {}
@@ -74,23 +107,25 @@ def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
     features = next((r.site_features[name] for r in results if name in r.site_features), [])
     lost = [r.lost[name] for r in results if name in r.lost]
     node = next((r.nodes[name] for r in results if name in r.nodes), None)
+    refused = refusals(errors, lost)
+    said = {"refused": refused} if refused else {}
     if not evals and lost:
         return {
             "n_train": 0, "n_test": 0, "positives_test": 0, "prevalence_test": None,
-            "site_features": features, "status": "lost",
+            "site_features": features, "status": "refused" if refused else "lost",
             "error": f"lost in round {lost[0]['round']}: {lost[0]['reason']}",
             "lost": lost, "metrics": {}, "node_id": node,
             "correction": {"applied": False, "strength": None, "applied_fraction": 0.0},
-            "repeats_failed": len(lost),
+            "repeats_failed": len(lost), **said,
         }
     if not evals:
         return {
             "n_train": 0, "n_test": 0, "positives_test": 0, "prevalence_test": None,
-            "site_features": features, "status": "failed",
+            "site_features": features, "status": "refused" if refused else "failed",
             "error": errors[0] if errors else "no evaluation reply", "metrics": {},
             "node_id": node,
             "correction": {"applied": False, "strength": None, "applied_fraction": 0.0},
-            "repeats_failed": len(errors),
+            "repeats_failed": len(errors), **said,
         }
     first = evals[0]
     n_test = int(first["n-test"])
@@ -141,6 +176,8 @@ def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
         "node_id": node,
         # Lost during training (missed rounds) but back for the correction and evaluation.
         **({"lost": lost} if lost else {}),
+        # Requests the site refused by its policy (e.g. training rounds beyond its budget).
+        **said,
     }
     entry["assessment"] = assess(entry, evals)
     return entry

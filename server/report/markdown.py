@@ -203,7 +203,8 @@ GLOSSARY = [
     "model further from the shared one); *local C=c* (the site's own model, ignoring the "
     "shared one); *blend s source* (share s of the shared model's logit plus 1 - s of the "
     "local one).",
-    "- **Status**: *ok* (evaluated), *failed* (the phase and reason are given), *lost* (missed "
+    "- **Status**: *ok* (evaluated), *refused* (the site's policy refused a phase; the rule is "
+    "named), *failed* (the phase and reason are given), *lost* (missed "
     "training rounds and did not come back; a site that came back is *ok* with its missed "
     "rounds listed). A correction *refused* at evaluation (tampered, foreign, other model) "
     "means the site fell back to the source model and says why.",
@@ -285,6 +286,22 @@ def _failed_section(sites: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         lines.append(f"- **{_md(name)}** ({status}): {_md(site.get('error') or 'no error given')}")
     if len(failed) > MAX_MARKDOWN_SITES:
         lines.append(f"- … and {len(failed) - MAX_MARKDOWN_SITES} more (see report.json).")
+    return [*lines, ""]
+
+
+def _refused_section(sites: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Return what each site refused by its own policy, with the rule."""
+    rows = [(name, r) for name, site in sites for r in site.get("refused", [])]
+    if not rows:
+        return []
+    lines = ["## Refused by a site's policy", "",
+             "| site | phase | round | rule | why |", "|---|---|---|---|---|"]
+    for name, r in rows[:MAX_MARKDOWN_SITES]:
+        rnd = _DASH if r.get("round") is None else str(r["round"])
+        lines.append(f"| {_md(name)} | {_md(r['phase'])} | {rnd} | {_md(r['rule'])} | "
+                     f"{_md(r['reason'])} |")
+    if len(rows) > MAX_MARKDOWN_SITES:
+        lines.append(f"\n… and {len(rows) - MAX_MARKDOWN_SITES} more (see report.json).")
     return [*lines, ""]
 
 
@@ -408,6 +425,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path] | None = None
         lines += _calibration_section(shown)
     lines += _summary_section(report, methods)
     lines += _failed_section(sites)
+    lines += _refused_section(sites)
     lines += _timing_section(report)
     lines += _config_section(report)
     return "\n".join(lines).rstrip() + "\n"
