@@ -58,3 +58,20 @@ def test_small_sets_are_left_out_of_per_site_means_but_weighted_in() -> None:
     assert math.isclose(source["weighted_auc"], (0.9 * 100 + 0.3 * 10) / 110)
     assert report["summary"]["sites_judged"] == ["big"]
     assert report["sites"]["tiny"]["assessment"]["verdict"].startswith("too few patients")
+
+
+def test_a_site_that_refused_by_policy_is_reported_refused_with_the_rule() -> None:
+    """A stats refusal makes the site ``refused``; a training refusal is listed by round."""
+    from server.summary import RepeatResult, refusals, site_entry
+
+    reason = "refused by policy rule 'min-rows': the training rows would rest on 9 rows"
+    result = RepeatResult(repeat=0, split_seed=42, failures={"a": f"stats: {reason}"})
+    entry = site_entry("a", [result])
+    assert entry["status"] == "refused"
+    assert entry["refused"] == [{"phase": "stats", "round": None, "rule": "min-rows",
+                                 "reason": "the training rows would rest on 9 rows"}]
+    drop = {"round": 4, "reason": "[site b] refused by policy rule 'max-epsilon-total': spent",
+            "rounds_missed": [4, 5]}
+    assert refusals([], [drop]) == [{"phase": "train", "round": 4, "rule": "max-epsilon-total",
+                                     "reason": "spent"}]
+    assert refusals(["evaluate: no reply in time"], []) == []
