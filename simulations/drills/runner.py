@@ -19,7 +19,14 @@ log = logging.getLogger(__name__)
 
 def load_drills() -> None:
     """Import the scenario modules (each registers its drills)."""
-    from simulations.drills import data, network, processes, replies, storage  # noqa: F401
+    from simulations.drills import (  # noqa: F401
+        data,
+        network,
+        policy,
+        processes,
+        replies,
+        storage,
+    )
 
 
 def run_drills(names: Sequence[str], out: Path) -> list[DrillResult]:
