@@ -107,8 +107,9 @@ class Policy:
             With rule ``min-rows``.
         """
         if rows < self.min_rows:
-            raise PolicyRefusal("min-rows", f"{what} would rest on {rows} rows, fewer than "
-                                f"the policy's min-rows = {self.min_rows}")
+            # The count itself is not said: it would be part of the refused answer.
+            raise PolicyRefusal("min-rows", f"{what} would rest on fewer rows than the "
+                                f"policy's min-rows = {self.min_rows}")
 
     def check_training(self, server_round: int, dp: str, epsilon: float, delta: float) -> None:
         """Refuse a training round the policy does not accept (rounds, DP, run budget).
