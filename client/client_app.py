@@ -54,7 +54,7 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
     try:
         site = resolve_site(context.node_config, context.run_config)
         config = dict(msg.content.config_records[protocol.CONFIG])
-        policy = site_policy(site)
+        policy = site_policy(site, context.state)
         admit(policy, phase, config)  # before any data is read
         rows = open_site(site, config, context.state)
         policy.check_rows("the training rows", len(rows.split.train))
@@ -81,7 +81,8 @@ def _stats(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
 
 def _train(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
     job = newton_job if config.get(protocol.STRATEGY) == "newton" else train_job
-    arrays, metrics = job(rows, msg.content.array_records[protocol.ARRAYS], config)
+    arrays, metrics = job(rows, msg.content.array_records[protocol.ARRAYS], config,
+                          run_id=msg.metadata.run_id)
     return build_reply(msg, shared_features=rows.schema.shared_features, metrics=metrics,
                        arrays=arrays)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.site import SiteSettings
 
@@ -281,25 +281,30 @@ def _problems(policy: Policy) -> list[tuple[str, str]]:
     return problems
 
 
-def site_policy(site: SiteSettings) -> Policy:
+def site_policy(site: SiteSettings, state: RecordDict | None = None) -> Policy:
     """The policy a site's settings name (``policy``), or :data:`NO_POLICY` when none.
+
+    Parameters
+    ----------
+    site : SiteSettings
+        The site.
+    state : RecordDict, optional
+        The node's state in this run (``context.state``): without a policy, the site says so
+        once per run in its log, not on every message.
 
     Raises
     ------
     PolicyError
         If the named file cannot be used.
     """
-    if site.policy is None:
-        _say_no_policy()
-        return NO_POLICY
-    return read_policy(site.policy)
-
-
-_SAID: list[bool] = []
-
-
-def _say_no_policy() -> None:
-    if not _SAID:
-        _SAID.append(True)
+    if site.policy is not None:
+        return read_policy(site.policy)
+    if state is None or NO_POLICY_SAID not in state.config_records:
         log.info("no site policy (node_config policy=...): this site answers every phase of "
                  "any app, as the coordinator asks")
+        if state is not None:
+            state[NO_POLICY_SAID] = ConfigRecord({"said": True})
+    return NO_POLICY
+
+
+NO_POLICY_SAID = "fedadapt-no-policy-said"
