@@ -205,6 +205,25 @@ class AuditLog:
         return out
 
 
+    def rows(self) -> list[tuple[str, ...]]:
+        """One row of text per reply, for a table.
+
+        Time (UTC, to the second), run, phase, round, keys, arrays, bytes, status (with the
+        error code).
+        """
+        out = []
+        for e in self.entries:
+            status = str(e.get("status", "?"))
+            if "error" in e:
+                status += f" {e['error'].get('code', '')}"
+            rnd = e.get("round")
+            out.append((str(e.get("time", ""))[:19].replace("T", " "), str(e.get("run", "")),
+                        str(e.get("phase", "")), "" if rnd is None else str(rnd),
+                        str(keys_count(e)), str(arrays_count(e)),
+                        f"{int(e.get('bytes') or 0):,}", status))
+        return out
+
+
 def read_audit(site_dir: str | Path) -> AuditLog:
     """Read a site's audit log.
 
@@ -255,10 +274,11 @@ def arrays_count(entry: Mapping[str, Any]) -> int:
 
 def _round(msg: Message) -> int | None:
     config = msg.content.config_records.get(protocol.CONFIG) if msg.has_content() else None
-    if config is None or not isinstance(config.get(ROUND), int):
+    rnd = config.get(ROUND) if config is not None else None
+    if not isinstance(rnd, int) or isinstance(rnd, bool):
         return None
-    offset = config.get(ROUND_OFFSET, 0)
-    return int(config[ROUND]) + (offset if isinstance(offset, int) else 0)
+    offset = config.get(ROUND_OFFSET, 0) if config is not None else 0
+    return rnd + (offset if isinstance(offset, int) else 0)
 
 
 def _number(value: Any) -> Any:
