@@ -211,7 +211,7 @@ class AuditLog:
         Time (UTC, to the second), run, phase, round, keys, arrays, bytes, status (with the
         error code).
         """
-        out = []
+        out: list[tuple[str, ...]] = []
         for e in self.entries:
             status = str(e.get("status", "?"))
             if "error" in e:

@@ -342,6 +342,43 @@ def check_data(
 
 @app.command()
 @user_command
+def audit(
+    site_dir: Annotated[Path, typer.Option(help="The site's private folder (site-dir).")],
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the entries and totals as one JSON object.")] = False,
+) -> None:
+    """Show what a site sent: every reply in its audit log, and the bytes sent per run."""
+    import json
+
+    from rich.table import Table
+
+    from client.audit_log import audit_path, read_audit
+
+    try:
+        log = read_audit(site_dir)
+    except FileNotFoundError:
+        fail(f"{audit_path(site_dir)} not found: --site-dir names a site's folder, which has "
+             "an audit log once the site has answered a message")
+    if json_out:
+        print(json.dumps({"path": str(log.path), "entries": log.entries,
+                          "totals": log.totals(), "unreadable_lines": log.unreadable}))
+        return
+    table = Table("time (UTC)", "run", "phase", "round", "keys", "arrays", "bytes", "status",
+                  title=str(log.path))
+    for row in log.rows():
+        table.add_row(*(Text(c) for c in row))
+    console.print(table)
+    for run, t in log.totals().items():
+        say(f"run {run}: {t['replies']} repl{'y' if t['replies'] == 1 else 'ies'}, "
+            f"{t['bytes']:,} bytes sent"
+            + (f", {t['errors']} of them errors or refusals" if t["errors"] else ""))
+    if log.unreadable:
+        say(("warning: ", "yellow"), f"line(s) {', '.join(map(str, log.unreadable))} of "
+            f"{log.path} are not JSON objects (a write cut short?)")
+
+
+@app.command()
+@user_command
 def generate(
     out: Annotated[Path, typer.Option(help="Folder for the site files and sites.toml.")],
     sites: Annotated[int, typer.Option(help="Number of hospitals (at least 1).")] = ROLES,
