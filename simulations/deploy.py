@@ -210,6 +210,21 @@ def start_supernode(dep: Deployment, name: str, cmd: list[str], site_dir: Path) 
     _start(dep, name, cmd, site_dir, env)
 
 
+def start_checked_supernode(dep: Deployment, name: str, cmd: list[str], site_dir: Path,
+                            policy: Path) -> None:
+    """A site that runs only the app bundles its policy approves.
+
+    Its SuperNode runs with ``--isolation process`` and, beside it, the site's own executor
+    (``fedadapt site-exec --policy``) on the SuperNode's runtime API (its ``--port``), which
+    checks every bundle before any of it runs.
+    """
+    start_supernode(dep, name, [*cmd, "--isolation", "process"], site_dir)
+    port = cmd[cmd.index("--port") + 1]
+    env = {**dep.env, "FLWR_HOME": str(site_dir / ".flwr")}
+    _start(dep, f"{name}-exec", [flower_bin("fedadapt"), "site-exec", "--policy", str(policy),
+                                 "--runtime-api-address", f"127.0.0.1:{port}"], site_dir, env)
+
+
 @contextmanager
 def coordinator(out: Path, site_names: list[str], site_host: str = "127.0.0.1",
                 gateway: bool = True) -> Iterator[Deployment]:
@@ -258,6 +273,7 @@ def deploy_local(
     timeout: float = 3600.0,
     hook: Callable[[dict[str, Any], Deployment], None] | None = None,
     absent: tuple[str, ...] = (),
+    site_policy: Path | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline over real processes with TLS and authenticated sites.
 
@@ -281,6 +297,10 @@ def deploy_local(
         Called with each progress event and the running deployment (drills kill processes).
     absent : tuple of str
         Sites whose SuperNode is not started (drills).
+    site_policy : Path, optional
+        Start every site with this policy and its own executor, which runs only the app
+        bundles the policy approves (:func:`start_checked_supernode`); by default each
+        SuperNode starts Flower's executor itself.
 
     Returns
     -------
@@ -316,9 +336,12 @@ def deploy_local(
             if site.name in absent:
                 continue
             site_dir = out / "sites" / site.name
-            start_supernode(dep, site.name, supernode_command(
-                dep, site.name, data_file=site.data_file, site_dir=site_dir,
-                site_features=list(site.site_features)), site_dir)
+            cmd = supernode_command(dep, site.name, data_file=site.data_file,
+                                    site_dir=site_dir, site_features=list(site.site_features))
+            if site_policy is not None:
+                start_checked_supernode(dep, site.name, cmd, site_dir, site_policy.resolve())
+            else:
+                start_supernode(dep, site.name, cmd, site_dir)
         startup = time.monotonic() - t0
         if on_logs is not None:
             on_logs(dict(dep.logs))
