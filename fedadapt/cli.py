@@ -102,6 +102,10 @@ def deploy_local(
         show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-deploy"),
     timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,
+    site_policy: Annotated[Path | None, typer.Option(
+        help="Start every site with --isolation process and `fedadapt site-exec --policy "
+             "FILE`: it runs only the app bundles the policy approves.",
+        show_default=False)] = None,
 ) -> None:
     """Run the federation for real on this machine: TLS, authenticated SuperNodes, report."""
     from fedadapt.progress import RunProgress
@@ -119,7 +123,7 @@ def deploy_local(
     with stops_its_processes("the deployment", out / "checkpoint", resume), progress, \
             _quiet("client"):
         report = run(data, _out_dir(out), settings, n_sites=n_sites, on_event=progress.update,
-                     on_logs=show_logs, timeout=timeout)
+                     on_logs=show_logs, timeout=timeout, site_policy=site_policy)
     _print_results(report, out)
     d = report["deployment"]
     mean = d["mean_round_latency_s"]
@@ -207,6 +211,44 @@ def predict(
             f"({reason}: the correction needs it); see the note column")
     for warning in summary.warnings:
         say(("warning: ", "yellow"), warning)
+
+
+@app.command("app-hash")
+@user_command
+def app_hash(
+    project: Annotated[Path, typer.Argument(help="The Flower app's folder.")] = Path(),
+) -> None:
+    """Print the sha256 of the app bundle `flwr run PROJECT` sends (for approved-apps)."""
+    from client.approved_app import bundle_hash
+
+    try:
+        print(bundle_hash(project))
+    except ValueError as err:
+        fail(str(err))
+
+
+@app.command("site-exec")
+@user_command
+def site_exec(
+    policy: Annotated[Path, typer.Option(help="The site's policy file (approved-apps).")],
+    runtime_api_address: Annotated[str, typer.Option(
+        help="The SuperNode's runtime API: 127.0.0.1 and its --port.")] = "127.0.0.1:9094",
+    root_certificates: Annotated[Path | None, typer.Option(
+        help="CA of the runtime API's certificate (a SuperNode with --ssl-certfile); "
+             "without it the loopback API is reached without TLS.",
+        show_default=False)] = None,
+    parent_pid: Annotated[int | None, typer.Option(
+        help="Stop when this process ends.", show_default=False)] = None,
+) -> None:
+    """Run a site's tasks, each only after its app bundle's hash is approved by the policy.
+
+    For a SuperNode started with --isolation process; replaces the executor it would start.
+    """
+    from client.approved_app import site_exec as run
+
+    run(policy, runtime_api_address, insecure=root_certificates is None,  # PolicyError: 1 line
+        root_certificates=str(root_certificates) if root_certificates else None,
+        parent_pid=parent_pid)
 
 
 @app.command()
