@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -331,6 +332,49 @@ def bench(
         table.add_row(*(Text(c) for c in row))
     console.print(table)
     say(f"wrote {out / 'bench.json'} and plots in {out / 'plots'}")
+
+
+@app.command("privacy-bench")
+@user_command
+@with_run_settings(exclude=SET_BY_COMMAND | {"dp", "dp-epsilon", "repeats"})
+def privacy_bench(
+    settings: RunSettings,
+    given: set[str],
+    data: Annotated[str, typer.Option(help=DATA_HELP)] = "synthetic",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-privacy"),
+    splits: Annotated[int, typer.Option(help="Seeded splits, each a run per level.")] = 20,
+    epsilons: Annotated[str, typer.Option(
+        help="Per-run epsilons to compare with no DP, comma-separated.")] = "1,3,10",
+) -> None:
+    """Utility against privacy: adapted and source AUC per site at each epsilon, and without."""
+    from simulations.bench_privacy import markdown, plot, table_rows, utility_vs_privacy
+
+    try:
+        levels = [float(e) for e in epsilons.split(",") if e.strip()]
+    except ValueError:
+        fail(f"--epsilons {epsilons!r}: give numbers separated by commas, e.g. 1,3,10")
+    if splits < 1 or not levels or min(levels) <= 0:
+        fail("--splits must be at least 1 and every epsilon positive")
+    out = _out_dir(out)
+    with stops_its_processes("the privacy benchmark"), _quiet("client"), _quiet("shared"), \
+            _quiet("server"), console.status(
+            "running (one whole federated run per split and level)...") as status:
+        result = utility_vs_privacy(data, out, settings, splits=splits, epsilons=levels,
+                                    progress=status.update)
+    from rich.table import Table
+
+    from server.report import to_jsonable
+    from shared.files import write_atomically
+
+    write_atomically(out / "privacy.json", json.dumps(to_jsonable(result), indent=1).encode())
+    write_atomically(out / "privacy.md", markdown(result).encode())
+    png = plot(result, out / "plots" / "privacy.png")
+    header, rows = table_rows(result)
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*[Text(c) for c in row])
+    console.print(table)
+    say(f"wrote {out / 'privacy.json'}, {out / 'privacy.md'} and {png}")
 
 
 @app.command("check-policy")
