@@ -153,9 +153,15 @@ def _source(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> t
 
 
 def train_job(
-    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
+    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any], run_id: int | None = None
 ) -> tuple[ArrayRecord, Metrics]:
-    """Phase 2, one round: train the source model on the training rows."""
+    """Phase 2, one round: train the source model on the training rows.
+
+    With ``dp = "record"`` in the config: DP-SGD (:func:`_train_job_dp`); ``run_id`` (the
+    message's) names the run in the site's privacy ledger.
+    """
+    if config.get("dp", "off") != "off":
+        return _train_job_dp(rows, arrays, config, _run_id(config, run_id))
     from client.train import train_local
     from shared.source_model import to_arrays
 
@@ -179,12 +185,13 @@ def train_job(
 
 
 def newton_job(
-    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
+    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any], run_id: int | None = None
 ) -> tuple[ArrayRecord, Metrics]:
     """Phase 2, one Newton round: loss, gradient and Hessian sums over the training rows.
 
     Sums over the rows at the received weights, nothing trained here: the coordinator adds
-    them over the sites and takes the step (``shared.newton``).
+    them over the sites and takes the step (``shared.newton``). With ``dp = "record"``: each
+    row's contributions bounded, Gaussian noise added (:func:`_newton_job_dp`).
     """
     from flwr.app import Array
 
@@ -193,9 +200,86 @@ def newton_job(
     theta = newton.parameters(arrays)
     x = _prep(rows, config).transform(rows.shared)
     train = rows.split.train
+    if config.get("dp", "off") != "off":
+        return _newton_job_dp(rows, x[train], theta, config, _run_id(config, run_id))
     sums = newton.site_sums(x[train], rows.data.label[train], theta)
     reply = ArrayRecord({newton.GRAD: Array(sums.grad), newton.HESS: Array(newton.pack(sums.hess))})
     return reply, {"num-examples": float(sums.n), "loss-sum": sums.loss}
+
+
+def _run_id(config: Mapping[str, Any], run_id: int | None) -> int:
+    """The run the ledger charges: the message's run id (the config's when not given)."""
+    return int(run_id) if run_id is not None else int(config.get("run-id", 0))
+
+
+def _dp_prepare(rows: SiteRows, config: Mapping[str, Any], run_id: int, sample_rate: float,
+                steps: int) -> tuple[Any, Any, Any]:
+    """The DP request, the round's calibrated mechanism and the spend it was charged as.
+
+    Raises ``client.policy.PolicyRefusal`` when the round would exceed a budget.
+    """
+    from client import privacy
+
+    dp = privacy.dp_config(config)
+    prepared = privacy.prepare_round(rows.site, config, run_id, sample_rate, steps)
+    assert dp is not None and prepared is not None  # dp is on here
+    return dp, *prepared
+
+
+def _dp_metrics(spend: Any) -> Metrics:
+    return {"dp-epsilon": float(spend.epsilon), "dp-delta": float(spend.delta)}
+
+
+def _train_job_dp(
+    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any], run_id: int
+) -> tuple[ArrayRecord, Metrics]:
+    """One FedAvg / FedProx round with DP-SGD (``client.train.train_local_dp``).
+
+    The losses the reply normally carries are computed on the rows without noise, so they
+    are withheld (sent as 0.0; the coordinator does not report them under DP).
+    """
+    from client.train import dp_schedule, train_local_dp
+    from shared.source_model import to_arrays
+
+    model, x = _source(rows, arrays, config)
+    train = rows.split.train
+    epochs, batch = int(config["local-epochs"]), int(config["batch-size"])
+    q, steps = dp_schedule(len(train), batch, epochs)
+    dp, plan, spend = _dp_prepare(rows, config, run_id, q, steps)
+    train_local_dp(
+        model, x[train], rows.data.label[train], epochs=epochs,
+        lr=float(config["learning-rate"]), batch_size=batch,
+        weight_decay=float(config["weight-decay"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)), clip=dp.clip,
+        noise_multiplier=plan.noise_multiplier,
+    )
+    metrics: Metrics = {"num-examples": float(len(train)), "train-loss": 0.0,
+                        "global-loss": 0.0, **_dp_metrics(spend)}
+    return to_arrays(model), metrics
+
+
+def _newton_job_dp(
+    rows: SiteRows, x: np.ndarray, theta: np.ndarray, config: Mapping[str, Any], run_id: int
+) -> tuple[ArrayRecord, Metrics]:
+    """A Newton round under record-level DP: bounded rows, then one Gaussian mechanism.
+
+    The loss, gradient and Hessian sums are noised together (sample rate 1, one step per
+    round), as ``shared.newton.noised_sums`` describes.
+    """
+    import secrets
+
+    from flwr.app import Array
+
+    from client import privacy
+    from shared import newton
+
+    dp, plan, spend = _dp_prepare(rows, config, run_id, 1.0, 1)
+    bounds = (dp.clip, privacy.HESS_FACTOR * dp.clip ** 2, privacy.LOSS_BOUND)
+    sums = newton.clipped_site_sums(x, rows.data.label[rows.split.train], theta, *bounds)
+    loss, grad, hess = newton.noised_sums(sums, plan.noise_multiplier, bounds,
+                                          np.random.default_rng(secrets.randbits(128)))
+    reply = ArrayRecord({newton.GRAD: Array(grad), newton.HESS: Array(hess)})
+    return reply, {"num-examples": float(sums.n), "loss-sum": loss, **_dp_metrics(spend)}
 
 
 def _model_document(

@@ -44,13 +44,17 @@ class NewtonSteps(FedAvg):
         The L2 penalty of the objective (the coordinator adds it to the sites' sums).
     tolerance : float
         Converged when the accepted step changes no weight by more than this.
+    noisy : bool
+        The sums carry differential-privacy noise: the Hessian may not be positive definite,
+        so its eigenvalues are floored (``shared.newton.newton_direction``).
     """
 
     def __init__(self, *args: object, weight_decay: float, tolerance: float,
-                 **kwargs: object) -> None:
+                 noisy: bool = False, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.weight_decay = weight_decay
         self.tolerance = tolerance
+        self.noisy = noisy
         self.sent: np.ndarray | None = None  # the weights the current round was asked at
         self.accepted: np.ndarray | None = None
         self.accepted_losses: dict[int, tuple[float, int]] = {}  # node -> (loss sum, rows)
@@ -107,7 +111,8 @@ class NewtonSteps(FedAvg):
         if accept:
             self.accepted = self.sent
             self.accepted_losses = {n: (s.loss, s.n) for n, s in sums.items()}
-            self.direction = newton.newton_direction(total, self.sent, self.weight_decay)
+            self.direction = newton.newton_direction(total, self.sent, self.weight_decay,
+                                                     noisy=self.noisy)
             self.scale = 1.0
         else:
             self.scale /= 2.0

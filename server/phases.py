@@ -160,8 +160,13 @@ def train_phase(
         dropped = sorted(rep.names.get(n, f"node-{n}") for n, (r, _) in grid.dropped.items()
                          if r == number)
         loss, gl = _scalar(metrics, "train-loss"), _scalar(metrics, "global-loss")
-        entry = {"round": number, "loss": loss, "global_loss": gl, "rejected": rejected,
-                 "dropped": dropped}
+        if s.dp == "record" and s.training != "newton":
+            loss = gl = None  # DP-SGD sites withhold their (noise-free) losses
+        entry: dict[str, Any] = {"round": number, "loss": loss, "global_loss": gl,
+                                 "rejected": rejected, "dropped": dropped}
+        spent = getattr(strategy, "dp_spent", {}).get(rnd, {})
+        if spent:  # dp = "record": each site's epsilon spent in this run after this round
+            entry["dp"] = {site: {"epsilon": e, "delta": d} for site, (e, d) in spent.items()}
         accepted = _scalar(metrics, "step-accepted")  # strategy newton: were the weights kept
         if accepted is not None:
             entry["step_accepted"] = bool(accepted)
@@ -184,6 +189,10 @@ def train_phase(
                 "local-epochs": s.local_epochs, "learning-rate": s.learning_rate,
                 "batch-size": s.batch_size, "weight-decay": s.weight_decay,
                 "round-offset": done_rounds, protocol.STRATEGY: s.training,
+                # What a site needs for record-level DP: its budget over the planned rounds.
+                "dp": s.dp, "dp-epsilon": s.dp_epsilon, "dp-delta": s.dp_delta,
+                "dp-clip": s.dp_clip, "num-server-rounds": s.num_server_rounds,
+                "repeats": s.repeats,
             }),
         )
     best = getattr(strategy, "best", None)  # Newton ends on its last accepted weights

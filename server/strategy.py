@@ -89,6 +89,8 @@ class GuardedAggregation:
         self.site_names = dict(site_names)
         self.on_round = on_round
         self.rejected: dict[int, list[str]] = {}
+        # dp = "record": per round, each site's epsilon spent in this run so far, and delta.
+        self.dp_spent: dict[int, dict[str, tuple[float, float]]] = {}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -103,6 +105,9 @@ class GuardedAggregation:
             problem = reply_problem(reply, self.shapes, self.metric_keys)
             if problem is None:
                 sound.append(reply)
+                spent = _dp_spent(reply)
+                if spent is not None:
+                    self.dp_spent.setdefault(server_round, {})[site] = spent
             else:
                 log.warning("round %d: reply of site %s rejected: %s", server_round, site,
                             problem)
@@ -116,6 +121,15 @@ class GuardedAggregation:
         if self.on_round is not None:
             self.on_round(server_round, result[0], result[1], rejected)
         return result
+
+
+def _dp_spent(reply: Message) -> tuple[float, float] | None:
+    """The (epsilon, delta) a DP train reply says its site has spent in this run, if any."""
+    metrics = reply.content.metric_records[protocol.METRICS]
+    eps, delta = (metrics.get(k) for k in protocol.DP_METRICS)
+    if isinstance(eps, int | float) and isinstance(delta, int | float) and math.isfinite(eps):
+        return float(eps), float(delta)
+    return None
 
 
 class GuardedFedAvg(GuardedAggregation, FedAvg):
@@ -156,11 +170,11 @@ def make_strategy(
         "fedavg": GuardedFedAvg, "fedprox": GuardedFedProx, "fedmedian": GuardedFedMedian,
         "fedtrimmedavg": GuardedFedTrimmedAvg, "newton": GuardedNewton,
     }
-    extra: dict[str, float] = {
+    extra: dict[str, float | bool] = {
         "fedprox": {"proximal_mu": settings.proximal_mu},
         "fedtrimmedavg": {"beta": settings.trim_beta},
         "newton": {"weight_decay": settings.weight_decay,
-                   "tolerance": settings.newton_tolerance},
+                   "tolerance": settings.newton_tolerance, "noisy": settings.dp == "record"},
     }.get(settings.training, {})
     if settings.training == "newton":  # replies hold the sums, sized by the model's weights
         d = sum(math.prod(shape) for shape in shapes.values())

@@ -264,6 +264,25 @@ def rounds_entry(results: Sequence[RepeatResult]) -> list[dict[str, Any]]:
     return out
 
 
+def dp_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any] | None:
+    """A site's record-level DP spend in this run, from its train replies; None without DP.
+
+    ``epsilon`` is the latest the site reported (its accountant's total for the run),
+    ``per_round`` each round's, and ``stopped`` the round from which the site refused to
+    train because its privacy budget would be exceeded (with its reason), else None.
+    """
+    per_round = [{"repeat": r.repeat, "round": int(e["round"]), **e["dp"][name]}
+                 for r in results for e in r.rounds if name in e.get("dp", {})]
+    stopped = next(({"repeat": r.repeat, "round": r.lost[name]["round"],
+                     "reason": r.lost[name]["reason"]} for r in results
+                    if name in r.lost and "epsilon" in str(r.lost[name]["reason"])), None)
+    if not per_round and stopped is None:
+        return None
+    return {"epsilon": per_round[-1]["epsilon"] if per_round else 0.0,
+            "delta": per_round[-1]["delta"] if per_round else None,
+            "per_round": per_round, "stopped": stopped}
+
+
 def build_report(
     config: dict[str, Any], results: Sequence[RepeatResult], total_seconds: float
 ) -> dict[str, Any]:
@@ -274,6 +293,10 @@ def build_report(
             if name not in names:
                 names.append(name)
     sites = {name: site_entry(name, results) for name in sorted(names)}
+    for name, entry in sites.items():
+        dp = dp_entry(name, results)
+        if dp is not None:
+            entry["dp"] = dp
     timing = {"total": total_seconds}
     for phase in ("stats", "train", "adapt", "evaluate"):
         timing[phase] = float(sum(r.timing.get(phase, 0.0) for r in results))

@@ -11,6 +11,7 @@ Numpy only: a deployed site starts a fresh process per message, and this needs n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -103,6 +104,58 @@ def site_sums(x: np.ndarray, y: np.ndarray, theta: np.ndarray) -> Sums:
     return Sums(loss, grad, hess, len(y))
 
 
+def clipped_site_sums(
+    x: np.ndarray, y: np.ndarray, theta: np.ndarray, clip: float, hess_clip: float,
+    loss_bound: float,
+) -> Sums:
+    """The sums of :func:`site_sums` with every row's contribution bounded (record-level DP).
+
+    Row ``i`` adds its gradient ``(p_i - y_i) x_i`` scaled to L2 norm at most ``clip``, its
+    Hessian ``p_i (1 - p_i) x_i x_i^T`` scaled to Frobenius norm at most ``hess_clip`` (so its
+    packed upper triangle too) and its log-loss clipped to ``[0, loss_bound]``: removing a row
+    changes each sum by at most its bound. Neither is ever formed per row.
+    """
+    x1 = np.hstack([np.asarray(x, dtype=np.float64), np.ones((len(x), 1))])
+    z = x1 @ theta
+    y = np.asarray(y, dtype=np.float64)
+    loss = np.minimum(np.logaddexp(0.0, z) - y * z, loss_bound)
+    p = 0.5 * (1.0 + np.tanh(0.5 * z))
+    sq = np.einsum("ij,ij->i", x1, x1)  # ||x_i||^2
+    r = p - y
+    g_norm = np.abs(r) * np.sqrt(sq)
+    r = r * np.minimum(1.0, clip / np.maximum(g_norm, 1e-300))
+    w = p * (1.0 - p)
+    h_norm = w * sq  # the Frobenius norm of a rank-one w x x^T
+    w = w * np.minimum(1.0, hess_clip / np.maximum(h_norm, 1e-300))
+    return Sums(float(np.sum(loss)), x1.T @ r, (x1 * w[:, None]).T @ x1, len(y))
+
+
+def noised_sums(sums: Sums, noise_multiplier: float, bounds: tuple[float, float, float],
+                rng: np.random.Generator) -> tuple[float, np.ndarray, np.ndarray]:
+    """One Gaussian mechanism on the bounded sums: (loss, gradient, packed Hessian) noised.
+
+    ``bounds`` are the per-row bounds of the gradient, the Hessian and the loss. Each part
+    divided by its bound, the three together change by at most ``sqrt(3)`` in L2 when a row
+    is removed, so each part gets noise of standard deviation
+    ``noise_multiplier * sqrt(3) * bound``: an ``noise_multiplier``-Gaussian mechanism on the
+    whole reply, as the accountant counts it (one step, sample rate 1, per round).
+    """
+    g_bound, h_bound, l_bound = bounds
+    scale = noise_multiplier * math.sqrt(3.0)
+    packed = pack(sums.hess)
+    grad = sums.grad + rng.normal(0.0, scale * g_bound, size=sums.grad.shape)
+    hess = packed + rng.normal(0.0, scale * h_bound, size=packed.shape)
+    loss = sums.loss + float(rng.normal(0.0, scale * l_bound))
+    return loss, grad, hess
+
+
+def floor_eigenvalues(hess: np.ndarray, floor: float) -> np.ndarray:
+    """The symmetric matrix nearest ``hess`` whose eigenvalues are all at least ``floor``."""
+    sym = 0.5 * (hess + hess.T)
+    values, vectors = np.linalg.eigh(sym)
+    return (vectors * np.maximum(values, floor)) @ vectors.T
+
+
 def penalty_mask(d: int) -> np.ndarray:
     """1 for the input weights, 0 for the bias (the penalty spares the bias)."""
     mask = np.ones(d)
@@ -116,16 +169,21 @@ def objective(sums: Sums, theta: np.ndarray, weight_decay: float) -> float:
     return sums.loss / sums.n + 0.5 * weight_decay * float(np.sum(mask * theta * theta))
 
 
-def newton_direction(sums: Sums, theta: np.ndarray, weight_decay: float) -> np.ndarray:
+def newton_direction(sums: Sums, theta: np.ndarray, weight_decay: float,
+                     noisy: bool = False) -> np.ndarray:
     """The Newton direction of the penalised mean objective at ``theta``.
 
     The Hessian of the mean loss plus the penalty is positive semi-definite; a tiny ridge
     (relative to its scale) keeps the solve defined when a parameter has no signal (a column
-    that is constant over every site's rows).
+    that is constant over every site's rows). With ``noisy`` (sums under differential
+    privacy) the Hessian may have lost that: its eigenvalues are raised to at least a tenth
+    of their mean (a damped step, always downhill for the noisy gradient).
     """
     mask = penalty_mask(len(theta))
     grad = sums.grad / sums.n + weight_decay * mask * theta
     hess = sums.hess / sums.n + np.diag(weight_decay * mask)
+    if noisy:
+        hess = floor_eigenvalues(hess, max(0.1 * float(np.trace(hess)) / len(theta), 1e-6))
     ridge = 1e-10 * max(1.0, float(np.trace(hess)) / len(theta))
     hess = hess + ridge * np.eye(len(theta))
     try:

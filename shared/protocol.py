@@ -34,6 +34,9 @@ TRAIN_METRICS = (NUM_EXAMPLES, "train-loss", "global-loss")
 # A Newton round's reply (strategy "newton"): the rows' summed logistic loss at the received
 # weights, beside the arrays shared.newton.GRAD and HESS (sums over the same rows).
 NEWTON_METRICS = (NUM_EXAMPLES, "loss-sum")
+# With dp = "record", a train reply (either kind) also carries the epsilon the site has spent
+# in this run so far, this round included, and its delta (client.privacy).
+DP_METRICS = ("dp-epsilon", "dp-delta")
 # The train config key telling a site which kind of training round it is asked for.
 STRATEGY = "strategy"
 STATS_EXTRA = (NUM_EXAMPLES, "n-test", "label-negative", "label-positive")

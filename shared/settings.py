@@ -178,6 +178,9 @@ class RunSettings:
         for name in ("learning_rate", "node_wait_timeout", "reply_timeout", "phase_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name.replace('_', '-')} must be positive")
+        if self.dp == "client":
+            problems.append("dp = client (client-level DP, Flower's client-side fixed "
+                            "clipping) is not built yet: use dp = record (per-patient) or off")
         if self.dp != "off" and (self.dp_epsilon <= 0 or self.dp_clip <= 0):
             problems.append("dp-epsilon and dp-clip must be positive")
         if not 0.0 < self.dp_delta < 1.0:

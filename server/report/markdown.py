@@ -305,6 +305,28 @@ def _refused_section(sites: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
     return [*lines, ""]
 
 
+def _privacy_section(sites: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Return each site's privacy spend (dp = "record"): epsilon per round, and any stop."""
+    rows = [(name, site["dp"]) for name, site in sites if site.get("dp")]
+    if not rows:
+        return []
+    lines = ["## Differential privacy (record level)", "",
+             "Epsilon each site spent on its patients in this run (at the delta shown), as its "
+             "own accountant counted it; the per-round column lists it after each round.", "",
+             "| site | epsilon | delta | epsilon by round | stopped |", "|---|---|---|---|---|"]
+    for name, dp in rows[:MAX_MARKDOWN_SITES]:
+        eps = _DASH if dp.get("epsilon") is None else f"{dp['epsilon']:.3f}"
+        delta = _DASH if dp.get("delta") is None else f"{dp['delta']:g}"
+        by_round = ", ".join(f"{r['round']}: {r['epsilon']:.2f}" for r in dp.get("per_round", []))
+        stop = dp.get("stopped")
+        stopped = _DASH if not stop else f"round {stop['round']}: {stop['reason']}"
+        lines.append(f"| {_md(name)} | {eps} | {delta} | {_md(by_round) or _DASH} | "
+                     f"{_md(stopped)} |")
+    if len(rows) > MAX_MARKDOWN_SITES:
+        lines.append(f"\n… and {len(rows) - MAX_MARKDOWN_SITES} more (see report.json).")
+    return [*lines, ""]
+
+
 def _timing_section(report: Mapping[str, Any]) -> list[str]:
     """Return the time spent per stage."""
     timing = report.get("timing_s") or {}
@@ -426,6 +448,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path] | None = None
     lines += _summary_section(report, methods)
     lines += _failed_section(sites)
     lines += _refused_section(sites)
+    lines += _privacy_section(sites)
     lines += _timing_section(report)
     lines += _config_section(report)
     return "\n".join(lines).rstrip() + "\n"
