@@ -449,8 +449,10 @@ def audit(
         print(json.dumps({"path": str(log.path), "entries": log.entries,
                           "totals": log.totals(), "unreadable_lines": log.unreadable}))
         return
-    table = Table("time (UTC)", "run", "phase", "round", "keys", "arrays", "bytes", "status",
-                  title=str(log.path))
+    table = Table("time (UTC)", "run", "phase", title=str(log.path))
+    for number in ("round", "keys", "arrays", "bytes"):
+        table.add_column(number, justify="right")
+    table.add_column("status")
     for row in log.rows():
         table.add_row(*(Text(c) for c in row))
     console.print(table)
