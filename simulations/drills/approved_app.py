@@ -2,11 +2,13 @@
 
 A real TLS deployment (``simulations.deploy``) whose sites run only approved bundles
 (``--isolation process`` + ``fedadapt site-exec --policy``, :mod:`client.approved_app`). The
-approved bundle is a copy of this project with one line added to ``client/client_app.py``
-that would, on import, write a marker file, but is switched off (``if 0:``); the unapproved
-bundle differs from it in ONE byte (``if 1:``). The unapproved run must be refused at every
-site with its hash, with no shipped code run (no marker, nothing installed under the site's
-``FLWR_HOME/apps``); the approved run then completes in the same federation.
+approved bundle is a copy of this project with two lines added to ``client/client_app.py``:
+one writes a marker ``imported`` whenever the module is imported, the other would write a
+marker ``unapproved-ran`` but is switched off (``if 0:``); the unapproved bundle differs from
+it in ONE byte (``if 1:``). The unapproved run must be refused at every site with its hash,
+with no shipped code run (no marker at all, nothing installed under the site's
+``FLWR_HOME/apps``); the approved run then completes in the same federation, running the
+bundle's own code (``imported`` written).
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ EXPECTED = ("an app bundle one byte away from the approved one is refused at eve
 APP_FILES = ("pyproject.toml", ".gitignore", "shared", "server", "client")
 
 
-def app_copy(folder: Path, marker: Path, on: bool) -> Path:
-    """A copy of this Flower app whose ClientApp module writes ``marker`` on import if ``on``.
+def app_copy(folder: Path, markers: Path, on: bool) -> Path:
+    """A copy of this Flower app whose ClientApp module writes markers in ``markers`` on import.
 
-    The two variants differ in exactly one byte (``if 0:`` / ``if 1:``).
+    ``imported`` always; ``unapproved-ran`` only if ``on``: the two variants differ in exactly
+    one byte (``if 0:`` / ``if 1:``).
     """
     if folder.exists():
         shutil.rmtree(folder)
@@ -54,8 +57,10 @@ def app_copy(folder: Path, marker: Path, on: bool) -> Path:
         elif src.exists():
             shutil.copy2(src, folder / name)
     module = folder / "client" / "client_app.py"
-    line = f'\nif {int(on)}: __import__("pathlib").Path({str(marker)!r}).write_text("ran")\n'
-    module.write_text(module.read_text(encoding="utf-8") + line, encoding="utf-8")
+    lines = (f'\n__import__("pathlib").Path({str(markers / "imported")!r}).write_text("ran")\n'
+             f'if {int(on)}: __import__("pathlib").Path({str(markers / "unapproved-ran")!r})'
+             '.write_text("ran")\n')
+    module.write_text(module.read_text(encoding="utf-8") + lines, encoding="utf-8")
     return folder
 
 
@@ -83,9 +88,10 @@ def approved_app_run(out: Path, *, n_sites: int = 2, run_approved: bool = True,
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    marker = out / "shipped-code-ran"
-    approved_dir = app_copy(out / "apps" / "approved" / "fedadapt", marker, on=False)
-    unapproved_dir = app_copy(out / "apps" / "unapproved" / "fedadapt", marker, on=True)
+    markers = out / "markers"
+    markers.mkdir()
+    approved_dir = app_copy(out / "apps" / "approved" / "fedadapt", markers, on=False)
+    unapproved_dir = app_copy(out / "apps" / "unapproved" / "fedadapt", markers, on=True)
     approved, unapproved = bundle_hash(approved_dir), bundle_hash(unapproved_dir)
     policy = out / "site-policy.toml"
     policy.write_text(f'# the app bundles this site runs (fedadapt app-hash)\n'
@@ -112,7 +118,7 @@ def approved_app_run(out: Path, *, n_sites: int = 2, run_approved: bool = True,
         except SimulationError as err:
             seen["unapproved_error"] = str(err)
         seen["installed_after_unapproved"] = _installed(out, names)
-        seen["marker_after_unapproved"] = marker.exists()
+        seen["markers_after_unapproved"] = sorted(p.name for p in markers.iterdir())
         if run_approved:
             try:
                 seen["report"] = submit_run(dep.env, CONNECTION, run_config,
@@ -125,7 +131,7 @@ def approved_app_run(out: Path, *, n_sites: int = 2, run_approved: bool = True,
     seen["site_logs"] = {name: [line for line in path.read_text(errors="replace").splitlines()
                                 if unapproved in line and "refused" in line]
                          for name, path in logs.items()}
-    seen["marker"] = marker.exists()
+    seen["markers"] = sorted(p.name for p in markers.iterdir())
     seen["installed"] = _installed(out, names)
     return seen
 
@@ -147,11 +153,14 @@ def refused_everywhere(seen: dict[str, Any]) -> dict[str, bool]:
         "hash_in_run_error": error.count(f"app bundle sha256 {bad} is not approved")
         >= len(sites),
         "hash_in_every_site_log": all(lines for lines in sites.values()),
-        "no_shipped_code_ran": not seen["marker_after_unapproved"] and not seen["marker"],
+        "no_shipped_code_ran": not seen["markers_after_unapproved"]
+        and "unapproved-ran" not in seen["markers"],
+        "superlink_recorded_hash": bad in {r.get("fab-hash") for r in seen.get("runs", [])},
         "nothing_installed": not any(seen["installed_after_unapproved"].values())
         and not any(bad[:8] in p for ps in seen["installed"].values() for p in ps),
-        "approved_ran": bool(report.get("rounds")) if "report" in seen or
-        "approved_error" in seen else True,
+        # The approved bundle ran, its own code (not the site's installed copy of the app).
+        "approved_ran": bool(report.get("rounds")) and "imported" in seen["markers"]
+        if "report" in seen or "approved_error" in seen else True,
     }
 
 
@@ -176,7 +185,7 @@ def unapproved_app(out: Path) -> DrillResult:
         "unapproved-app", "", observed, all(checks.values()),
         {"sites": len(seen["site_logs"]), "refusing_sites": sum(
             bool(v) for v in seen["site_logs"].values()),
-         "marker_written": seen["marker"], "approved_rounds": len(report.get("rounds", []))},
+         "markers_written": seen["markers"], "approved_rounds": len(report.get("rounds", []))},
         {"checks": checks, "unapproved_hash": bad, "approved_hash": seen["approved_hash"],
          "unapproved_error": seen["unapproved_error"][:2000], "site_logs": seen["site_logs"],
          "installed": seen["installed"], "runs": seen.get("runs")},

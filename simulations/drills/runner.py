@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 def load_drills() -> None:
     """Import the scenario modules (each registers its drills)."""
     from simulations.drills import (  # noqa: F401
+        approved_app,
         data,
         network,
         policy,
