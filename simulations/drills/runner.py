@@ -24,6 +24,7 @@ def load_drills() -> None:
         data,
         network,
         policy,
+        privacy,
         processes,
         replies,
         storage,
