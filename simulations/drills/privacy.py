@@ -82,7 +82,7 @@ def dp_budget(out: Path) -> DrillResult:
     passed = bool(
         b.get("per_round") and 1 < int(stopped.get("round", 0)) <= ROUNDS
         and "max-epsilon-total" in str(stopped.get("reason", ""))
-        and 0 < float(b.get("epsilon") or 0) and total_b <= TOTAL + 1e-9
+        and float(b.get("epsilon") or 0) > 0 and total_b <= TOTAL + 1e-9
         and len(others) == 3
         and all(e is not None and EPSILON - 0.05 <= e <= EPSILON for e in others.values())
         and not any(d.get("stopped") for n, d in dp.items() if n != STOPPER)
