@@ -106,8 +106,9 @@ def _context(tmp_path: Path, policy: str, rows: int = 0) -> Context:
 
 
 def _stats(ctx: Context) -> Message:
-    config = {"schema": "synthetic", "schema-digest": SCHEMA.digest(), "protocol": "default",
-              "split-seed": 42, "test-fraction": 0.3, "repeat": 0}
+    config: dict[str, Any] = {
+        "schema": "synthetic", "schema-digest": SCHEMA.digest(), "protocol": "default",
+        "split-seed": 42, "test-fraction": 0.3, "repeat": 0}
     msg = Message(content=RecordDict({protocol.CONFIG: ConfigRecord(config)}), dst_node_id=1,
                   message_type=protocol.STATS)
     return client_app(msg, ctx)
@@ -120,7 +121,7 @@ def test_a_phase_the_policy_leaves_out_gets_a_refusal_not_an_answer(
     reply = _stats(_context(tmp_path, 'phases = ["train", "evaluate"]\n'))
     assert reply.has_error() and not reply.has_content()
     assert reply.error.code == protocol.REFUSED
-    assert "[site site-a] refused by policy rule 'phases'" in reply.error.reason
+    assert "[site site-a] refused by policy rule 'phases'" in str(reply.error.reason)
 
 
 def test_too_few_rows_for_an_aggregate_is_refused_whole(
@@ -129,9 +130,10 @@ def test_too_few_rows_for_an_aggregate_is_refused_whole(
     """A site with fewer training rows than min-rows sends no count or sum at all."""
     reply = _stats(_context(tmp_path, "min-rows = 50\n", rows=40))
     assert reply.has_error() and reply.error.code == protocol.REFUSED
-    assert "policy rule 'min-rows'" in reply.error.reason
-    assert "fewer rows than the policy's min-rows = 50" in reply.error.reason
-    assert "40" not in reply.error.reason and "28" not in reply.error.reason  # no count said
+    reason = str(reply.error.reason)
+    assert "policy rule 'min-rows'" in reason
+    assert "fewer rows than the policy's min-rows = 50" in reason
+    assert "40" not in reason and "28" not in reason  # no count said
 
 
 def test_a_feature_observed_in_too_few_rows_refuses_the_stats_reply(
@@ -151,5 +153,5 @@ def test_a_feature_observed_in_too_few_rows_refuses_the_stats_reply(
     data.write_text("\n".join(out) + "\n")
     reply = _stats(ctx)
     assert reply.has_error() and reply.error.code == protocol.REFUSED
-    assert "feature 'systolic_bp'" in reply.error.reason
+    assert "feature 'systolic_bp'" in str(reply.error.reason)
     assert _stats(_context(tmp_path / "ok", "min-rows = 20\n", rows=300)).has_content()
