@@ -280,3 +280,30 @@ def test_dp_sgd_learns_with_little_noise() -> None:
                    proximal_mu=0.0, clip=10.0, noise_multiplier=0.01, entropy=1)
     weight = model.state_dict()["net.weight"].numpy()[0]
     assert np.all(np.sign(weight) == np.array([1, -1, 1]))
+
+
+def test_client_level_dp_is_refused_as_not_built() -> None:
+    """Client-level DP (dp = client) is a clear settings error, never silently off."""
+    from shared.settings import RunSettings, SettingsError
+
+    with pytest.raises(SettingsError, match="not built yet"):
+        RunSettings.from_run_config({"dp": "client"})
+    with pytest.raises(SettingsError):
+        privacy.dp_config({"dp": "client"})
+
+
+def test_report_shows_each_site_s_epsilon_per_round_and_its_stop() -> None:
+    """report.json: sites[name]["dp"] from the rounds' replies and the site's refusal."""
+    from server.summary import RepeatResult, dp_entry
+
+    r = RepeatResult(repeat=0, split_seed=42)
+    r.rounds = [{"round": 1, "dp": {"a": {"epsilon": 1.2, "delta": 1e-5},
+                                    "b": {"epsilon": 1.2, "delta": 1e-5}}},
+                {"round": 2, "dp": {"a": {"epsilon": 1.8, "delta": 1e-5}}}]
+    r.lost["b"] = {"round": 2, "reason": "[site b] refused by policy rule 'max-epsilon-total': "
+                   "round 0/2 would bring the site's total epsilon to 4.1", "rounds_missed": [2]}
+    a, b = dp_entry("a", [r]), dp_entry("b", [r])
+    assert a is not None and b is not None and dp_entry("c", [r]) is None
+    assert a["epsilon"] == 1.8 and a["stopped"] is None and len(a["per_round"]) == 2
+    assert b["epsilon"] == 1.2 and b["stopped"]["round"] == 2
+    assert "max-epsilon-total" in b["stopped"]["reason"]
