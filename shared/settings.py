@@ -72,7 +72,8 @@ class RunSettings:
     strategy: str = _setting(
         "auto", "training: newton (second-order steps from the sites' gradient and Hessian "
         "sums; model logreg only), fedavg, fedprox, fedmedian / fedtrimmedavg (limit one "
-        "wildly wrong site); auto = newton for logreg, fedavg for the MLP", STRATEGIES)
+        "wildly wrong site); auto = newton for logreg, fedavg for the MLP and under "
+        "dp record (DP-SGD kept the AUC; noisy Newton steps did not)", STRATEGIES)
     proximal_mu: float = _setting(0.0, "FedProx's proximal term (strategy fedprox)")
     newton_tolerance: float = _setting(
         1e-6, "strategy newton: stop when the step's largest change of a weight is below this")
@@ -192,10 +193,15 @@ class RunSettings:
 
     @property
     def training(self) -> str:
-        """The strategy that trains: ``strategy``, with ``auto`` resolved by the model."""
+        """The strategy that trains: ``strategy``, with ``auto`` resolved by model and DP.
+
+        Under record-level DP, ``auto`` is FedAvg (DP-SGD): on the generated hospitals at
+        epsilon 3 it kept the source model's mean AUC (0.694 against 0.698 without DP), while
+        Newton's noisy steps lost it (0.603; README, "Differential privacy").
+        """
         if self.strategy != "auto":
             return self.strategy
-        return "newton" if self.model == "logreg" else "fedavg"
+        return "newton" if self.model == "logreg" and self.dp != "record" else "fedavg"
 
     @property
     def sites_to_wait_for(self) -> int:
