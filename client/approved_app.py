@@ -55,6 +55,7 @@ class Verdict:
     approved: bool
     sha256: str
     reason: str = ""
+    why: str = ""  # the reason without the "[site NAME] refused by policy rule" prefix
 
 
 def bundle_hash(project_dir: str | Path) -> str:
@@ -97,7 +98,8 @@ def check_bundle(content: bytes, stated_hash: str, site: str, policy_path: str |
     where = policy_path if policy_path is not None else node_policy
 
     def refuse(why: str) -> Verdict:
-        return Verdict(False, digest, f"[site {site}] refused by policy rule '{RULE}': {why}")
+        return Verdict(False, digest, f"[site {site}] refused by policy rule '{RULE}': {why}",
+                       why)
 
     if where is None or not str(where).strip():
         return refuse(f"app bundle sha256 {digest} cannot be checked: the site's executor has "
@@ -113,6 +115,24 @@ def check_bundle(content: bytes, stated_hash: str, site: str, policy_path: str |
         return refuse(f"app bundle sha256 {digest} is not approved; review it and add the "
                       f"hash to approved-apps in {policy.path}")
     return Verdict(True, digest)
+
+
+def _refusal(message: Any, context: Any, verdict: Verdict) -> Any:
+    """The refusal reply, built by the site's one reply builder and audited like any other."""
+    from client.audit_log import audited
+    from client.egress import error_reply
+    from client.policy import PolicyRefusal
+    from client.site import SiteConfigError, resolve_site
+    from shared import protocol
+
+    phase = {protocol.STATS: "stats", protocol.TRAIN: "train", protocol.ADAPT: "adapt",
+             protocol.EVALUATE: "evaluate"}.get(message.metadata.message_type, "task")
+    try:
+        site = resolve_site(context.node_config, context.run_config)
+    except SiteConfigError:
+        site = None  # audited() says the reply leaves unaudited
+    reply = error_reply(message, PolicyRefusal(RULE, verdict.why), phase, _site_name(context))
+    return audited(message, reply, phase, site)
 
 
 def _site_name(context: Any) -> str:
@@ -147,12 +167,8 @@ def gate(policy_path: str | Path | None) -> Iterator[list[str]]:
     refusal pushes the REFUSED reply and raises) and ``install_from_fab`` (installs only a
     bundle the check approved, so a Flower that bypassed the first wrapper fails closed).
     """
-    from flwr.app import Message
-    from flwr.app.error import Error
     from flwr.supercore import log
     from flwr.supernode.runtime import run_clientapp as flwr_runtime
-
-    from shared.protocol import REFUSED
 
     pull: Callable[..., Any] = flwr_runtime.pull_task_input
     install: Callable[..., Any] = flwr_runtime.install_from_fab
@@ -175,9 +191,7 @@ def gate(policy_path: str | Path | None) -> Iterator[list[str]]:
         if not verdict.approved:
             log(ERROR, "[fedadapt] %s", verdict.reason)
             try:
-                flwr_runtime.push_message(
-                    client, Message(Error(code=REFUSED, reason=verdict.reason),
-                                    reply_to=message), context)
+                flwr_runtime.push_message(client, _refusal(message, context, verdict), context)
             except Exception as err:  # still refuse; the coordinator then sees no reply
                 log(ERROR, "[fedadapt] could not send the refusal: %s", err)
             raise AppRefused(verdict.reason)

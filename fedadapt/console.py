@@ -59,11 +59,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from shared.schema import SchemaError
     from shared.settings import SettingsError
     from simulations.datasets import DatasetError
+    from simulations.deploy import DeploymentError
     from simulations.superlink import SimulationError
 
     return (DataError, SchemaError, SettingsError, SiteConfigError, DatasetError,
             SimulationError, ModelStoreError, PredictError, SiteDirError, CorrectionRefused,
-            PolicyError, OSError)
+            PolicyError, DeploymentError, OSError)
 
 
 def _describe(err: BaseException) -> str:

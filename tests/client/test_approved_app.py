@@ -90,30 +90,47 @@ class _Context:
 
 
 def test_gate_refuses_before_install_and_replies_refused(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower's ClientApp process, behind the gate: a refused bundle is never installed."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_identity: None) -> None:
+    """Flower's ClientApp process, behind the gate: a refused bundle is never installed.
+
+    The refusal is built by the site's one reply builder and is in the site's audit log.
+    """
+    from flwr.app import Context, Message, RecordDict
     from flwr.supercore.fab import Fab
     from flwr.supernode.runtime import run_clientapp as flwr_runtime
 
+    from client.audit_log import read_audit
+    from shared.protocol import STATS
+
     good, bad = _bundle("x = 0\n"), _bundle("x = 1\n")
-    pushed: list[Any] = []
+    pushed: list[Message] = []
     installed: list[bytes] = []
     pulled: list[bytes] = [bad]
+    msg = Message(content=RecordDict(), dst_node_id=7, message_type=STATS)
+    site_dir = tmp_path / "site"
+    context = Context(run_id=7, node_id=7, node_config={
+        "site-name": "north", "data-file": str(tmp_path / "data.csv"),
+        "site-dir": str(site_dir)}, state=RecordDict(), run_config={})
 
     def fake_pull(client: Any) -> Any:
-        return "msg", _Context(), "run", Fab(_sha(pulled[0]), pulled[0], {})
+        return msg, context, "run", Fab(_sha(pulled[0]), pulled[0], {})
 
     monkeypatch.setattr(flwr_runtime, "pull_task_input", fake_pull)
     monkeypatch.setattr(flwr_runtime, "install_from_fab", lambda c, **_: installed.append(c))
     monkeypatch.setattr(flwr_runtime, "push_message", lambda _c, m, _x: pushed.append(m))
-    monkeypatch.setattr("flwr.app.Message", lambda error, reply_to: (error, reply_to))
     forgotten: list[set[str]] = []  # not this test process's own `client` modules
     monkeypatch.setattr("client.approved_app._forget_modules", forgotten.append)
     with gate(_policy(tmp_path, _sha(good))) as approved:
         with pytest.raises(AppRefused, match=_sha(bad)):
             flwr_runtime.pull_task_input(cast(Any, None))
-        (error, reply_to), = pushed
-        assert error.code == REFUSED and _sha(bad) in error.reason and reply_to == "msg"
+        (reply,) = pushed
+        assert reply.has_error() and reply.error.code == REFUSED
+        assert _sha(bad) in str(reply.error.reason)
+        assert str(reply.error.reason).startswith(
+            "[site north] refused by policy rule 'approved-apps': app bundle sha256")
+        assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+        (entry,) = read_audit(site_dir).entries
+        assert entry["status"] == "refused" and _sha(bad) in entry["error"]["reason"]
         # Fail closed: installing what the check did not approve is refused too.
         with pytest.raises(AppRefused, match="not checked"):
             flwr_runtime.install_from_fab(bad, skip_prompt=True)
