@@ -357,7 +357,7 @@ def privacy_bench(
         fail("--splits must be at least 1 and every epsilon positive")
     out = _out_dir(out)
     with stops_its_processes("the privacy benchmark"), _quiet("client"), _quiet("shared"), \
-            _quiet("server"), console.status(
+            _quiet("server"), _quiet("flwr"), console.status(
             "running (one whole federated run per split and level)...") as status:
         result = utility_vs_privacy(data, out, settings, splits=splits, epsilons=levels,
                                     progress=status.update)
