@@ -500,9 +500,22 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
 
     console.print(site_table(report))
     for name, site in report.get("sites", {}).items():
+        for r in site.get("refused", []):
+            at = f" from round {r['round']}" if r.get("round") is not None else ""
+            say((f"{name}: refused {r['phase']}{at}", "yellow"),
+                f" by its policy, rule '{r['rule']}': {r['reason']}")
+        if site.get("refused") and site.get("status") in ("ok", "refused"):
+            continue
         if site.get("status") != "ok" or site.get("lost"):
             say((f"{name}: {site.get('status')}", "yellow"),
                 f" ({site.get('error') or _lost_text(site)})")
+    spent = {name: site["dp"] for name, site in report.get("sites", {}).items()
+             if site.get("dp")}
+    if spent:
+        say("differential privacy (record level), epsilon spent this run: " + ", ".join(
+            f"{name} {dp['epsilon']:.2f}" + (" (stopped)" if dp.get("stopped") else "")
+            for name, dp in spent.items() if dp.get("epsilon") is not None)
+            + f" at delta {next(iter(spent.values())).get('delta')}")
     for name, site in report.get("sites", {}).items():
         a = site.get("assessment")
         if site.get("status") == "ok" and a:
