@@ -54,7 +54,7 @@ def allowed_metric_keys(
         return set(summary_keys(shared_features)) | set(protocol.STATS_EXTRA)
     if message_type == protocol.TRAIN:
         return set(protocol.NEWTON_METRICS if newton else protocol.TRAIN_METRICS) | set(
-            protocol.DP_METRICS)
+            protocol.DP_METRICS) | set(protocol.CLIENT_DP_METRICS)
     if message_type == protocol.ADAPT:
         return set(protocol.ADAPT_METRICS)
     if message_type == protocol.EVALUATE:

@@ -158,9 +158,13 @@ def train_job(
     """Phase 2, one round: train the source model on the training rows.
 
     With ``dp = "record"`` in the config: DP-SGD (:func:`_train_job_dp`); ``run_id`` (the
-    message's) names the run in the site's privacy ledger.
+    message's) names the run in the site's privacy ledger. With ``dp = "client"``: plain
+    training, then the model update clipped (:func:`clip_update`).
     """
-    if config.get("dp", "off") != "off":
+    mode = config.get("dp", "off")
+    if mode == "client":
+        return _train_job_client_dp(rows, arrays, config)
+    if mode != "off":
         return _train_job_dp(rows, arrays, config, _run_id(config, run_id))
     from client.train import train_local
     from shared.source_model import to_arrays
@@ -182,6 +186,52 @@ def train_job(
         "num-examples": float(len(train)), "train-loss": train_loss, "global-loss": global_loss,
     }
     return to_arrays(model), metrics
+
+
+def _train_job_client_dp(
+    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
+) -> tuple[ArrayRecord, Metrics]:
+    """One FedAvg / FedProx round under client-level DP: train, then clip the model update.
+
+    The trained weights minus the received ones are scaled to L2 norm at most ``dp-clip``
+    (over all arrays together) here, inside the train job, so the reply client.egress builds,
+    and client.audit_log records, is exactly what is sent. Flower's ``fixedclipping_mod`` does
+    the same clipping but is not used: as a ClientApp mod it would change the reply after the
+    site's audit log recorded it, and it raises on messages without its ``clipping_norm`` key
+    (stats, adapt, evaluate). The coordinator adds the noise (Flower's
+    ``DifferentialPrivacyClientSideFixedClipping``, server.client_dp); the reply's
+    ``unit-weight`` of 1.0 makes FedAvg's average uniform, as that noise assumes.
+    """
+    from shared import protocol
+    from shared.settings import SettingsError
+
+    clip = float(config.get("dp-clip", 0.0))
+    if not clip > 0:
+        raise SettingsError("dp = 'client' needs dp-clip > 0 in the train message")
+    flower_clip = config.get("clipping_norm")  # what Flower's wrapper sends: the same norm
+    if flower_clip is not None and float(flower_clip) != clip:
+        raise SettingsError(f"the train message's clipping_norm {flower_clip} differs from "
+                            f"its dp-clip {clip}: refused")
+    trained, metrics = train_job(rows, arrays, {**config, "dp": "off"})
+    return clip_update(trained, arrays, clip), {**metrics, protocol.UNIT_WEIGHT: 1.0}
+
+
+def clip_update(trained: ArrayRecord, received: ArrayRecord, clip: float) -> ArrayRecord:
+    """``received + update * min(1, clip / ||update||)`` with ``update = trained - received``.
+
+    Flower's own helper (``compute_clip_model_update``, the one ``fixedclipping_mod`` and the
+    server-side wrapper use); the norm is over every array together. Names, order, shapes and
+    dtypes of ``trained`` are kept.
+    """
+    from flwr.app import Array
+    from flwr.supercore.differential_privacy import compute_clip_model_update
+
+    names = list(trained.keys())
+    new = [np.array(trained[k].numpy(), copy=True) for k in names]
+    old = [received[k].numpy() for k in names]
+    compute_clip_model_update(param1=new, param2=old, clipping_norm=clip)
+    return ArrayRecord({k: Array(np.asarray(v, dtype=trained[k].numpy().dtype))
+                        for k, v in zip(names, new, strict=True)})
 
 
 def newton_job(

@@ -82,13 +82,18 @@ def dp_config(config: Mapping[str, Any]) -> DPConfig | None:
     Raises
     ------
     SettingsError
-        If the mode is unknown, ``client`` (not built yet), or a value is unusable.
+        If the mode is unknown, ``client`` (client-level DP has no record-level accounting
+        at the site: it clips FedAvg / FedProx updates, client.jobs), or a value is unusable.
     """
     mode = str(config.get("dp", "off"))
     if mode == "off":
         return None
+    if mode == "client":
+        raise SettingsError("dp = 'client' only clips FedAvg / FedProx model updates at a "
+                            "site (the coordinator adds the noise): no Newton round, no "
+                            "record-level accounting")
     if mode != "record":
-        raise SettingsError(f"dp = {mode!r} is not built at the sites (only 'off' and 'record')")
+        raise SettingsError(f"dp = {mode!r} is not known at the sites (off, record, client)")
     rounds = int(config.get("num-server-rounds", 0)) * max(1, int(config.get("repeats", 1)))
     out = DPConfig(float(config.get("dp-epsilon", 0.0)), float(config.get("dp-delta", 0.0)),
                    float(config.get("dp-clip", 0.0)), rounds)

@@ -167,6 +167,8 @@ def train_phase(
         spent = getattr(strategy, "dp_spent", {}).get(rnd, {})
         if spent:  # dp = "record": each site's epsilon spent in this run after this round
             entry["dp"] = {site: {"epsilon": e, "delta": d} for site, (e, d) in spent.items()}
+        if s.dp == "client":  # the run's epsilon per site after this round's release
+            entry["dp_client"] = client_dp_entry(s, strategy, rnd, number, rep.result.repeat)
         accepted = _scalar(metrics, "step-accepted")  # strategy newton: were the weights kept
         if accepted is not None:
             entry["step_accepted"] = bool(accepted)
@@ -211,6 +213,25 @@ def train_phase(
         raise RunFailed("every site was lost during training")
     rep.result.source_digest = arrays_digest(current[0])
     return current[0]
+
+
+def client_dp_entry(settings: RunSettings, strategy: Any, rnd: int, number: int,
+                    repeat: int) -> dict[str, Any]:
+    """A round's client-level DP record: epsilon so far (Opacus' RDP), noise, sites averaged.
+
+    Every round of every earlier repeat counts, whether or not it released a model
+    (conservative); ``sites`` is 0 when nothing was aggregated (nothing released).
+    """
+    from server.client_dp import epsilon_after
+
+    z = float(strategy.noise_multiplier)
+    released = getattr(strategy, "released", {}).get(rnd, {})
+    return {
+        "epsilon": epsilon_after(z, repeat * settings.num_server_rounds + number,
+                                 settings.dp_delta),
+        "delta": settings.dp_delta, "noise_multiplier": z, "clipping_norm": settings.dp_clip,
+        "sites": int(released.get("sites", 0)), "noise_std": released.get("noise_std"),
+    }
 
 
 def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> None:

@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, S
 
 from server.newton import NewtonSteps
 from shared import newton, protocol
-from shared.settings import RunSettings
+from shared.settings import RunSettings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ def reply_problem(
         value = metrics.get(key)
         if not isinstance(value, int | float) or not math.isfinite(value):
             return f"metric {key!r} is missing or not finite"
+    if protocol.UNIT_WEIGHT in metric_keys and metrics.get(protocol.UNIT_WEIGHT) != 1.0:
+        # dp = "client": a site weighing more than the others would break the noise's scale.
+        return f"metric {protocol.UNIT_WEIGHT!r} is not exactly 1.0 (dp = client)"
     return None
 
 
@@ -164,8 +167,14 @@ def make_strategy(
     """The strategy named in the settings, training on every healthy site each round.
 
     Federated evaluation during training is off: phase 4 evaluates once, on held-out rows.
-    ``n_sites`` is the number of sites that passed the stats phase.
+    ``n_sites`` is the number of sites that passed the stats phase. Under ``dp = "client"``
+    the FedAvg / FedProx strategy averages uniformly (``unit-weight``) and is wrapped in
+    Flower's client-side fixed clipping (``server.client_dp``), which then calls ``on_round``.
     """
+    client_dp = settings.dp == "client"
+    if client_dp and settings.training not in ("fedavg", "fedprox"):
+        raise SettingsError(f"dp = client needs strategy fedavg or fedprox, not "
+                            f"{settings.training}")
     classes: dict[str, type[GuardedAggregation]] = {
         "fedavg": GuardedFedAvg, "fedprox": GuardedFedProx, "fedmedian": GuardedFedMedian,
         "fedtrimmedavg": GuardedFedTrimmedAvg, "newton": GuardedNewton,
@@ -183,10 +192,16 @@ def make_strategy(
     # (the grid ends the run, with a clear error, below that).
     minimum = min(settings.min_sites, n_sites)
     strategy = classes[settings.training](
-        shapes=shapes, site_names=site_names, on_round=on_round,
+        shapes=shapes, site_names=site_names, on_round=None if client_dp else on_round,
         fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=minimum,
-        min_available_nodes=minimum, weighted_by_key=protocol.NUM_EXAMPLES,
+        min_available_nodes=minimum,
+        weighted_by_key=protocol.UNIT_WEIGHT if client_dp else protocol.NUM_EXAMPLES,
         arrayrecord_key=protocol.ARRAYS, configrecord_key=protocol.CONFIG, **extra,
     )
     assert isinstance(strategy, Strategy)
+    if client_dp:
+        from server import client_dp as cdp
+
+        strategy.metric_keys = (*protocol.TRAIN_METRICS, *protocol.CLIENT_DP_METRICS)
+        return cdp.wrap(settings, strategy, n_sites, on_round)
     return strategy

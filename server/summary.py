@@ -283,6 +283,27 @@ def dp_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any] | Non
             "per_round": per_round, "stopped": stopped}
 
 
+def client_dp_entry(results: Sequence[RepeatResult]) -> dict[str, Any] | None:
+    """The run's client-level DP (dp = "client"), from its rounds; None without it.
+
+    ``epsilon`` is the run's after its last round (per site, at ``delta``: Opacus' RDP
+    accountant, every site in every round), ``per_round`` each round's epsilon, the sites
+    averaged and the noise's standard deviation on their average.
+    """
+    per_round = [{"repeat": r.repeat, "round": int(e["round"]), **e["dp_client"]}
+                 for r in results for e in r.rounds if "dp_client" in e]
+    if not per_round:
+        return None
+    last = per_round[-1]
+    return {
+        "mode": "client", "epsilon": last["epsilon"], "delta": last["delta"],
+        "noise_multiplier": last["noise_multiplier"], "clipping_norm": last["clipping_norm"],
+        "accountant": "opacus rdp, sample rate 1",
+        "per_round": [{k: p[k] for k in ("repeat", "round", "epsilon", "sites", "noise_std")}
+                      for p in per_round],
+    }
+
+
 def build_report(
     config: dict[str, Any], results: Sequence[RepeatResult], total_seconds: float
 ) -> dict[str, Any]:
@@ -300,10 +321,13 @@ def build_report(
     timing = {"total": total_seconds}
     for phase in ("stats", "train", "adapt", "evaluate"):
         timing[phase] = float(sum(r.timing.get(phase, 0.0) for r in results))
+    client_dp = client_dp_entry(results)
     return {
         # Written only when every phase of every repeat ran; a stopped or failed run writes
         # no report (events.jsonl says why), an interrupted command renames a partial one.
         "status": "complete",
+        # dp = "client": the run's per-site guarantee (record-level DP is per site, below).
+        **({"dp": client_dp} if client_dp is not None else {}),
         "config": config,
         "sites": sites,
         "rounds": rounds_entry(results),

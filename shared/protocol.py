@@ -37,6 +37,11 @@ NEWTON_METRICS = (NUM_EXAMPLES, "loss-sum")
 # With dp = "record", a train reply (either kind) also carries the epsilon the site has spent
 # in this run so far, this round included, and its delta (client.privacy).
 DP_METRICS = ("dp-epsilon", "dp-delta")
+# With dp = "client", a train reply also carries this weight, always exactly 1.0: FedAvg
+# averages by it (weighted_by_key), so the average is uniform, as the Gaussian noise Flower's
+# client-side fixed clipping adds (std noise-multiplier * clip / sites) assumes.
+UNIT_WEIGHT = "unit-weight"
+CLIENT_DP_METRICS = (UNIT_WEIGHT,)
 # The train config key telling a site which kind of training round it is asked for.
 STRATEGY = "strategy"
 STATS_EXTRA = (NUM_EXAMPLES, "n-test", "label-negative", "label-positive")

@@ -73,7 +73,7 @@ class RunSettings:
         "auto", "training: newton (second-order steps from the sites' gradient and Hessian "
         "sums; model logreg only), fedavg, fedprox, fedmedian / fedtrimmedavg (limit one "
         "wildly wrong site); auto = newton for logreg, fedavg for the MLP and under "
-        "dp record (DP-SGD kept the AUC; noisy Newton steps did not)", STRATEGIES)
+        "dp record (DP-SGD kept the AUC; noisy Newton steps did not) and dp client", STRATEGIES)
     proximal_mu: float = _setting(0.0, "FedProx's proximal term (strategy fedprox)")
     newton_tolerance: float = _setting(
         1e-6, "strategy newton: stop when the step's largest change of a weight is below this")
@@ -116,9 +116,10 @@ class RunSettings:
         "per-patient guarantee); client (Flower's client-side fixed clipping: a per-site "
         "guarantee, for federations with many sites)", DP_MODES)
     dp_epsilon: float = _setting(
-        3.0, "dp record: the epsilon one run may spend at each site, over the planned rounds "
-        "(the noise is calibrated from it)")
-    dp_delta: float = _setting(1e-5, "dp record: the delta of the (epsilon, delta) guarantee")
+        3.0, "dp record: the epsilon one run may spend at each site; dp client: the epsilon "
+        "of the run's released models per site; over the planned rounds (the noise is "
+        "calibrated from it)")
+    dp_delta: float = _setting(1e-5, "dp: the delta of the (epsilon, delta) guarantee")
     dp_clip: float = _setting(
         1.0, "dp: the clipping norm of one patient's gradient (record) or of one site's "
         "update (client)")
@@ -179,9 +180,11 @@ class RunSettings:
         for name in ("learning_rate", "node_wait_timeout", "reply_timeout", "phase_timeout"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name.replace('_', '-')} must be positive")
-        if self.dp == "client":
-            problems.append("dp = client (client-level DP, Flower's client-side fixed "
-                            "clipping) is not built yet: use dp = record (per-patient) or off")
+        if self.dp == "client" and self.training not in ("fedavg", "fedprox"):
+            problems.append(f"dp = client (client-level DP: Flower's client-side fixed clipping "
+                            f"around a uniform average) needs strategy fedavg or fedprox, not "
+                            f"{self.strategy}: a {self.training} reply is not a model update "
+                            "whose norm can be clipped and averaged")
         if self.dp != "off" and (self.dp_epsilon <= 0 or self.dp_clip <= 0):
             problems.append("dp-epsilon and dp-clip must be positive")
         if not 0.0 < self.dp_delta < 1.0:
@@ -197,11 +200,12 @@ class RunSettings:
 
         Under record-level DP, ``auto`` is FedAvg (DP-SGD): on the generated hospitals at
         epsilon 3 it kept the source model's mean AUC (0.694 against 0.698 without DP), while
-        Newton's noisy steps lost it (0.603; README, "Differential privacy").
+        Newton's noisy steps lost it (0.603; README, "Differential privacy"). Under
+        client-level DP it is FedAvg too: the sites' clipped model updates are averaged.
         """
         if self.strategy != "auto":
             return self.strategy
-        return "newton" if self.model == "logreg" and self.dp != "record" else "fedavg"
+        return "newton" if self.model == "logreg" and self.dp == "off" else "fedavg"
 
     @property
     def sites_to_wait_for(self) -> int:

@@ -327,6 +327,30 @@ def _privacy_section(sites: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
     return [*lines, ""]
 
 
+def _client_dp_section(report: Mapping[str, Any]) -> list[str]:
+    """Return the run's client-level DP (dp = "client"): epsilon per site, by round."""
+    dp = report.get("dp")
+    if not isinstance(dp, Mapping) or dp.get("mode") != "client":
+        return []
+    rounds = dp.get("per_round") or []
+    lines = [
+        "## Differential privacy (client level)", "",
+        f"Epsilon **{_fmt(dp.get('epsilon'))}** at delta {dp.get('delta'):g} per site (adding "
+        "or removing one whole site's data) for the models this run released, against anyone "
+        "who sees them; not against the coordinator, which saw each site's clipped update "
+        f"before the noise. Each site's update was clipped to L2 norm {dp.get('clipping_norm'):g}"
+        f"; noise multiplier {_fmt(dp.get('noise_multiplier'))}, so noise of standard deviation "
+        "noise multiplier x clip / sites on the average (Opacus' RDP accountant, every site "
+        "in every round).", "",
+        "| repeat | round | sites | noise sd | epsilon |", "|---:|---:|---:|---:|---:|",
+    ]
+    for r in rounds:
+        sd = r.get("noise_std")
+        lines.append(f"| {r.get('repeat')} | {r.get('round')} | {r.get('sites')} | "
+                     f"{_DASH if sd is None else f'{sd:.4f}'} | {_fmt(r.get('epsilon'))} |")
+    return [*lines, ""]
+
+
 def _timing_section(report: Mapping[str, Any]) -> list[str]:
     """Return the time spent per stage."""
     timing = report.get("timing_s") or {}
@@ -449,6 +473,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path] | None = None
     lines += _failed_section(sites)
     lines += _refused_section(sites)
     lines += _privacy_section(sites)
+    lines += _client_dp_section(report)
     lines += _timing_section(report)
     lines += _config_section(report)
     return "\n".join(lines).rstrip() + "\n"

@@ -282,13 +282,14 @@ def test_dp_sgd_learns_with_little_noise() -> None:
     assert np.all(np.sign(weight) == np.array([1, -1, 1]))
 
 
-def test_client_level_dp_is_refused_as_not_built() -> None:
-    """Client-level DP (dp = client) is a clear settings error, never silently off."""
+def test_client_level_dp_has_no_record_level_accounting() -> None:
+    """Client-level DP is a setting (FedAvg / FedProx only), never record-level DP at a site."""
     from shared.settings import RunSettings, SettingsError
 
-    with pytest.raises(SettingsError, match="not built yet"):
-        RunSettings.from_run_config({"dp": "client"})
-    with pytest.raises(SettingsError):
+    assert RunSettings.from_run_config({"dp": "client"}).training == "fedavg"
+    with pytest.raises(SettingsError, match="dp = client"):
+        RunSettings.from_run_config({"dp": "client", "strategy": "newton"})
+    with pytest.raises(SettingsError, match="clips FedAvg"):
         privacy.dp_config({"dp": "client"})
 
 
