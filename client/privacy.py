@@ -230,19 +230,20 @@ def charge(
         after = epsilon_spent([*history, (plan.noise_multiplier, plan.sample_rate,
                                           plan.steps)], dp.delta)
         others = spent_elsewhere(ledger, run_id)
+        this = round_words(round_key)
         if after > budget * (1 + MARGIN):
             log.warning("site %s stops training: round %s would spend epsilon %.3f of this "
-                        "run's %.3f (%s); spent %.3f", site_name, round_key, after, budget,
+                        "run's %.3f (%s); spent %.3f", site_name, this, after, budget,
                         rule, before)
             raise PolicyRefusal(rule, (
-                f"round {round_key} would raise this run's epsilon to {after:.3f}, above its "
+                f"{this} would raise this run's epsilon to {after:.3f}, above its "
                 f"budget {budget:g} ({rule}); epsilon spent in this run: {before:.3f}"))
         if others + after > total_budget * (1 + MARGIN):
             log.warning("site %s stops training: round %s would bring its total epsilon to "
                         "%.3f, above max-epsilon-total %.3f; this run spent %.3f", site_name,
-                        round_key, others + after, total_budget, before)
+                        this, others + after, total_budget, before)
             raise PolicyRefusal("max-epsilon-total", (
-                f"round {round_key} would bring the site's total epsilon to {others + after:.3f}"
+                f"{this} would bring the site's total epsilon to {others + after:.3f}"
                 f" (earlier runs {others:.3f}), above max-epsilon-total {total_budget:g}; "
                 f"epsilon spent in this run: {before:.3f}"))
         if history and tuple(history[-1][:2]) == (plan.noise_multiplier, plan.sample_rate):
@@ -260,8 +261,8 @@ def charge(
         ledger["total-delta"] = float(sum(float(r.get("delta", 0.0))
                                           for r in ledger["runs"].values()))
         _write_ledger(site_dir, ledger)
-    log.info("site %s: round %s charged, epsilon %.3f of %.3f in this run (total %.3f)",
-             site_name, round_key, after, budget, others + after)
+    log.info("site %s: %s charged, epsilon %.3f of %.3f in this run (total %.3f)",
+             site_name, round_words(round_key), after, budget, others + after)
     return Spend(after, dp.delta, others + after, budget)
 
 
@@ -272,6 +273,12 @@ def budgets(dp: DPConfig, policy: Any) -> tuple[tuple[float, str], float, float]
     total = float(getattr(policy, "max_epsilon_total", math.inf))
     delta = min(dp.delta, float(getattr(policy, "delta", dp.delta) or dp.delta))
     return run, total, delta
+
+
+def round_words(key: str) -> str:
+    """A ledger round key in words: ``0/2`` is "round 2", ``1/2`` "round 2 of repeat 2"."""
+    repeat, _, rnd = key.partition("/")
+    return f"round {rnd}" + (f" of repeat {int(repeat) + 1}" if repeat not in ("", "0") else "")
 
 
 def round_key(config: Mapping[str, Any]) -> str:
