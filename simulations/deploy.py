@@ -182,7 +182,11 @@ def register_site(dep: Deployment, name: str) -> None:
                               f"{result.stderr[-2000:]}")
     # Flower prints the node id once, here; the report's node_id of each site must match it.
     start = result.stdout.find("{")
-    dep.registered[name] = int(json.loads(result.stdout[start:])["node-id"])
+    try:
+        dep.registered[name] = int(json.loads(result.stdout[start:])["node-id"])
+    except (ValueError, KeyError):  # Flower says why in its JSON (e.g. already registered)
+        raise DeploymentError(f"registering site {name} failed: "
+                              f"{result.stdout[start:][-2000:].strip()}") from None
 
 
 def supernode_command(
@@ -312,6 +316,10 @@ def deploy_local(
     manifest = prepare_data(data, out / "data", n_sites, settings.seed)
     check_site_count(len(manifest.sites), settings)
     remove_report(out)  # an earlier run's report must not pass for this one's
+    # A new deployment: an earlier run's SuperLink state (its registered keys, runs, messages)
+    # would make registering the sites again fail.
+    for old in (out / "superlink").glob("state.db*"):
+        old.unlink()
     names = [s.name for s in manifest.sites]
     settings = replace(settings, schema=manifest.schema, expected_sites=len(names),
                        out=str(out))
