@@ -3,7 +3,8 @@
 Every (epsilon, split) pair is one whole federated run (the real ServerApp logic over the
 sites' real ClientApp, in this process: ``simulations.inprocess``), with its own site folders,
 so each run spends its own budget at each site. Nothing is tuned on held-out rows: the same
-settings run at every epsilon; only ``dp`` and ``dp-epsilon`` change.
+settings run at every epsilon, with the same training strategy (the one DP runs use: with
+``strategy = "auto"``, FedAvg); only ``dp`` and ``dp-epsilon`` change.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def utility_vs_privacy(
         early; and ``runs``: every run's figures.
     """
     manifest = read_manifest(prepare_data(data, out / "data", 4, settings.seed).path)
+    # Every level trains with the strategy DP runs use (auto: FedAvg under DP), so the columns
+    # differ by DP alone, not by how the source model is trained.
+    strategy = replace(settings, dp="record").training
+    settings = replace(settings, strategy=strategy)
     levels: list[tuple[str, float | None]] = [("none", None)]
     levels += [(f"{e:g}", e) for e in epsilons]
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in levels}
