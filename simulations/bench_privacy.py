@@ -21,6 +21,7 @@ import numpy as np
 
 from client.client_app import app as client_app
 from client.site import read_manifest
+from server.assessment import paired_interval
 from server.federation import run_federation
 from server.progress import Progress
 from server.report.plots import _new_figure, _save_figure
@@ -44,6 +45,7 @@ def _site_figures(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[name] = {
             **{m: (metrics.get(m) or {}).get("auc") for m in METHODS},
             "epsilon": dp.get("epsilon"), "status": site.get("status"),
+            "n_train": site.get("n_train", 0), "n_test": site.get("n_test", 0),
             "stopped": bool(dp.get("stopped")),
         }
     return out
@@ -117,12 +119,35 @@ def utility_vs_privacy(
             entry["epsilon_mean"] = float(np.mean(spent)) if spent else None
             entry["epsilon_max"] = float(np.max(spent)) if spent else None
             entry["stopped_runs"] = sum(f["stopped"] for f in figs)
+            if eps is not None:
+                entry["vs_no_dp"] = {m: _paired(runs["none"], runs[label], name, m)
+                                     for m in METHODS}
             per_site[name] = entry
         summary[label] = {"target_epsilon": eps, "sites": per_site}
     return {"data": data, "splits": splits, "epsilons": list(epsilons),
             "delta": settings.dp_delta, "clip": settings.dp_clip,
             "rounds": settings.num_server_rounds, "strategy": settings.training,
             "levels": summary, "runs": runs}
+
+
+def _paired(base: list[dict[str, Any]], level: list[dict[str, Any]], name: str,
+            method: str) -> dict[str, Any]:
+    """AUC at a DP level minus without DP, split by split, with the corrected t interval.
+
+    The same splits run at every level, so the differences are paired; they share training
+    rows across splits, hence ``server.assessment.paired_interval``'s corrected resampled t.
+    """
+    values = []
+    sizes = []
+    for b, lv in zip(base, level, strict=True):
+        x, y = lv.get(name, {}).get(method), b.get(name, {}).get(method)
+        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y):
+            values.append({f"diff.dp-none.{method}.auc": float(x - y)})  # key of a - b
+            sizes.append((b[name]["n_train"], b[name]["n_test"]))
+    if not sizes:
+        return {"difference": None, "low": None, "high": None, "splits": 0}
+    return paired_interval(values, "dp", f"none.{method}", int(np.mean([s[0] for s in sizes])),
+                           int(np.mean([s[1] for s in sizes])))
 
 
 def _cell(entry: dict[str, Any]) -> str:
@@ -132,11 +157,22 @@ def _cell(entry: dict[str, Any]) -> str:
     return f"{mean:.3f} ± {sd:.3f}" if sd is not None and math.isfinite(sd) else f"{mean:.3f}"
 
 
+def _delta(interval: dict[str, Any] | None) -> str:
+    """A paired difference as ``-0.020 ±0.015`` (half the 95 % interval), or ``-``."""
+    if not interval or interval.get("difference") is None:
+        return "-"
+    diff, low, high = interval["difference"], interval.get("low"), interval.get("high")
+    if low is None or high is None:
+        return f"{diff:+.3f}"
+    return f"{diff:+.3f} ±{(high - low) / 2:.3f}"
+
+
 def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the utility-versus-privacy table (site, figure, one column a level).
 
-    Each level's column holds the mean ± sd over the splits of the held-out AUC, and the
-    epsilon each site spent (mean; the largest in brackets when it differs).
+    Each level's column holds the mean ± sd over the splits of the held-out AUC, the paired
+    difference from the run without DP (± half its 95 % corrected t interval), and the epsilon
+    each site spent (mean; the largest in brackets when it differs).
     """
     labels = list(result["levels"])
     header = ["site", "figure", *[("no DP" if lb == "none" else f"eps {lb}") for lb in labels]]
@@ -146,6 +182,10 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for m in METHODS:
             rows.append([name, f"{m} AUC", *[_cell(result["levels"][lb]["sites"][name][m])
                                              for lb in labels]])
+        for m in METHODS:
+            rows.append([name, f"{m} - no DP", *[_delta(result["levels"][lb]["sites"][name]
+                                                        .get("vs_no_dp", {}).get(m))
+                                                 for lb in labels]])
         spent = []
         for lb in labels:
             e = result["levels"][lb]["sites"][name]
@@ -170,8 +210,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['splits']} seeded splits, each a whole run per level; strategy "
         f"{result['strategy']}, {result['rounds']} rounds, record-level DP at delta "
         f"{result['delta']:g}, clipping norm {result['clip']:g}. Held-out AUC: mean ± sd over "
-        "the splits. 'epsilon spent': what each site's accountant reported at the end of a "
-        "run (mean over splits).", "",
+        "the splits; '- no DP': the paired difference from the run without DP on the same split, "
+        "mean ± half its 95 % interval (corrected resampled t: the splits share patients). "
+        "'epsilon spent': what each site's accountant reported at the end of a run (mean over "
+        "splits).", "",
         "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
         *["| " + " | ".join(r) + " |" for r in rows], "",
     ]
