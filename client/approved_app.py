@@ -39,8 +39,8 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-# The site's policy file, handed by `site-exec` to the ClientApp processes it starts.
-POLICY_ENV = "FEDADAPT_SITE_POLICY"
+from client.policy import POLICY_ENV
+
 RULE = "approved-apps"
 
 

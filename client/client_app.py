@@ -55,7 +55,7 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
         site = resolve_site(context.node_config, context.run_config)
         config = dict(msg.content.config_records[protocol.CONFIG])
         policy = site_policy(site, context.state)
-        admit(policy, phase, config)  # before any data is read
+        admit(policy, phase, config, context.state)  # before any data is read
         rows = open_site(site, config, context.state)
         policy.check_rows("the training rows", len(rows.split.train))
         if phase == "evaluate":

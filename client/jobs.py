@@ -24,6 +24,7 @@ from client.source_model_store import model_digest, model_document, save_source_
 from client.split import Split, split_site
 from shared.preprocessing import TabularPreprocessor, summarize
 from shared.schema import Feature, Schema, load_schema
+from shared.settings import SettingsError
 
 # torch, scipy and scikit-learn are imported inside the phases that need them: at a deployed
 # site every message starts a fresh ClientApp process, and a training round needs only torch.
@@ -152,6 +153,28 @@ def _source(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> t
     return model, x
 
 
+def _check_training_config(config: Mapping[str, Any]) -> None:
+    """Refuse training settings no ServerApp of ours sends.
+
+    A round of no steps would still be charged to the privacy ledger; a negative count
+    breaks the schedule.
+
+    Raises
+    ------
+    SettingsError
+        Naming the setting.
+    """
+    problems = []
+    if int(config.get("local-epochs", 1)) < 1:
+        problems.append("local-epochs must be at least 1")
+    if int(config.get("batch-size", 0)) < 0:
+        problems.append("batch-size must not be negative")
+    if not float(config.get("learning-rate", 1.0)) > 0:
+        problems.append("learning-rate must be positive")
+    if problems:
+        raise SettingsError("the train message asks for " + "; ".join(problems))
+
+
 def train_job(
     rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any], run_id: int | None = None
 ) -> tuple[ArrayRecord, Metrics]:
@@ -161,6 +184,7 @@ def train_job(
     message's) names the run in the site's privacy ledger. With ``dp = "client"``: plain
     training, then the model update clipped (:func:`clip_update`).
     """
+    _check_training_config(config)
     mode = config.get("dp", "off")
     if mode == "client":
         return _train_job_client_dp(rows, arrays, config)

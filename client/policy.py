@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -25,6 +26,9 @@ from client.site import SiteSettings
 log = logging.getLogger(__name__)
 
 PHASES = ("stats", "train", "adapt", "evaluate")
+# The policy file of the site's own executor (`fedadapt site-exec --policy`), handed to the
+# ClientApp processes it starts: it wins over node_config's `policy`.
+POLICY_ENV = "FEDADAPT_SITE_POLICY"
 HASH = re.compile(r"[0-9a-f]{64}")
 
 
@@ -143,7 +147,8 @@ NO_POLICY = Policy()
 ROUND, ROUND_OFFSET = "server-round", "round-offset"
 
 
-def admit(policy: Policy, phase: str, config: Mapping[str, Any]) -> None:
+def admit(policy: Policy, phase: str, config: Mapping[str, Any],
+          state: RecordDict | None = None) -> None:
     """Refuse a request the policy does not accept, before any data is read.
 
     Parameters
@@ -154,6 +159,10 @@ def admit(policy: Policy, phase: str, config: Mapping[str, Any]) -> None:
         ``stats``, ``train``, ``adapt`` or ``evaluate``.
     config : mapping
         The message's config record (a training round's number and DP settings).
+    state : RecordDict, optional
+        The node's state in this run (``context.state``): the site counts the training
+        rounds it admitted itself, so ``max-rounds`` does not rest on the round numbers the
+        coordinator sends (every repeat's rounds count; a round that then fails counts too).
 
     Raises
     ------
@@ -163,9 +172,23 @@ def admit(policy: Policy, phase: str, config: Mapping[str, Any]) -> None:
     policy.allows(phase)
     if phase == "train":
         rnd = int(config.get(ROUND, 1)) + int(config.get(ROUND_OFFSET, 0))
-        policy.check_training(rnd, str(config.get("dp", "off")),
+        admitted = _admitted(state) + 1
+        policy.check_training(max(rnd, admitted), str(config.get("dp", "off")),
                               float(config.get("dp-epsilon", math.inf)),
                               float(config.get("dp-delta", 1.0)))
+        if state is not None:
+            state[TRAIN_COUNT] = ConfigRecord({"admitted": admitted})
+
+
+TRAIN_COUNT = "fedadapt-training-rounds"
+
+
+def _admitted(state: RecordDict | None) -> int:
+    """Training rounds this site admitted so far in this run (0 without a state)."""
+    if state is None or TRAIN_COUNT not in state.config_records:
+        return 0
+    count = state.config_records[TRAIN_COUNT].get("admitted", 0)
+    return count if isinstance(count, int) else 0
 
 
 def check_reply_rows(policy: Policy, reply: Message) -> None:
@@ -297,6 +320,14 @@ def site_policy(site: SiteSettings, state: RecordDict | None = None) -> Policy:
     PolicyError
         If the named file cannot be used.
     """
+    pinned = os.environ.get(POLICY_ENV, "").strip()
+    if pinned:
+        # The site's own executor (`fedadapt site-exec --policy`) started this process: its
+        # policy, which already approved this app, is the one applied.
+        if site.policy is not None and Path(pinned).resolve() != site.policy:
+            log.warning("node_config names policy %s; the site executor's %s is the one "
+                        "applied", site.policy, pinned)
+        return read_policy(pinned)
     if site.policy is not None:
         return read_policy(site.policy)
     if state is None or NO_POLICY_SAID not in state.config_records:

@@ -308,3 +308,20 @@ def test_report_shows_each_site_s_epsilon_per_round_and_its_stop() -> None:
     assert a["epsilon"] == 1.8 and a["stopped"] is None and len(a["per_round"]) == 2
     assert b["epsilon"] == 1.2 and b["stopped"]["round"] == 2
     assert "max-epsilon-total" in b["stopped"]["reason"]
+
+
+def test_a_round_of_no_steps_is_refused_before_it_is_charged(
+    site_rows: tuple[SiteRows, dict[str, Any]], tmp_path: Path,
+) -> None:
+    """local-epochs 0 or below is a settings error, and the privacy ledger stays untouched."""
+    rows, config = site_rows
+    rows = SiteRows(SiteSettings("hospital-a", rows.site.data_file, (), tmp_path / "site"),
+                    rows.schema, rows.data, rows.split)
+    from shared.settings import SettingsError
+
+    dp = {**config, "dp": "record", "dp-epsilon": 1.0, "dp-delta": 1e-5, "dp-clip": 1.0,
+          "num-server-rounds": 2, "repeats": 1, "server-round": 1}
+    for epochs in (0, -2):
+        with pytest.raises(SettingsError, match="local-epochs must be at least 1"):
+            train_job(rows, _arrays(config, rows), {**dp, "local-epochs": epochs}, run_id=9)
+    assert not (rows.site.site_dir / privacy.LEDGER).exists()

@@ -155,3 +155,36 @@ def test_a_feature_observed_in_too_few_rows_refuses_the_stats_reply(
     assert reply.has_error() and reply.error.code == protocol.REFUSED
     assert "feature 'systolic_bp'" in str(reply.error.reason)
     assert _stats(_context(tmp_path / "ok", "min-rows = 20\n", rows=300)).has_content()
+
+
+def test_the_site_executor_s_policy_is_the_one_the_clientapp_applies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_identity: None
+) -> None:
+    """Under `fedadapt site-exec --policy`, its policy wins over node_config's (or none)."""
+    from client.policy import POLICY_ENV
+
+    ctx = _context(tmp_path, "# node_config's policy: everything allowed\n")
+    strict = tmp_path / "exec-policy.toml"
+    strict.write_text('phases = ["train"]\n', encoding="utf-8")
+    assert _stats(ctx).has_content()
+    monkeypatch.setenv(POLICY_ENV, str(strict))
+    reply = _stats(ctx)
+    assert reply.has_error() and "policy rule 'phases'" in str(reply.error.reason)
+    del ctx.node_config["policy"]
+    assert _stats(ctx).has_error()  # no policy in node_config: the executor's still applies
+
+
+def test_max_rounds_counts_the_rounds_the_site_admitted_not_the_numbers_it_is_sent(
+    tmp_path: Path,
+) -> None:
+    """Round numbers, repeats or offsets chosen by the coordinator cannot buy more rounds."""
+    policy = read_policy(_write(tmp_path, "max-rounds = 2\n"))
+    state = RecordDict()
+    admit(policy, "train", {"server-round": 1}, state)
+    admit(policy, "train", {"server-round": 1, "repeat": 1}, state)
+    for config in ({"server-round": 1}, {"server-round": 2, "round-offset": -1},
+                   {"server-round": 1, "repeat": 2}):
+        with pytest.raises(PolicyRefusal) as err:
+            admit(policy, "train", config, state)
+        assert err.value.rule == "max-rounds"
+    admit(policy, "stats", {}, state)  # other phases are not rounds
