@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 
 from server.audit import ReplyLog
 from server.progress import Progress
-from server.sites import SiteGrid, query_sites
+from server.sites import SiteGrid, TrainingRefused, query_sites
 from server.strategy import make_strategy
 from server.summary import RepeatResult
 from shared import protocol
@@ -184,19 +184,28 @@ def train_phase(
     t = time.monotonic()
     remaining = s.num_server_rounds - done_rounds
     if remaining > 0:
-        strategy.start(
-            grid=grid, initial_arrays=start, num_rounds=remaining, timeout=s.reply_timeout,
-            train_config=ConfigRecord({
-                **rep.base, "preprocessing": json.dumps(prep.to_dict()),
-                "local-epochs": s.local_epochs, "learning-rate": s.learning_rate,
-                "batch-size": s.batch_size, "weight-decay": s.weight_decay,
-                "round-offset": done_rounds, protocol.STRATEGY: s.training,
-                # What a site needs for record-level DP: its budget over the planned rounds.
-                "dp": s.dp, "dp-epsilon": s.dp_epsilon, "dp-delta": s.dp_delta,
-                "dp-clip": s.dp_clip, "num-server-rounds": s.num_server_rounds,
-                "repeats": s.repeats,
-            }),
-        )
+        try:
+            strategy.start(
+                grid=grid, initial_arrays=start, num_rounds=remaining,
+                timeout=s.reply_timeout,
+                train_config=ConfigRecord({
+                    **rep.base, "preprocessing": json.dumps(prep.to_dict()),
+                    "local-epochs": s.local_epochs, "learning-rate": s.learning_rate,
+                    "batch-size": s.batch_size, "weight-decay": s.weight_decay,
+                    "round-offset": done_rounds, protocol.STRATEGY: s.training,
+                    # What a site needs for record-level DP: its budget over the planned
+                    # rounds.
+                    "dp": s.dp, "dp-epsilon": s.dp_epsilon, "dp-delta": s.dp_delta,
+                    "dp-clip": s.dp_clip, "num-server-rounds": s.num_server_rounds,
+                    "repeats": s.repeats,
+                }),
+            )
+        except TrainingRefused as err:
+            # Their policies will not change during the run: training ends with the model so
+            # far, and every site still fits its correction and is evaluated.
+            note = f"repeat {rep.result.repeat + 1}: training ended early: {err}"
+            log.warning("%s", note)
+            rep.result.notes.append(note)
     best = getattr(strategy, "best", None)  # Newton ends on its last accepted weights
     if isinstance(best, ArrayRecord):
         current[0] = best
@@ -209,7 +218,7 @@ def train_phase(
         name = rep.names[node]  # the grid lists only the sites that passed the stats phase
         missed = [r for r in range(rnd, s.num_server_rounds + 1)]
         rep.result.lost[name] = {"round": rnd, "reason": reason, "rounds_missed": missed}
-    if len(grid.dropped) == len(rep.names):
+    if len(grid.dropped) == len(rep.names) and not grid.refused:
         raise RunFailed("every site was lost during training")
     rep.result.source_digest = arrays_digest(current[0])
     return current[0]

@@ -21,6 +21,10 @@ class NotEnoughSites(RuntimeError):
     """Fewer sites than the configured minimum joined in time."""
 
 
+class TrainingRefused(NotEnoughSites):
+    """Too few sites accept training: the others refused it by their policies (no wait helps)."""
+
+
 def wait_for_sites(
     grid: Grid, min_sites: int, timeout: float, expected: int = 0, poll: float = 0.2
 ) -> list[int]:
@@ -201,6 +205,7 @@ class SiteGrid(Grid):
         self.first_reply_timeout = first_reply_timeout
         self.window = window
         self.dropped: dict[int, tuple[int, str]] = {}  # node -> (round, reason)
+        self.refused: set[int] = set()  # dropped by their own policy's refusal: not coming back
         self.round = 0
         self._short_since: float | None = None
 
@@ -235,6 +240,11 @@ class SiteGrid(Grid):
         if len(nodes) >= self.min_sites:
             self._short_since = None
             return nodes
+        if len(nodes) + len(set(self.dropped) - self.refused) < self.min_sites:
+            names = sorted(self._names.get(n, f"node-{n}") for n in self.refused)
+            raise TrainingRefused(
+                f"only {len(nodes)} site(s) left for training, fewer than min-sites = "
+                f"{self.min_sites}: {', '.join(names)} refused training by their policies")
         now = time.monotonic()
         if self._short_since is None:
             self._short_since = now
@@ -277,6 +287,8 @@ class SiteGrid(Grid):
             if reply is None:
                 self._drop(node, self.round, f"no reply within {timeout} s")
             elif reply.has_error():
+                if reply.error.code == protocol.REFUSED:
+                    self.refused.add(node)
                 self._drop(node, self.round, str(reply.error.reason))
         # The strategy sees the sites' own replies only; errors are accounted for above.
         return [r for r in replies.values() if not r.has_error()]

@@ -53,6 +53,7 @@ class RepeatResult:
     converged_round: int | None = None  # strategy newton: the round it converged in
     timing: dict[str, float] = field(default_factory=dict)
     source_digest: str = ""
+    notes: list[str] = field(default_factory=list)  # for people: e.g. training ended early
 
 
 # How a site's refusal reads (client.egress.error_reply): the rule, then why.
@@ -335,7 +336,7 @@ def build_report(
         "summary": summarize_methods(sites),
         "timing_s": timing,
         "source_models": [r.source_digest for r in results],
-        "notes": [],
+        "notes": list(dict.fromkeys(n for r in results for n in r.notes)),
     }
 
 

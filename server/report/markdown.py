@@ -472,6 +472,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path] | None = None
     lines += _summary_section(report, methods)
     lines += _failed_section(sites)
     lines += _refused_section(sites)
+    if report.get("notes"):
+        lines += ["## Notes", "", *[f"- {_md(n)}" for n in report["notes"]], ""]
     lines += _privacy_section(sites)
     lines += _client_dp_section(report)
     lines += _timing_section(report)
