@@ -233,11 +233,21 @@ def read_policy(path: str | Path) -> Policy:
     """
     path = Path(path).expanduser().resolve()
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PolicyError(f"{path}: policy file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise PolicyError(f"{path}: cannot read the policy file ({type(err).__name__})") from None
+    except IsADirectoryError:
+        raise PolicyError(f"{path}: is a folder: name the policy file (TOML)") from None
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise PolicyError(f"{path}: cannot read the policy file ({why})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is tolerated
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise PolicyError(f"{path}:{line}:{col}: not UTF-8 text: save the policy file as "
+                          "UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -250,18 +260,26 @@ def read_policy(path: str | Path) -> Policy:
     for key, value in raw.items():
         where = _where(path, text, key)
         if key not in known:
-            raise PolicyError(f"{where}: unknown key {key!r}; known: {', '.join(known)}")
+            what = "table" if isinstance(value, dict) else "key"
+            raise PolicyError(f"{where}: unknown {what} {key!r}; known keys: "
+                              f"{', '.join(known)}")
         values[known[key].name] = _value(where, key, value)
     policy = Policy(**values, path=path)
-    for problem in _problems(policy):
-        raise PolicyError(f"{_where(path, text, problem[0])}: {problem[1]}")
+    for key, problem in _problems(policy):
+        where = _where(path, text, key)
+        bad = re.search(r"entry '([^']*)'", problem)  # an approved-apps entry: point at it
+        if bad and bad.group(1):
+            at = next(((i, line.index(bad.group(1))) for i, line in
+                       enumerate(text.splitlines(), 1) if bad.group(1) in line), None)
+            where = f"{path}:{at[0]}:{at[1] + 1}" if at else where
+        raise PolicyError(f"{where}: {problem}")
     return policy
 
 
 def _where(path: Path, text: str, key: str) -> str:
-    """``file:line:column`` of ``key = ...`` in the file (line 1, column 1 if not found)."""
+    """``file:line:column`` of ``key = ...`` (or a ``[key]`` table) in the file, else 1:1."""
     for i, line in enumerate(text.splitlines(), 1):
-        m = re.match(rf"(\s*)[\"']?{re.escape(key)}[\"']?\s*=", line)
+        m = re.match(rf"(\s*)(\[+\s*)?[\"']?{re.escape(key)}[\"']?\s*(=|\.|\])", line)
         if m:
             return f"{path}:{i}:{len(m.group(1)) + 1}"
     return f"{path}:1:1"
@@ -280,10 +298,13 @@ def _value(where: str, key: str, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PolicyError(f"{where}: {key} must be a number")
     if key in ("min-rows", "max-rounds"):
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or not 0 <= value < 2**63:
             raise PolicyError(f"{where}: {key} must be a whole number, 0 or more")
         return value
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise PolicyError(f"{where}: {key} is too large: write inf for no limit") from None
 
 
 def _problems(policy: Policy) -> list[tuple[str, str]]:
@@ -291,8 +312,8 @@ def _problems(policy: Policy) -> list[tuple[str, str]]:
     problems = []
     bad_hashes = [h for h in policy.approved_apps if not HASH.fullmatch(h)]
     if bad_hashes:
-        problems.append(("approved-apps", "approved-apps must hold sha256 hashes (64 hex "
-                         "digits, as `fedadapt app-hash` prints them)"))
+        problems.append(("approved-apps", f"approved-apps entry {bad_hashes[0][:70]!r} is not "
+                         "a sha256 hash (64 hex digits, as `fedadapt app-hash` prints them)"))
     unknown = [p for p in policy.phases if p not in PHASES]
     if unknown:
         problems.append(("phases", f"unknown phase(s) {unknown}; phases: {', '.join(PHASES)}"))

@@ -60,7 +60,10 @@ def test_an_empty_policy_allows_everything(tmp_path: Path) -> None:
     ("require-dp = \"yes\"\n", ":1:1:", "true or false"),
     ("max-rounds = 3\nmax-epsilon-run = 0\n", ":2:1:", "must be positive"),
     ("phases = [\"train\", \"predict\"]\n", ":1:1:", "unknown phase"),
-    ("approved-apps = [\"abc\"]\n", ":1:1:", "sha256"),
+    ("approved-apps = [\"abc\"]\n", ":1:19:", "sha256"),
+    ("approved-apps = [\n  \"abc\",\n]\n", ":2:4:", "entry 'abc'"),
+    ("min-rows = 5\n[extra]\na = 1\n", ":2:1:", "unknown table 'extra'"),
+    ("max-epsilon-run = " + "9" * 320 + "\n", ":1:1:", "too large"),
     ("delta = 2\n", ":1:1:", "between 0 and 1"),
     ("min-rows = 1\nphases = = 2\n", ":2:", "invalid TOML"),
 ])
@@ -73,6 +76,18 @@ def test_a_bad_policy_is_one_clear_error_naming_file_line_and_column(
         read_policy(path)
     assert f"{path.resolve()}{where}" in str(err.value)
     assert words in str(err.value)
+
+
+def test_a_policy_file_in_another_encoding_names_where_and_what_to_do(tmp_path: Path) -> None:
+    """Latin-1 bytes are placed by line and column; a byte-order mark is tolerated."""
+    path = tmp_path / "policy.toml"
+    path.write_bytes(b"min-rows = 5\n# caf\xe9\n")
+    with pytest.raises(PolicyError, match=r"policy.toml:2:6: not UTF-8 text: save"):
+        read_policy(path)
+    path.write_bytes(b"\xef\xbb\xbfmin-rows = 5\n")
+    assert read_policy(path).min_rows == 5
+    with pytest.raises(PolicyError, match="is a folder"):
+        read_policy(tmp_path)
 
 
 def test_training_rules_are_refused_with_the_rule_named(tmp_path: Path) -> None:
