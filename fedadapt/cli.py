@@ -449,9 +449,11 @@ def audit(
         print(json.dumps({"path": str(log.path), "entries": log.entries,
                           "totals": log.totals(), "unreadable_lines": log.unreadable}))
         return
-    table = Table("time (UTC)", "run", "phase", title=str(log.path))
+    table = Table(title=str(log.path))
+    for name in ("time (UTC)", "run", "phase"):  # a run id is 19 digits: never cut or wrapped
+        table.add_column(name, no_wrap=True)
     for number in ("round", "keys", "arrays", "bytes"):
-        table.add_column(number, justify="right")
+        table.add_column(number, justify="right", no_wrap=True)
     table.add_column("status")
     for row in log.rows():
         table.add_row(*(Text(c) for c in row))
@@ -509,6 +511,12 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
         if site.get("status") != "ok" or site.get("lost"):
             say((f"{name}: {site.get('status')}", "yellow"),
                 f" ({site.get('error') or _lost_text(site)})")
+    client_dp = report.get("dp") or {}
+    if client_dp.get("epsilon") is not None:
+        say(f"differential privacy (client level): epsilon {client_dp['epsilon']:.2f} at "
+            f"delta {client_dp.get('delta')} per site, noise multiplier "
+            f"{client_dp.get('noise_multiplier', float('nan')):.2f}, clipping norm "
+            f"{client_dp.get('clipping_norm')}")
     spent = {name: site["dp"] for name, site in report.get("sites", {}).items()
              if site.get("dp")}
     if spent:
