@@ -16,6 +16,7 @@ goes instead. Before the site's settings are known there is no folder to write t
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -175,6 +176,9 @@ def append(path: Path, entry: Mapping[str, Any]) -> None:
     ensure_private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
+        # Several ClientApp processes of one site may answer at once (one per message): the
+        # lock keeps each entry one whole line, whatever the size of the write.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
