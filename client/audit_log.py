@@ -40,8 +40,6 @@ from shared.wire import wire_bytes
 log = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.jsonl"
-# The train config's round number: Flower's, counted from the round a resumed run started at.
-ROUND, ROUND_OFFSET = "server-round", "round-offset"
 
 
 class AuditLogError(SiteDirError):
@@ -278,11 +276,7 @@ def arrays_count(entry: Mapping[str, Any]) -> int:
 
 def _round(msg: Message) -> int | None:
     config = msg.content.config_records.get(protocol.CONFIG) if msg.has_content() else None
-    rnd = config.get(ROUND) if config is not None else None
-    if not isinstance(rnd, int) or isinstance(rnd, bool):
-        return None
-    offset = config.get(ROUND_OFFSET, 0) if config is not None else 0
-    return rnd + (offset if isinstance(offset, int) else 0)
+    return protocol.absolute_round(config)
 
 
 def _number(value: Any) -> Any:

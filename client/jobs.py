@@ -22,6 +22,7 @@ from client.data import SiteData, read_site_data
 from client.site import SchemaMismatch, SiteSettings
 from client.source_model_store import model_digest, model_document, save_source_model
 from client.split import Split, split_site
+from shared import protocol
 from shared.preprocessing import TabularPreprocessor, summarize
 from shared.schema import Feature, Schema, load_schema
 from shared.settings import SettingsError
@@ -203,8 +204,7 @@ def train_job(
         weight_decay=float(config["weight-decay"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         # The round number, counted over a resumed run too (the same seed as without a break).
-        seed=int(config["split-seed"]) * 1000 + int(config.get("server-round", 0))
-        + int(config.get("round-offset", 0)),
+        seed=int(config["split-seed"]) * 1000 + (protocol.absolute_round(config) or 0),
     )
     metrics: Metrics = {
         "num-examples": float(len(train)), "train-loss": train_loss, "global-loss": global_loss,

@@ -22,6 +22,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.site import SiteSettings
+from shared.protocol import absolute_round
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,6 @@ class Policy:
 
 NO_POLICY = Policy()
 
-# The train config keys a site reads to check a training round (server/phases.py sets them;
-# "server-round" is Flower's, counted from the round the run resumed at, "round-offset").
-ROUND, ROUND_OFFSET = "server-round", "round-offset"
 
 
 def admit(policy: Policy, phase: str, config: Mapping[str, Any],
@@ -171,7 +169,8 @@ def admit(policy: Policy, phase: str, config: Mapping[str, Any],
     """
     policy.allows(phase)
     if phase == "train":
-        rnd = int(config.get(ROUND, 1)) + int(config.get(ROUND_OFFSET, 0))
+        said = absolute_round(config)
+        rnd = said if said is not None else 1
         admitted = _admitted(state) + 1
         policy.check_training(max(rnd, admitted), str(config.get("dp", "off")),
                               float(config.get("dp-epsilon", math.inf)),

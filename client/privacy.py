@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.files import write_atomically
+from shared.protocol import absolute_round
 from shared.settings import SettingsError
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ def round_words(key: str) -> str:
 
 def round_key(config: Mapping[str, Any]) -> str:
     """The round's name in the ledger: repeat and absolute round (a resumed run counts on)."""
-    rnd = int(config.get("server-round", 0)) + int(config.get("round-offset", 0))
+    rnd = absolute_round(config) or 0
     return f"{int(config.get('repeat', 0))}/{rnd}"
 
 

@@ -273,10 +273,7 @@ class SiteGrid(Grid):
         messages = list(messages)
         if messages and messages[0].metadata.message_type == protocol.TRAIN:
             config = messages[0].content.config_records.get(protocol.CONFIG)
-            rnd = config.get("server-round", 0) if config is not None else 0
-            offset = config.get("round-offset", 0) if config is not None else 0
-            self.round = (rnd if isinstance(rnd, int) else 0) + (
-                offset if isinstance(offset, int) else 0)
+            self.round = protocol.absolute_round(config) or 0
         replies = send_and_receive(self._grid, messages, timeout, audit=self._audit,
                                    label={"round": self.round},
                                    first_reply_timeout=self.first_reply_timeout,

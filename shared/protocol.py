@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import MessageType
 
@@ -42,6 +44,20 @@ DP_METRICS = ("dp-epsilon", "dp-delta")
 # client-side fixed clipping adds (std noise-multiplier * clip / sites) assumes.
 UNIT_WEIGHT = "unit-weight"
 CLIENT_DP_METRICS = (UNIT_WEIGHT,)
+# A train config's round: Flower's "server-round", counted from the round a resumed run started
+# at, plus fedadapt's "round-offset" (the rounds done before the break).
+SERVER_ROUND, ROUND_OFFSET = "server-round", "round-offset"
+
+
+def absolute_round(config: Mapping[str, Any] | None) -> int | None:
+    """The training round a train config asks for, counted over a resumed run; None if none."""
+    rnd = config.get(SERVER_ROUND) if config is not None else None
+    if not isinstance(rnd, int) or isinstance(rnd, bool):
+        return None
+    offset = config.get(ROUND_OFFSET, 0) if config is not None else 0
+    return rnd + (offset if isinstance(offset, int) and not isinstance(offset, bool) else 0)
+
+
 # The train config key telling a site which kind of training round it is asked for.
 STRATEGY = "strategy"
 STATS_EXTRA = (NUM_EXAMPLES, "n-test", "label-negative", "label-positive")
