@@ -431,32 +431,63 @@ def check_data(
 def audit(
     site_dir: Annotated[Path, typer.Option(help="The site's private folder (site-dir).")],
     json_out: Annotated[bool, typer.Option(
-        "--json", help="Print the entries and totals as one JSON object.")] = False,
+        "--json", help="Print the entries, totals and chain check as one JSON object.")] = False,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Check the log's hash chain: one line, exit 1 if it is broken.")] = False,
+    head: Annotated[str | None, typer.Option(
+        "--head", metavar="HASH", help="A head hash kept earlier: check that it is still in the "
+        "log (entries were removed or rewritten if not). Implies --verify.")] = None,
 ) -> None:
-    """Show what a site sent: every reply in its audit log, and the bytes sent per run."""
+    """Show what a site sent: every reply in its audit log, the bytes per run, the chain's head."""
     import json
+    import re
 
     from rich.table import Table
 
-    from client.audit_log import audit_path, read_audit
+    from client.audit_log import audit_path, read_audit, verify_chain
 
+    if head is not None:
+        head = head.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", head):
+            fail(f"--head {head}: not a sha256 hash (64 hexadecimal digits)")
+        verify = True
     try:
         log = read_audit(site_dir)
+        chain = verify_chain(log.path, head)
     except FileNotFoundError:
         fail(f"{audit_path(site_dir)} not found: --site-dir names a site's folder, which has "
              "an audit log once the site has answered a message")
     if json_out:
         print(json.dumps({"path": str(log.path), "entries": log.entries,
-                          "totals": log.totals(), "unreadable_lines": log.unreadable}))
+                          "totals": log.totals(), "unreadable_lines": log.unreadable,
+                          "head": chain.head, "chain": chain.as_dict()}))
+        if verify and not (chain.ok and chain.kept_head_found is not False):
+            raise typer.Exit(1)
         return
+    broken = f"{chain.path}:{chain.line}: audit chain broken: {chain.reason}"
+    if verify:
+        if not chain.ok:
+            say(broken, err=True)
+            raise typer.Exit(1)
+        if chain.kept_head_found is False:
+            say(f"audit log {chain.path}: the kept head {head} is not in the log: entries were "
+                "removed or rewritten", err=True)
+            raise typer.Exit(1)
+        kept = "" if head is None else f"; kept head found at line {chain.kept_head_line}"
+        say(f"audit log {chain.path}: {chain.entries} entries, chain intact; head sha256 "
+            f"{chain.head}{kept}")
+        return
+    if not chain.ok:
+        say(("warning: ", "yellow"), broken)
     table = Table(title=str(log.path))
-    for name in ("time (UTC)", "run", "phase"):  # a run id is 19 digits: never cut or wrapped
+    for name in ("time (UTC)", "run"):  # a run id is 19 digits: never cut or wrapped
         table.add_column(name, no_wrap=True)
+    table.add_column("phase", overflow="fold")  # an event's name wraps after its hyphens
     for number in ("round", "keys", "arrays", "bytes"):
         table.add_column(number, justify="right", no_wrap=True)
     table.add_column("status")
-    for row in log.rows():
-        table.add_row(*(Text(c) for c in row))
+    for time, run, phase, *rest in log.rows():
+        table.add_row(*(Text(c) for c in (time, run, phase.replace("-", "-\n"), *rest)))
     console.print(table)
     for run, t in log.totals().items():
         say(f"run {run}: {t['replies']} repl{'y' if t['replies'] == 1 else 'ies'}, "
@@ -465,6 +496,9 @@ def audit(
     if log.unreadable:
         say(("warning: ", "yellow"), f"line(s) {', '.join(map(str, log.unreadable))} of "
             f"{log.path} are not JSON objects (a write cut short?)")
+    say(f"head sha256 {chain.head}")
+    explain("Keep the head elsewhere (the site's change log): --verify --head HASH later says "
+            "whether entries were removed or rewritten since.")
 
 
 @app.command()

@@ -75,7 +75,8 @@ def ensure_private_dir(path: str | Path) -> Path:
     missing: list[Path] = []
     current = path
     while not current.is_dir():
-        if current.exists() or current.is_symlink():
+        # Another process may create the folder between the two checks: look again.
+        if (current.exists() or current.is_symlink()) and not current.is_dir():
             raise NotADirectoryError(
                 f"{current} exists and is not a directory, so {path} cannot be created "
                 "there; move that file away or choose another folder"
