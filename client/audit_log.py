@@ -78,7 +78,8 @@ def audit_path(site_dir: str | Path) -> Path:
     return Path(site_dir) / AUDIT_FILE
 
 
-def audited(msg: Message, reply: Message, phase: str, site: SiteSettings | None) -> Message:
+def audited(msg: Message, reply: Message, phase: str, site: SiteSettings | None,
+            repeat: bool = False) -> Message:
     """Record ``reply`` in the site's audit log; return it, or an error reply if that failed.
 
     Parameters
@@ -92,6 +93,8 @@ def audited(msg: Message, reply: Message, phase: str, site: SiteSettings | None)
     site : SiteSettings or None
         The site, once its settings were resolved; ``None`` before that (nothing to write
         to: the reply is sent unaudited and a warning says so, without any value).
+    repeat : bool
+        The reply repeats a fixed answer sent before (``client.answers``); the entry says so.
 
     Returns
     -------
@@ -106,14 +109,17 @@ def audited(msg: Message, reply: Message, phase: str, site: SiteSettings | None)
         return reply
     path = audit_path(site.site_dir)
     try:
-        append(path, describe(msg, reply, phase))
+        entry = describe(msg, reply, phase)
+        if repeat:
+            entry["repeat"] = True
+        append(path, entry)
     except Exception as err:  # never send what could not be recorded
         why = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
         if isinstance(err, NotADirectoryError | FileExistsError) and not err.strerror:
             why = "a file is in the way of the folder"  # shared.files.ensure_private_dir
         failure = AuditLogError(f"cannot write the audit log {path} ({why}); the {phase} reply "
                                 "was not sent", path)
-        return error_reply(msg, failure, phase, site.name)
+        return error_reply(msg, failure, phase, site)
     return reply
 
 

@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from threadpoolctl import threadpool_limits
 
 from client.audit_log import audited
+from client.contract import ModelRequest, Request, TrainRequest, parse
 from client.egress import build_reply, error_reply
 from client.jobs import (
     SiteRows,
@@ -34,7 +35,7 @@ logs.configure()
 
 app = ClientApp()
 
-Work = Callable[[Message, SiteRows, dict[str, Any]], Message]
+Work = Callable[[Message, SiteRows, Any], tuple[Message, bool]]
 
 
 @functools.cache
@@ -42,7 +43,8 @@ def _one_thread(modules: int) -> None:
     """One BLAS/OpenMP thread for the libraries loaded (not per message: 6 ms each).
 
     These models are tiny, and several sites (or other programs) sharing a machine otherwise
-    oversubscribe its cores (measured: a correction fit 4x slower with two sites on two cores).
+    oversubscribe its cores (a correction fit is several times slower with two sites on two
+    cores).
     """
     threadpool_limits(limits=1)
 
@@ -51,52 +53,54 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
     """Run one phase's work at this site; any failure becomes a safe error reply."""
     t0 = time.perf_counter()
     site = None
+    repeated = False
     try:
         site = resolve_site(context.node_config, context.run_config)
-        config = dict(msg.content.config_records[protocol.CONFIG])
         policy = site_policy(site, context.state)
-        admit(policy, phase, config, context.state)  # before any data is read
-        rows = open_site(site, config, context.state)
+        request = parse(phase, msg, site, policy.input_bound)  # every value checked, once
+        admit(policy, phase, request, site)  # before any data is read
+        rows = open_site(site, request, policy, context.state)
         policy.check_rows("the training rows", len(rows.split.train))
         if phase == "evaluate":
             policy.check_rows("the held-out rows", len(rows.split.test))
         _one_thread(len(sys.modules))  # again only when modules were imported since
-        reply = work(msg, rows, config)
+        reply, repeated = work(msg, rows, request)
         check_reply_rows(policy, reply)  # e.g. a feature's sum over too few observed values
     except Exception as err:  # every failure must still produce a reply without cell values
-        reply = error_reply(msg, err, phase, site.name if site is not None else "")
+        reply = error_reply(msg, err, phase, site)
     else:
         log.info("%s done in %.2f s (process up %.2f s)", phase, time.perf_counter() - t0,
                  time.perf_counter() - _STARTED)
     # The one way out: every reply (result, error, refusal) is in the site's audit log first.
-    return audited(msg, reply, phase, site)
+    return audited(msg, reply, phase, site, repeat=repeated)
 
 
-def _stats(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
+def _stats(msg: Message, rows: SiteRows, request: Request) -> tuple[Message, bool]:
+    metrics, repeated = stats_job(rows)
     return build_reply(
-        msg, shared_features=rows.schema.shared_features, metrics=stats_job(rows),
+        msg, shared_features=rows.schema.shared_features, metrics=metrics,
         site={protocol.SITE_NAME: rows.site.name, protocol.SCHEMA_DIGEST: rows.schema.digest()},
-    )
+    ), repeated
 
 
-def _train(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
-    job = newton_job if config.get(protocol.STRATEGY) == "newton" else train_job
-    arrays, metrics = job(rows, msg.content.array_records[protocol.ARRAYS], config,
-                          run_id=msg.metadata.run_id)
+def _train(msg: Message, rows: SiteRows, request: TrainRequest) -> tuple[Message, bool]:
+    job = newton_job if request.newton else train_job
+    arrays, metrics = job(rows, request)
     return build_reply(msg, shared_features=rows.schema.shared_features, metrics=metrics,
-                       arrays=arrays)
+                       arrays=arrays), False
 
 
-def _corrections(job: Callable[..., tuple[dict[str, Any], dict[str, str]]]) -> Work:
+def _corrections(job: Callable[[SiteRows, ModelRequest], tuple[dict[str, Any], dict[str, str]]]
+                 ) -> Work:
     """The adapt and evaluate replies: aggregate scores, the site's model in words."""
 
-    def work(msg: Message, rows: SiteRows, config: dict[str, Any]) -> Message:
-        metrics, texts = job(rows, msg.content.array_records[protocol.ARRAYS], config)
+    def work(msg: Message, rows: SiteRows, request: ModelRequest) -> tuple[Message, bool]:
+        metrics, texts = job(rows, request)
         return build_reply(
             msg, shared_features=rows.schema.shared_features, metrics=metrics,
             site={protocol.SITE_NAME: rows.site.name,
                   protocol.SITE_FEATURES: ",".join(rows.site.site_features), **texts},
-        )
+        ), False
 
     return work
 

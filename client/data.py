@@ -7,6 +7,7 @@ messages may travel in logs and error replies, and a cell value is patient data.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -125,6 +126,11 @@ class SiteData:
         Rows skipped because the label was missing.
     warnings : list of str
         Problems that did not stop the file from being used.
+    digest : str
+        sha256 of the file's bytes: the version of the data a fixed answer belongs to.
+    row_digests : list of bytes
+        sha256 of each usable row's cells (blanks around them ignored): the row's identity,
+        from which a deployed site's keyed split assigns it (``client.split``).
     """
 
     path: Path
@@ -137,6 +143,8 @@ class SiteData:
     site_columns: tuple[str, ...]
     rows_without_label: int = 0
     warnings: list[str] = field(default_factory=list)
+    digest: str = ""
+    row_digests: list[bytes] = field(default_factory=list)
 
     @property
     def n_rows(self) -> int:
@@ -220,6 +228,7 @@ def read_site_data(
     marked: dict[str, list[bool]] = {f.name: [] for f in used}
     labels: list[int] = []
     lines: list[int] = []
+    row_digests: list[bytes] = []
     no_label = 0
     label_pos = position.get(schema.label.column, -1)
     n_cols = len(columns)
@@ -255,6 +264,8 @@ def read_site_data(
             continue
         labels.append(label)
         lines.append(line)
+        row_digests.append(hashlib.sha256(
+            "\x1f".join(_strip(cell) for cell in record).encode("utf-8")).digest())
         for f in used:
             value, was_marked = parsed.get(f.name, (math.nan, True))
             values[f.name].append(value)
@@ -287,6 +298,8 @@ def read_site_data(
         site_columns=tuple(f.name for f in used_site),
         rows_without_label=no_label,
         warnings=warnings,
+        digest=hashlib.sha256(raw).hexdigest(),
+        row_digests=row_digests,
     )
     if no_label:
         data.warnings.append(f"{name}: {no_label} row(s) without a label were skipped")

@@ -4,23 +4,27 @@ A reply may carry only the source model's arrays (train phase, same names and sh
 weights the server sent; in a Newton round, the gradient and Hessian sums over the training
 rows, whose shapes follow from the model's), aggregate numbers under the keys of
 ``shared.protocol`` and, in the ``site`` record, the site's name and fixed status strings.
-Anything else is refused before it is sent. Errors go out as Flower error replies whose text is
-known to carry no cell value.
+Anything else is refused before it is sent, and so is any number that is not finite (a metric
+that is undefined, such as the AUC of one class, is left out of the reply instead). Errors go
+out as Flower error replies whose text is known to carry no cell value and no path of the site.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import traceback
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from client.correction_store import CorrectionRefused, SiteDirError
 from client.data import DataError
 from client.policy import PolicyError, PolicyRefusal
-from client.site import SchemaMismatch, SiteConfigError
+from client.site import SchemaMismatch, SiteConfigError, SiteSettings
 from shared import protocol
 from shared.newton import sum_shapes
 from shared.preprocessing import summary_keys
@@ -43,7 +47,7 @@ class EgressViolation(RuntimeError):
 SAFE_ERRORS: tuple[type[BaseException], ...] = (
     DataError, SchemaError, SiteConfigError, SettingsError, CorrectionRefused, SiteDirError,
     EgressViolation, PolicyError, PolicyRefusal,
-)
+)  # client.contract.ContractError is a SettingsError
 
 
 def allowed_metric_keys(
@@ -90,8 +94,8 @@ def build_reply(
     shared_features : sequence of Feature
         The schema's shared features (they name the stats phase's summary keys).
     metrics : mapping
-        Aggregate numbers under allowed keys; finite, except AUC-like keys, which may be NaN
-        where undefined.
+        Aggregate numbers under allowed keys, finite; an AUC-like key may be NaN where it is
+        undefined, and is then left out of the reply.
     arrays : ArrayRecord, optional
         The locally trained source model weights (train phase only).
     site : mapping, optional
@@ -114,9 +118,9 @@ def build_reply(
     extra = sorted(set(metrics) - allowed)
     if extra:
         raise EgressViolation(f"reply to {mtype} carries keys that are not allowed: {extra}")
-    for key, value in metrics.items():
-        _check_number(key, value)
-    content = RecordDict({protocol.METRICS: MetricRecord(dict(metrics))})
+    sent: dict[str, Any] = {key: value for key, value in metrics.items()
+                            if _defined(key, value)}
+    content = RecordDict({protocol.METRICS: MetricRecord(sent)})
     if arrays is not None:
         if mtype != protocol.TRAIN:
             raise EgressViolation(f"a reply to {mtype} may not carry arrays")
@@ -138,12 +142,14 @@ def build_reply(
 SITE_PREFIX = "[site {}] "
 
 
-def error_reply(msg: Message, err: BaseException, phase: str, site: str = "") -> Message:
-    """An error reply whose text carries no cell value.
+def error_reply(msg: Message, err: BaseException, phase: str,
+                site: SiteSettings | str | None = None) -> Message:
+    """An error reply whose text carries no cell value and no path of the site.
 
     fedadapt's own errors (data, schema, settings, stored correction) are sent with their
-    message; any other exception is sent by type only, and logged at the site with its stack
-    frames but without its message (which could quote a value). The reason starts with
+    message, the site's paths replaced by names (``<data-file>:12:3``: the site's log has
+    them whole); any other exception is sent by type only, and logged at the site with its
+    stack frames but without its message (which could quote a value). The reason starts with
     ``[site NAME]`` when the site knows its name, so the coordinator can say who failed.
     """
     if isinstance(err, PolicyRefusal):
@@ -157,8 +163,10 @@ def error_reply(msg: Message, err: BaseException, phase: str, site: str = "") ->
         log.error("%s failed with %s (message withheld: it may quote data)\n%s", phase,
                   type(err).__name__, frames)
         reason = f"{type(err).__name__} at the site during {phase}; see the site's log"
-    if site:
-        reason = SITE_PREFIX.format(site) + reason
+    reason = scrub_paths(reason, site if isinstance(site, SiteSettings) else None)
+    name = site.name if isinstance(site, SiteSettings) else site
+    if name:
+        reason = SITE_PREFIX.format(name) + reason
     code = (protocol.REFUSED if isinstance(err, PolicyRefusal)
             else protocol.DATA_ERROR if isinstance(err, DataError)
             else protocol.SCHEMA_MISMATCH if isinstance(err, SchemaMismatch | SchemaError)
@@ -166,13 +174,42 @@ def error_reply(msg: Message, err: BaseException, phase: str, site: str = "") ->
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def _check_number(key: str, value: MetricValue) -> None:
+def _defined(key: str, value: MetricValue) -> bool:
+    """Whether a metric is sent: finite numbers are; an undefined AUC-like one is left out.
+
+    Raises
+    ------
+    EgressViolation
+        For a value that is not a number, or not finite where it cannot be undefined.
+    """
     values = value if isinstance(value, list) else [value]
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise EgressViolation(f"metric {key!r} is not a number")
-        if not math.isfinite(v) and not (math.isnan(v) and _may_be_undefined(key)):
-            raise EgressViolation(f"metric {key!r} is not finite")
+    if all(math.isfinite(v) for v in values):
+        return True
+    if _may_be_undefined(key) and not any(math.isinf(v) for v in values):
+        return False
+    raise EgressViolation(f"metric {key!r} is not finite: refused")
+
+
+# An absolute path (a site's file or folder), wherever it stands in a text.
+_PATH = re.compile(r"(?<![\w.~>])/[^\s:'\"()\[\],;]+")
+
+
+def scrub_paths(text: str, site: SiteSettings | None = None) -> str:
+    """``text`` with the site's paths replaced by names: nothing local leaves the site.
+
+    The site's data file, folder and policy become ``<data-file>``, ``<site-dir>`` and
+    ``<policy>``; any other absolute path ``<site path>``.
+    """
+    if site is not None:
+        known = {str(site.data_file): "<data-file>", str(site.site_dir): "<site-dir>"}
+        if site.policy is not None:
+            known[str(site.policy)] = "<policy>"
+        for path in sorted(known, key=len, reverse=True):
+            text = text.replace(path, known[path])
+    return _PATH.sub("<site path>", text)
 
 
 def _may_be_undefined(key: str) -> bool:
@@ -190,3 +227,7 @@ def _check_arrays(arrays: ArrayRecord, sent: ArrayRecord | None, newton: bool) -
     if got != want:
         what = "a Newton round's sums" if newton else "the source model's"
         raise EgressViolation(f"reply arrays {got} differ from {what} {want}: refused")
+    for name in arrays:
+        if not np.isfinite(arrays[name].numpy()).all():
+            raise EgressViolation(f"reply array {name!r} holds a number that is not finite: "
+                                  "refused")

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
-from collections.abc import Mapping
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from client.contract import (
+    ContractError,
+    ModelRequest,
+    Request,
+    SourceModel,
+    SplitPlan,
+    TrainRequest,
+)
 from client.correction_store import (
     CorrectionRefused,
     check_writable,
@@ -19,13 +30,13 @@ from client.correction_store import (
     save_correction,
 )
 from client.data import SiteData, read_site_data
-from client.site import SchemaMismatch, SiteSettings
+from client.policy import Policy
+from client.site import SiteSettings
 from client.source_model_store import model_digest, model_document, save_source_model
-from client.split import Split, split_site
+from client.split import Split, keyed_split, split_key, split_site
 from shared import protocol
-from shared.preprocessing import TabularPreprocessor, summarize
-from shared.schema import Feature, Schema, load_schema
-from shared.settings import SettingsError
+from shared.preprocessing import summarize
+from shared.schema import Feature, Schema
 
 # torch, scipy and scikit-learn are imported inside the phases that need them: at a deployed
 # site every message starts a fresh ClientApp process, and a training round needs only torch.
@@ -43,6 +54,8 @@ class SiteRows:
     schema: Schema
     data: SiteData
     split: Split
+    policy: Policy
+    seed: int  # of the site's own cross-validation, bootstrap and mini-batch order
     site_feature_defs: list[Feature] = field(default_factory=list)
 
     @property
@@ -55,189 +68,178 @@ class SiteRows:
         """The site-only feature columns of all rows (possibly none)."""
         return self.data.features[list(self.data.site_columns)]
 
+    @property
+    def private(self) -> bool:
+        """Whether the site answers only under differential privacy (its policy's rule)."""
+        return self.policy.require_dp
+
 
 SPLIT_STATE = "fedadapt-split"
 
 
-def open_site(
-    site: SiteSettings, config: Mapping[str, Any], state: RecordDict | None = None
-) -> SiteRows:
-    """Read, validate and split the site's file as the server's config says.
+def open_site(site: SiteSettings, request: Request, policy: Policy,
+              state: RecordDict | None = None) -> SiteRows:
+    """Read, validate and split the site's file.
 
-    The split is kept in ``state`` (Flower's per-node ``context.state``, which stays at the
-    site) and reused while the file and the split settings are unchanged.
+    A deployed site splits with its own secret key and held-out share
+    (``client.split.keyed_split``); a simulated one as the run says. The split is kept in
+    ``state`` (Flower's per-node ``context.state``, which stays at the site) and reused while
+    the file and the split are unchanged.
 
     Raises
     ------
-    SchemaMismatch
-        If the site's schema differs from the server's.
     DataError
         If the file does not fit the schema.
     """
-    schema = load_schema(site.schema or str(config["schema"]))
-    if schema.digest() != config["schema-digest"]:
-        raise SchemaMismatch(
-            f"the site's schema {schema.name!r} (version {schema.version}) differs from the "
-            "server's: use the same schema file on both sides"
-        )
-    data = read_site_data(site.data_file, schema, site.site_features)
-    split = _cached_split(data, config, state)
+    data = read_site_data(site.data_file, request.schema, site.site_features)
+    plan = request.split
+    key = split_key(site.site_dir) if plan.keyed else b""
+    split = _cached_split(data, plan, key, state)
+    if plan.keyed:
+        seed = int.from_bytes(hmac.new(key, b"seed:" + data.digest.encode(),
+                                       hashlib.sha256).digest()[:4], "big")
+    else:
+        seed = int(plan.seed or 0)
     log.info("site %s: %d rows, %d train, %d held-out", site.name, data.n_rows,
              len(split.train), len(split.test))
-    return SiteRows(site, schema, data, split, list(schema.resolve_site_features(
-        list(site.site_features))))
+    return SiteRows(site, request.schema, data, split, policy, seed, list(
+        request.schema.resolve_site_features(list(site.site_features))))
 
 
-def _cached_split(
-    data: SiteData, config: Mapping[str, Any], state: RecordDict | None
-) -> Split:
-    stat = data.path.stat()
-    key = "|".join(str(v) for v in (
-        config["protocol"], config["split-seed"], config["test-fraction"], data.path,
-        stat.st_size, stat.st_mtime_ns, data.n_rows,
+def _cached_split(data: SiteData, plan: SplitPlan, key: bytes, state: RecordDict | None
+                  ) -> Split:
+    """The split of this version of the file under ``plan``, from the node's state if kept."""
+    ident = "|".join(str(v) for v in (
+        plan.keyed, plan.protocol, plan.seed, plan.test_fraction, data.digest,
+        hashlib.sha256(key).hexdigest()[:16] if key else "", data.n_rows,
     ))
     cached = state.config_records.get(SPLIT_STATE) if state is not None else None
-    if cached is not None and cached.get("key") == key:
+    if cached is not None and cached.get("key") == ident:
         log.debug("split reused from the node's state")
         return Split(train=np.asarray(cached["train"], dtype=np.int64),
                      test=np.asarray(cached["test"], dtype=np.int64))
     log.info("split computed (%s)", "state had another split" if cached is not None else
              "no split in the node's state yet")
-    split = split_site(
-        data,
-        protocol=str(config["protocol"]),
-        seed=int(config["split-seed"]),
-        test_fraction=float(config["test-fraction"]),
-    )
+    if plan.keyed:
+        split = keyed_split(data, key, plan.test_fraction, plan.protocol)
+    else:
+        split = split_site(data, protocol=plan.protocol, seed=int(plan.seed or 0),
+                           test_fraction=plan.test_fraction)
     if state is not None:
         state[SPLIT_STATE] = ConfigRecord({
-            "key": key, "train": [int(i) for i in split.train],
+            "key": ident, "train": [int(i) for i in split.train],
             "test": [int(i) for i in split.test],
         })
     return split
 
 
-def stats_job(rows: SiteRows) -> Metrics:
-    """Phase 1: counts and sums of the shared features over the training rows."""
+def stats_job(rows: SiteRows) -> tuple[Metrics, bool]:
+    """Phase 1: counts and sums of the shared features over the training rows.
+
+    A fixed answer (``client.answers``): computed once per version of the data, split,
+    schema and privacy setting, then repeated verbatim. Under the policy's ``require-dp``
+    it is released once with Gaussian noise, charged to the site's ledger
+    (``client.privacy.release_summary``).
+
+    Returns
+    -------
+    dict, bool
+        The summary, and whether it repeats an answer sent before.
+    """
     check_writable(rows.site.site_dir)  # fail before training, not after it
+    return _stats_answer(rows)
+
+
+def _stats_answer(rows: SiteRows) -> tuple[Metrics, bool]:
+    from client.answers import answer_key, fixed_answer
+
     train = rows.split.train
-    summary: Metrics = dict(summarize(rows.shared.iloc[train], rows.schema.shared_features))
-    y = rows.data.label[train]
-    summary.update({
-        "num-examples": float(len(train)),
-        "n-test": float(len(rows.split.test)),
-        "label-negative": float(len(y) - y.sum()),
-        "label-positive": float(y.sum()),
-    })
-    return summary
+    p = rows.policy
+    key = answer_key(
+        phase="stats", data=rows.data.digest, schema=rows.schema.digest(),
+        train=hashlib.sha256(np.asarray(train, dtype=np.int64).tobytes()).hexdigest(),
+        test=len(rows.split.test), private=p.require_dp,
+        epsilon=p.stats_epsilon if p.require_dp else None,
+        delta=p.delta if p.require_dp else None)
+
+    def compute() -> dict[str, Any]:
+        y = rows.data.label[train]
+        summary: dict[str, Any] = dict(summarize(rows.shared.iloc[train],
+                                                 rows.schema.shared_features))
+        exact = {"label-negative": [float(len(y) - y.sum())],
+                 "label-positive": [float(y.sum())], "n-test": [float(len(rows.split.test))]}
+        if not p.require_dp:
+            return {**summary, "num-examples": float(len(train)),
+                    **{k: v[0] for k, v in exact.items()}}
+        import secrets
+
+        from client import privacy
+
+        released, sigma = privacy.release_summary(
+            {**summary, **exact}, rows.schema.shared_features, p.stats_epsilon, p.delta,
+            np.random.default_rng(secrets.randbits(128)))
+        privacy.charge_release(rows.site.site_dir, rows.site.name, key, p.stats_epsilon,
+                               p.delta, p.max_epsilon_total, "the stats")
+        log.info("site %s: stats released with noise (multiplier %.2f, epsilon %g)",
+                 rows.site.name, sigma, p.stats_epsilon)
+        return {k: (v if k in summary else v[0]) for k, v in released.items()}
+
+    answer, repeated = fixed_answer(rows.site.site_dir, key, compute)
+    return dict(answer), repeated
 
 
-def _prep(rows: SiteRows, config: Mapping[str, Any]) -> TabularPreprocessor:
-    return TabularPreprocessor.from_dict(
-        json.loads(str(config["preprocessing"])), list(rows.schema.shared_features)
-    )
+def examples(rows: SiteRows) -> float:
+    """The training row count a reply may carry: the released (noisy) one under DP."""
+    if rows.private:
+        released = _stats_answer(rows)[0]["num-examples"]
+        return float(released[0] if isinstance(released, list) else released)
+    return float(len(rows.split.train))
 
 
-def _source(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> tuple[
-    Any, np.ndarray
-]:
-    """The source model loaded with ``arrays`` and the shared inputs of every row."""
+def _source(rows: SiteRows, source: SourceModel) -> tuple[Any, np.ndarray]:
+    """The source model loaded with the message's weights and every row's bounded inputs."""
     import torch
 
     from shared.source_model import build_model, load_arrays
 
     torch.set_num_threads(1)  # see client.client_app: tiny models, shared cores
 
-    x = _prep(rows, config).transform(rows.shared)
-    model = build_model(str(config["model"]), x.shape[1], int(config["hidden-units"]))
-    load_arrays(model, arrays)
+    x = source.inputs(rows.schema, rows.shared)
+    model = build_model(source.kind, x.shape[1], source.hidden_units)
+    load_arrays(model, source.arrays)
     return model, x
 
 
-def _check_training_config(config: Mapping[str, Any]) -> None:
-    """Refuse training settings no ServerApp of ours sends.
-
-    A round of no steps would still be charged to the privacy ledger; a negative count
-    breaks the schedule.
-
-    Raises
-    ------
-    SettingsError
-        Naming the setting.
-    """
-    problems = []
-    if int(config.get("local-epochs", 1)) < 1:
-        problems.append("local-epochs must be at least 1")
-    if int(config.get("batch-size", 0)) < 0:
-        problems.append("batch-size must not be negative")
-    if not float(config.get("learning-rate", 1.0)) > 0:
-        problems.append("learning-rate must be positive")
-    if problems:
-        raise SettingsError("the train message asks for " + "; ".join(problems))
-
-
-def train_job(
-    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any], run_id: int | None = None
-) -> tuple[ArrayRecord, Metrics]:
+def train_job(rows: SiteRows, request: TrainRequest) -> tuple[ArrayRecord, Metrics]:
     """Phase 2, one round: train the source model on the training rows.
 
-    With ``dp = "record"`` in the config: DP-SGD (:func:`_train_job_dp`); ``run_id`` (the
-    message's) names the run in the site's privacy ledger. With ``dp = "client"``: plain
-    training, then the model update clipped (:func:`clip_update`).
+    With ``dp = "record"``: DP-SGD (:func:`_train_job_dp`), charged to the ledger under the
+    message's run id. With ``dp = "client"``: plain training, then the model update clipped
+    (:func:`clip_update`).
     """
-    _check_training_config(config)
-    mode = config.get("dp", "off")
-    if mode == "client":
-        return _train_job_client_dp(rows, arrays, config)
-    if mode != "off":
-        return _train_job_dp(rows, arrays, config, _run_id(config, run_id))
+    dp = request.dp
+    if dp is not None and dp.mode == "record":
+        return _train_job_dp(rows, request)
     from client.train import train_local
     from shared.source_model import to_arrays
 
-    model, x = _source(rows, arrays, config)
+    model, x = _source(rows, request.source)
     train = rows.split.train
     global_loss, train_loss = train_local(
-        model, x[train], rows.data.label[train],
-        epochs=int(config["local-epochs"]),
-        lr=float(config["learning-rate"]),
-        batch_size=int(config["batch-size"]),
-        weight_decay=float(config["weight-decay"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        model, x[train], rows.data.label[train], epochs=request.local_epochs,
+        lr=request.learning_rate, batch_size=request.batch_size,
+        weight_decay=request.weight_decay, proximal_mu=request.proximal_mu,
         # The round number, counted over a resumed run too (the same seed as without a break).
-        seed=int(config["split-seed"]) * 1000 + (protocol.absolute_round(config) or 0),
+        seed=rows.seed * 1000 + (request.round or 0),
     )
     metrics: Metrics = {
-        "num-examples": float(len(train)), "train-loss": train_loss, "global-loss": global_loss,
+        "num-examples": examples(rows), "train-loss": train_loss, "global-loss": global_loss,
     }
-    return to_arrays(model), metrics
-
-
-def _train_job_client_dp(
-    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
-) -> tuple[ArrayRecord, Metrics]:
-    """One FedAvg / FedProx round under client-level DP: train, then clip the model update.
-
-    The trained weights minus the received ones are scaled to L2 norm at most ``dp-clip``
-    (over all arrays together) here, inside the train job, so the reply client.egress builds,
-    and client.audit_log records, is exactly what is sent. Flower's ``fixedclipping_mod`` does
-    the same clipping but is not used: as a ClientApp mod it would change the reply after the
-    site's audit log recorded it, and it raises on messages without its ``clipping_norm`` key
-    (stats, adapt, evaluate). The coordinator adds the noise (Flower's
-    ``DifferentialPrivacyClientSideFixedClipping``, server.client_dp); the reply's
-    ``unit-weight`` of 1.0 makes FedAvg's average uniform, as that noise assumes.
-    """
-    from shared import protocol
-    from shared.settings import SettingsError
-
-    clip = float(config.get("dp-clip", 0.0))
-    if not clip > 0:
-        raise SettingsError("dp = 'client' needs dp-clip > 0 in the train message")
-    flower_clip = config.get("clipping_norm")  # what Flower's wrapper sends: the same norm
-    if flower_clip is not None and float(flower_clip) != clip:
-        raise SettingsError(f"the train message's clipping_norm {flower_clip} differs from "
-                            f"its dp-clip {clip}: refused")
-    trained, metrics = train_job(rows, arrays, {**config, "dp": "off"})
-    return clip_update(trained, arrays, clip), {**metrics, protocol.UNIT_WEIGHT: 1.0}
+    trained = to_arrays(model)
+    if dp is not None:  # client-level DP: the coordinator adds the noise to the average
+        return clip_update(trained, request.source.arrays, dp.clip), {
+            **metrics, protocol.UNIT_WEIGHT: 1.0}
+    return trained, metrics
 
 
 def clip_update(trained: ArrayRecord, received: ArrayRecord, clip: float) -> ArrayRecord:
@@ -245,7 +247,9 @@ def clip_update(trained: ArrayRecord, received: ArrayRecord, clip: float) -> Arr
 
     Flower's own helper (``compute_clip_model_update``, the one ``fixedclipping_mod`` and the
     server-side wrapper use); the norm is over every array together. Names, order, shapes and
-    dtypes of ``trained`` are kept.
+    dtypes of ``trained`` are kept. Done here, inside the train job, so the reply
+    client.egress builds, and client.audit_log records, is exactly what is sent (Flower's
+    ``fixedclipping_mod`` would change the reply after the audit recorded it).
     """
     from flwr.app import Array
     from flwr.supercore.differential_privacy import compute_clip_model_update
@@ -258,9 +262,7 @@ def clip_update(trained: ArrayRecord, received: ArrayRecord, clip: float) -> Arr
                         for k, v in zip(names, new, strict=True)})
 
 
-def newton_job(
-    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any], run_id: int | None = None
-) -> tuple[ArrayRecord, Metrics]:
+def newton_job(rows: SiteRows, request: TrainRequest) -> tuple[ArrayRecord, Metrics]:
     """Phase 2, one Newton round: loss, gradient and Hessian sums over the training rows.
 
     Sums over the rows at the received weights, nothing trained here: the coordinator adds
@@ -271,70 +273,50 @@ def newton_job(
 
     from shared import newton
 
-    theta = newton.parameters(arrays)
-    x = _prep(rows, config).transform(rows.shared)
+    if request.dp is not None and request.dp.mode == "client":
+        raise ContractError("client-level DP clips FedAvg / FedProx updates; a Newton round "
+                            "has none")
+    theta = newton.parameters(request.source.arrays)
+    x = request.source.inputs(rows.schema, rows.shared)
     train = rows.split.train
-    if config.get("dp", "off") != "off":
-        return _newton_job_dp(rows, x[train], theta, config, _run_id(config, run_id))
+    if request.dp is not None:
+        return _newton_job_dp(rows, x[train], theta, request)
     sums = newton.site_sums(x[train], rows.data.label[train], theta)
     reply = ArrayRecord({newton.GRAD: Array(sums.grad), newton.HESS: Array(newton.pack(sums.hess))})
-    return reply, {"num-examples": float(sums.n), "loss-sum": sums.loss}
-
-
-def _run_id(config: Mapping[str, Any], run_id: int | None) -> int:
-    """The run the ledger charges: the message's run id (the config's when not given)."""
-    return int(run_id) if run_id is not None else int(config.get("run-id", 0))
-
-
-def _dp_prepare(rows: SiteRows, config: Mapping[str, Any], run_id: int, sample_rate: float,
-                steps: int) -> tuple[Any, Any, Any]:
-    """The DP request, the round's calibrated mechanism and the spend it was charged as.
-
-    Raises ``client.policy.PolicyRefusal`` when the round would exceed a budget.
-    """
-    from client import privacy
-
-    dp = privacy.dp_config(config)
-    prepared = privacy.prepare_round(rows.site, config, run_id, sample_rate, steps)
-    assert dp is not None and prepared is not None  # dp is on here
-    return dp, *prepared
+    return reply, {"num-examples": examples(rows), "loss-sum": sums.loss}
 
 
 def _dp_metrics(spend: Any) -> Metrics:
     return {"dp-epsilon": float(spend.epsilon), "dp-delta": float(spend.delta)}
 
 
-def _train_job_dp(
-    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any], run_id: int
-) -> tuple[ArrayRecord, Metrics]:
+def _train_job_dp(rows: SiteRows, request: TrainRequest) -> tuple[ArrayRecord, Metrics]:
     """One FedAvg / FedProx round with DP-SGD (``client.train.train_local_dp``).
 
     The losses the reply normally carries are computed on the rows without noise, so they
     are withheld (sent as 0.0; the coordinator does not report them under DP).
     """
+    from client import privacy
     from client.train import dp_schedule, train_local_dp
     from shared.source_model import to_arrays
 
-    model, x = _source(rows, arrays, config)
+    model, x = _source(rows, request.source)
     train = rows.split.train
-    epochs, batch = int(config["local-epochs"]), int(config["batch-size"])
-    q, steps = dp_schedule(len(train), batch, epochs)
-    dp, plan, spend = _dp_prepare(rows, config, run_id, q, steps)
+    q, steps = dp_schedule(len(train), request.batch_size, request.local_epochs)
+    dp, plan, spend = privacy.prepare_round(rows.site, rows.policy, request, q, steps)
     train_local_dp(
-        model, x[train], rows.data.label[train], epochs=epochs,
-        lr=float(config["learning-rate"]), batch_size=batch,
-        weight_decay=float(config["weight-decay"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)), clip=dp.clip,
+        model, x[train], rows.data.label[train], epochs=request.local_epochs,
+        lr=request.learning_rate, batch_size=request.batch_size,
+        weight_decay=request.weight_decay, proximal_mu=request.proximal_mu, clip=dp.clip,
         noise_multiplier=plan.noise_multiplier,
     )
-    metrics: Metrics = {"num-examples": float(len(train)), "train-loss": 0.0,
+    metrics: Metrics = {"num-examples": examples(rows), "train-loss": 0.0,
                         "global-loss": 0.0, **_dp_metrics(spend)}
     return to_arrays(model), metrics
 
 
-def _newton_job_dp(
-    rows: SiteRows, x: np.ndarray, theta: np.ndarray, config: Mapping[str, Any], run_id: int
-) -> tuple[ArrayRecord, Metrics]:
+def _newton_job_dp(rows: SiteRows, x: np.ndarray, theta: np.ndarray, request: TrainRequest
+                   ) -> tuple[ArrayRecord, Metrics]:
     """A Newton round under record-level DP: bounded rows, then one Gaussian mechanism.
 
     The loss, gradient and Hessian sums are noised together (sample rate 1, one step per
@@ -347,48 +329,58 @@ def _newton_job_dp(
     from client import privacy
     from shared import newton
 
-    dp, plan, spend = _dp_prepare(rows, config, run_id, 1.0, 1)
+    dp, plan, spend = privacy.prepare_round(rows.site, rows.policy, request, 1.0, 1)
     bounds = (dp.clip, privacy.HESS_FACTOR * dp.clip ** 2, privacy.LOSS_BOUND)
     sums = newton.clipped_site_sums(x, rows.data.label[rows.split.train], theta, *bounds)
     loss, grad, hess = newton.noised_sums(sums, plan.noise_multiplier, bounds,
                                           np.random.default_rng(secrets.randbits(128)))
     reply = ArrayRecord({newton.GRAD: Array(grad), newton.HESS: Array(hess)})
-    return reply, {"num-examples": float(sums.n), "loss-sum": loss, **_dp_metrics(spend)}
+    return reply, {"num-examples": examples(rows), "loss-sum": loss, **_dp_metrics(spend)}
 
 
-def _model_document(
-    rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]
-) -> dict[str, Any]:
+def _model_document(rows: SiteRows, request: ModelRequest) -> dict[str, Any]:
     """The whole source model as this site uses it; its digest binds the correction."""
-    return model_document(arrays, {
-        "run-id": int(config.get("run-id", 0)), "repeat": int(config.get("repeat", 0)),
+    source = request.source
+    return model_document(source.arrays, {
+        "run-id": request.run_id, "repeat": request.repeat,
         "site-name": rows.site.name, "site-features": list(rows.site.site_features),
-        "schema": str(config["schema"]), "schema-digest": rows.schema.digest(),
-        "model": str(config["model"]), "hidden-units": int(config["hidden-units"]),
-        "preprocessing": json.loads(str(config["preprocessing"])),
+        "schema": rows.schema.source.removeprefix("builtin:"),
+        "schema-digest": rows.schema.digest(),
+        "model": source.kind, "hidden-units": source.hidden_units,
+        "preprocessing": source.preprocessing, "input-bound": source.input_bound,
     })
 
 
-def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> tuple[
-    Metrics, dict[str, str]
-]:
-    """Phase 3: choose and fit the site's final model on its training rows; store it sealed."""
+WITHHELD = ("fitted and kept at the site; its scores are not sent (the site answers only "
+            "under differential privacy)")
+
+
+def adapt_job(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str, str]]:
+    """Phase 3: choose and fit the site's final model on its training rows; store it sealed.
+
+    Under the policy's ``require-dp`` the cross-validated scores and the choice, computed on
+    the site's rows at weights the coordinator chose without noise, stay at the site.
+    """
     from client.adapt import fit_correction
     from shared.correction import adapted_logit
     from shared.metrics import binary_metrics, sigmoid
     from shared.source_model import predict_logit
 
-    model, x = _source(rows, arrays, config)
+    model, x = _source(rows, request.source)
     offset = predict_logit(model, x)
     train, test = rows.split.train, rows.split.test
     correction = fit_correction(
         x[train], rows.own.iloc[train], offset[train], rows.data.label[train],
-        rows.site_feature_defs, folds=int(config["cv-folds"]), seed=int(config["split-seed"]),
+        rows.site_feature_defs, folds=request.cv_folds, seed=rows.seed,
     )
-    document = _model_document(rows, arrays, config)
+    document = _model_document(rows, request)
     digest = model_digest(document)
     save_correction(rows.site.site_dir, rows.site.name, digest, correction.to_dict())
     save_source_model(rows.site.site_dir, document)
+    if rows.private:
+        log.info("site %s: model chosen (%s) and kept; scores withheld", rows.site.name,
+                 correction.choice)
+        return {protocol.WITHHELD: 1.0}, {protocol.CORRECTION_STATUS: WITHHELD}
     alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs,
                              offset[test])
     held_out = binary_metrics(rows.data.label[test], sigmoid(adapted_logit(offset[test], alpha)))
@@ -416,8 +408,6 @@ def adapt_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) ->
 
 def _model_texts(correction: Any, status: str | None = None) -> dict[str, str]:
     """The site record's words about its model: status, choice and reason."""
-    from shared import protocol
-
     return {
         protocol.CORRECTION_STATUS: status or (
             "applied" if correction.applied else f"not applied: {correction.reason}"),
@@ -426,32 +416,35 @@ def _model_texts(correction: Any, status: str | None = None) -> dict[str, str]:
     }
 
 
-def evaluate_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any]) -> tuple[
-    Metrics, dict[str, str]
-]:
-    """Phase 4: held-out metrics of local-only, source and adapted models."""
+def evaluate_job(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str, str]]:
+    """Phase 4: held-out metrics of local-only, source and adapted models.
+
+    Kept in the site's folder (``evaluations/``) in every case; sent only when the site does
+    not require differential privacy: they are computed, without noise, on the site's rows at
+    weights the coordinator chose.
+    """
     from client.local_model import fit_predict_local
     from shared.correction import Correction, adapted_logit
     from shared.metrics import binary_metrics, paired_auc_difference, reliability, sigmoid
     from shared.protocol import PAIRS
     from shared.source_model import predict_logit
 
-    model, x = _source(rows, arrays, config)
+    model, x = _source(rows, request.source)
     offset = predict_logit(model, x)
     train, test = rows.split.train, rows.split.test
     y_test = rows.data.label[test]
     features = [*rows.schema.shared_features, *rows.site_feature_defs]
     p_local = fit_predict_local(
         rows.data.features.iloc[train], rows.data.label[train], rows.data.features.iloc[test],
-        features, folds=int(config["cv-folds"]), seed=int(config["split-seed"]),
+        features, folds=request.cv_folds, seed=rows.seed,
     )
     fallback = 0.0
     try:
-        digest = model_digest(_model_document(rows, arrays, config))
+        digest = model_digest(_model_document(rows, request))
         state = load_correction(rows.site.site_dir, rows.site.name, digest)
         correction = Correction.from_dict(state)
         alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs,
-                             offset[test])
+                                 offset[test])
         status = None
     except CorrectionRefused as err:
         log.warning("site %s: correction refused (%s); using the source model", rows.site.name,
@@ -483,8 +476,35 @@ def evaluate_job(rows: SiteRows, arrays: ArrayRecord, config: Mapping[str, Any])
                         f"{method}.rel_observed": curve["observed"],
                         f"{method}.rel_rows": curve["rows"]})
     for a, b in PAIRS:
-        diff, low, high = paired_auc_difference(y_test, risks[a], risks[b],
-                                                seed=int(config["split-seed"]))
+        diff, low, high = paired_auc_difference(y_test, risks[a], risks[b], seed=rows.seed)
         metrics.update({f"diff.{a}-{b}.auc": diff, f"diff.{a}-{b}.auc_lo": low,
                         f"diff.{a}-{b}.auc_hi": high})
-    return metrics, _model_texts(correction, status)
+    texts = _model_texts(correction, status)
+    keep_evaluation(rows, request, metrics, texts)
+    if rows.private:
+        return {protocol.WITHHELD: 1.0}, {protocol.CORRECTION_STATUS: WITHHELD}
+    return metrics, texts
+
+
+EVALUATIONS = "evaluations"
+
+
+def keep_evaluation(rows: SiteRows, request: ModelRequest, metrics: Metrics,
+                    texts: dict[str, str]) -> Path:
+    """Keep a run's held-out results in the site's folder (0600), for the site's own eyes."""
+    from shared.files import ensure_private_dir, write_atomically
+
+    folder = ensure_private_dir(rows.site.site_dir / EVALUATIONS)
+    path = folder / f"run-{request.run_id}-repeat-{request.repeat + 1}.json"
+    document = {"run": request.run_id, "repeat": request.repeat, "site": rows.site.name,
+                "metrics": {k: _plain(v) for k, v in metrics.items()}, **texts}
+    write_atomically(path, json.dumps(document, indent=1, allow_nan=False).encode("utf-8"),
+                     mode=0o600)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """A metric as JSON holds it: NaN (undefined) becomes null."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value

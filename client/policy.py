@@ -14,15 +14,16 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.site import SiteSettings
-from shared.protocol import absolute_round
+
+if TYPE_CHECKING:
+    from client.contract import Request
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,12 @@ def _rule(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class Policy:
-    """The rules of one site. Field ``a_b`` is the file's key ``a-b``; every key is optional."""
+    """The rules of one site. Field ``a_b`` is the file's key ``a-b``; every key is optional.
+
+    The defaults here are a simulation's, where the researcher owns every site; a deployed
+    site's defaults are :data:`DEPLOYED` (differential privacy required, finite budgets), and
+    a key its policy file leaves out takes the deployed default.
+    """
 
     approved_apps: tuple[str, ...] = _rule(
         (), "sha256 of the app bundles the site runs (`fedadapt app-hash`); empty: any app")
@@ -59,15 +65,26 @@ class Policy:
     min_rows: int = _rule(
         0, "fewest rows any aggregate the site sends may rest on (a count or sum over fewer "
         "rows is refused)")
-    max_rounds: int = _rule(0, "most training rounds the site takes part in (0: no limit)")
-    require_dp: bool = _rule(False, "train only with record-level differential privacy")
+    max_rounds: int = _rule(
+        0, "most training rounds the site takes part in, over all runs (0: no limit)")
+    require_dp: bool = _rule(
+        False, "answer only under differential privacy: training with dp = \"record\", the "
+        "stats released once with noise, no evaluation or model-choice scores sent")
     max_epsilon_run: float = _rule(
         math.inf, "largest epsilon (at `delta`) one run may spend on the site's patients")
     max_epsilon_total: float = _rule(
-        math.inf, "largest epsilon (at `delta`) all runs together may spend")
+        math.inf, "largest epsilon (at `delta`) all runs and the stats release together may "
+        "spend")
+    stats_epsilon: float = _rule(
+        0.5, "epsilon of the one noisy release of the stats per version of the data file "
+        "(with require-dp)")
+    input_bound: float = _rule(
+        10.0, "every model input at the site is clipped into [-input-bound, input-bound], "
+        "whatever preprocessing the coordinator sends")
     delta: float = _rule(1e-5, "the delta at which the epsilons are stated; a run asking for "
                          "a larger delta is refused")
     path: Path | None = None
+    deployed: bool = False  # whose defaults the keys not in the file take
 
     def describe(self) -> list[str]:
         """What the policy allows, one line per rule, in words."""
@@ -77,6 +94,11 @@ class Policy:
         eps = [(self.max_epsilon_run, "per run"), (self.max_epsilon_total, "over all runs")]
         budget = "; ".join(f"epsilon {e:g} {what}" if math.isfinite(e) else f"no epsilon "
                            f"limit {what}" for e, what in eps)
+        private = (f"only under differential privacy (training with dp = \"record\"; the "
+                   f"stats released once with noise, epsilon {self.stats_epsilon:g}; no "
+                   "evaluation or model-choice scores sent)" if self.require_dp else
+                   "without differential privacy too: a coordinator can reconstruct patients' "
+                   "values from exact training replies and scores (README, threat model)")
         return [
             f"runs: {apps}",
             f"answers phases: {', '.join(self.phases) or 'none'}"
@@ -84,11 +106,11 @@ class Policy:
                if set(self.phases) != set(PHASES) else ""),
             "aggregates: " + (f"each rests on at least {self.min_rows} rows"
                               if self.min_rows else "no minimum number of rows"),
-            "training: " + (f"at most {self.max_rounds} rounds" if self.max_rounds
-                            else "any number of rounds")
-            + ("; only with record-level differential privacy (dp = \"record\")"
-               if self.require_dp else "; with or without differential privacy"),
+            "training: " + (f"at most {self.max_rounds} rounds over all runs" if self.max_rounds
+                            else "any number of rounds"),
+            f"answers {private}",
             f"privacy budget: {budget} (delta {self.delta:g})",
+            f"model inputs: clipped into [-{self.input_bound:g}, {self.input_bound:g}]",
         ]
 
     def allows(self, phase: str) -> None:
@@ -116,17 +138,22 @@ class Policy:
             raise PolicyRefusal("min-rows", f"{what} would rest on fewer rows than the "
                                 f"policy's min-rows = {self.min_rows}")
 
-    def check_training(self, server_round: int, dp: str, epsilon: float, delta: float) -> None:
+    def check_training(self, rounds: int, dp: str, epsilon: float, delta: float) -> None:
         """Refuse a training round the policy does not accept (rounds, DP, run budget).
+
+        Parameters
+        ----------
+        rounds : int
+            Training rounds the site will have taken part in with this one.
 
         Raises
         ------
         PolicyRefusal
             With rule ``max-rounds``, ``require-dp``, ``max-epsilon-run`` or ``delta``.
         """
-        if self.max_rounds and server_round > self.max_rounds:
-            raise PolicyRefusal("max-rounds", f"round {server_round} is beyond the policy's "
-                                f"max-rounds = {self.max_rounds}")
+        if self.max_rounds and rounds > self.max_rounds:
+            raise PolicyRefusal("max-rounds", f"the site has taken part in {rounds - 1} "
+                                f"training rounds, the policy's max-rounds = {self.max_rounds}")
         if dp != "record":
             if self.require_dp:
                 raise PolicyRefusal("require-dp", "the policy requires record-level "
@@ -142,12 +169,20 @@ class Policy:
 
 
 NO_POLICY = Policy()
+# A deployed site's defaults: what `fedadapt init-site` writes, and what a deployed site without
+# a policy file applies. Answering without DP takes an explicit `require-dp = false`.
+DEPLOYED = Policy(min_rows=20, require_dp=True, max_epsilon_run=3.0, max_epsilon_total=10.0,
+                  deployed=True)
 
 
 
-def admit(policy: Policy, phase: str, config: Mapping[str, Any],
-          state: RecordDict | None = None) -> None:
+def admit(policy: Policy, phase: str, request: Request, site: SiteSettings) -> None:
     """Refuse a request the policy does not accept, before any data is read.
+
+    A training round is counted in the site's ledger (``client.ledger``) when the site is
+    deployed or its policy limits rounds: ``max-rounds`` counts every round the site took
+    part in, over all runs, whatever round numbers the coordinator sends; a round that then
+    fails counts too.
 
     Parameters
     ----------
@@ -155,39 +190,32 @@ def admit(policy: Policy, phase: str, config: Mapping[str, Any],
         The site's policy.
     phase : str
         ``stats``, ``train``, ``adapt`` or ``evaluate``.
-    config : mapping
-        The message's config record (a training round's number and DP settings).
-    state : RecordDict, optional
-        The node's state in this run (``context.state``): the site counts the training
-        rounds it admitted itself, so ``max-rounds`` does not rest on the round numbers the
-        coordinator sends (every repeat's rounds count; a round that then fails counts too).
+    request : client.contract.Request
+        The parsed message (a training round's DP request).
+    site : SiteSettings
+        The site (its folder holds the ledger).
 
     Raises
     ------
     PolicyRefusal
-        Naming the rule.
+        Naming the rule (``ledger`` when the ledger cannot be trusted).
     """
     policy.allows(phase)
-    if phase == "train":
-        said = absolute_round(config)
-        rnd = said if said is not None else 1
-        admitted = _admitted(state) + 1
-        policy.check_training(max(rnd, admitted), str(config.get("dp", "off")),
-                              float(config.get("dp-epsilon", math.inf)),
-                              float(config.get("dp-delta", 1.0)))
-        if state is not None:
-            state[TRAIN_COUNT] = ConfigRecord({"admitted": admitted})
+    if phase != "train":
+        return
+    dp = getattr(request, "dp", None)
 
+    def check(rounds: int) -> None:
+        policy.check_training(rounds, dp.mode if dp is not None else "off",
+                              dp.epsilon if dp is not None else math.inf,
+                              dp.delta if dp is not None else 1.0)
 
-TRAIN_COUNT = "fedadapt-training-rounds"
+    if site.deployed or policy.max_rounds:
+        from client.ledger import count_round
 
-
-def _admitted(state: RecordDict | None) -> int:
-    """Training rounds this site admitted so far in this run (0 without a state)."""
-    if state is None or TRAIN_COUNT not in state.config_records:
-        return 0
-    count = state.config_records[TRAIN_COUNT].get("admitted", 0)
-    return count if isinstance(count, int) else 0
+        count_round(site.site_dir, check)
+    else:
+        check(1)
 
 
 def check_reply_rows(policy: Policy, reply: Message) -> None:
@@ -211,13 +239,16 @@ def check_reply_rows(policy: Policy, reply: Message) -> None:
                     policy.check_rows(f"the sum of feature {feature!r}", int(min(low)))
 
 
-def read_policy(path: str | Path) -> Policy:
+def read_policy(path: str | Path, deployed: bool = True) -> Policy:
     """Read and check a site policy.
 
     Parameters
     ----------
     path : str or Path
         The TOML file.
+    deployed : bool
+        Keys the file leaves out take the deployment's defaults (:data:`DEPLOYED`: DP
+        required, finite budgets); False for a simulated site (:data:`NO_POLICY`).
 
     Returns
     -------
@@ -254,7 +285,8 @@ def read_policy(path: str | Path) -> Policy:
         m = re.search(r"(.*) \(at line (\d+), column (\d+)\)", str(err))
         where, what = (f"{m.group(2)}:{m.group(3)}", m.group(1)) if m else ("1:1", str(err))
         raise PolicyError(f"{path}:{where}: invalid TOML: {what}") from None
-    known = {f.name.replace("_", "-"): f for f in fields(Policy) if f.name != "path"}
+    known = {f.name.replace("_", "-"): f for f in fields(Policy)
+             if f.name not in ("path", "deployed")}
     values: dict[str, Any] = {}
     for key, value in raw.items():
         where = _where(path, text, key)
@@ -263,7 +295,8 @@ def read_policy(path: str | Path) -> Policy:
             raise PolicyError(f"{where}: unknown {what} {key!r}; known keys: "
                               f"{', '.join(known)}")
         values[known[key].name] = _value(where, key, value)
-    policy = Policy(**values, path=path)
+    base = DEPLOYED if deployed else NO_POLICY
+    policy = replace(base, **values, path=path)
     for key, problem in _problems(policy):
         where = _where(path, text, key)
         bad = re.search(r"entry '([^']*)'", problem)  # an approved-apps entry: point at it
@@ -316,24 +349,37 @@ def _problems(policy: Policy) -> list[tuple[str, str]]:
     unknown = [p for p in policy.phases if p not in PHASES]
     if unknown:
         problems.append(("phases", f"unknown phase(s) {unknown}; phases: {', '.join(PHASES)}"))
-    for key in ("max_epsilon_run", "max_epsilon_total"):
+    for key in ("max_epsilon_run", "max_epsilon_total", "stats_epsilon", "input_bound"):
         if not getattr(policy, key) > 0:
             problems.append((key.replace("_", "-"), f"{key.replace('_', '-')} must be positive"))
+    if not math.isfinite(policy.input_bound):
+        problems.append(("input-bound", "input-bound must be finite: it is what keeps every "
+                         "number the site computes finite"))
+    if policy.require_dp:
+        for key in ("max_epsilon_run", "max_epsilon_total"):
+            if not math.isfinite(getattr(policy, key)):
+                problems.append((key.replace("_", "-"), f"require-dp needs a finite "
+                                 f"{key.replace('_', '-')}: without one any epsilon the "
+                                 "coordinator asks for is accepted"))
     if not 0 < policy.delta < 1:
         problems.append(("delta", "delta must be between 0 and 1"))
     return problems
 
 
 def site_policy(site: SiteSettings, state: RecordDict | None = None) -> Policy:
-    """The policy a site's settings name (``policy``), or :data:`NO_POLICY` when none.
+    """The policy a site's settings name (``policy``), else its defaults.
+
+    A deployed site without a policy file applies :data:`DEPLOYED`; a simulated one
+    :data:`NO_POLICY`. A deployed site that answers without differential privacy says once
+    per run, in its log, what a coordinator can then reconstruct.
 
     Parameters
     ----------
     site : SiteSettings
         The site.
     state : RecordDict, optional
-        The node's state in this run (``context.state``): without a policy, the site says so
-        once per run in its log, not on every message.
+        The node's state in this run (``context.state``): what is said once per run is
+        remembered there.
 
     Raises
     ------
@@ -347,15 +393,36 @@ def site_policy(site: SiteSettings, state: RecordDict | None = None) -> Policy:
         if site.policy is not None and Path(pinned).resolve() != site.policy:
             log.warning("node_config names policy %s; the site executor's %s is the one "
                         "applied", site.policy, pinned)
-        return read_policy(pinned)
-    if site.policy is not None:
-        return read_policy(site.policy)
-    if state is None or NO_POLICY_SAID not in state.config_records:
-        log.info("no site policy (node_config policy=...): this site answers every phase of "
-                 "any app, as the coordinator asks")
-        if state is not None:
-            state[NO_POLICY_SAID] = ConfigRecord({"said": True})
-    return NO_POLICY
+        policy = read_policy(pinned, deployed=site.deployed)
+    elif site.policy is not None:
+        policy = read_policy(site.policy, deployed=site.deployed)
+    else:
+        policy = DEPLOYED if site.deployed else NO_POLICY
+        _once(state, NO_POLICY_SAID, logging.WARNING if site.deployed else logging.INFO,
+              "no site policy (node_config policy=...): this site "
+              + ("applies the deployment's defaults: " + "; ".join(policy.describe()[1:])
+                 if site.deployed else "answers every phase of any app, as the coordinator "
+                 "asks (a simulation: the researcher owns every site)"))
+    if site.deployed and not policy.require_dp:
+        _once(state, OPEN_SAID, logging.WARNING, OPEN_WARNING)
+    return policy
 
 
+def _once(state: RecordDict | None, key: str, level: int, text: str) -> None:
+    """Log ``text`` once per run (per node state)."""
+    if state is not None and key in state.config_records:
+        return
+    log.log(level, "%s", text)
+    if state is not None:
+        state[key] = ConfigRecord({"said": True})
+
+
+# What a deployed site answering without DP says once per run (the threat model's words).
+OPEN_WARNING = (
+    "this site answers WITHOUT differential privacy (its policy says require-dp = false): a "
+    "coordinator sees its exact training replies, held-out scores and model choices, "
+    "computed at weights it chooses, and can reconstruct patients' values from them "
+    "(exactly, with crafted weights over a few rounds); only min-rows and the fixed stats "
+    "answer limit it")
 NO_POLICY_SAID = "fedadapt-no-policy-said"
+OPEN_SAID = "fedadapt-open-said"

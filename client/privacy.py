@@ -7,10 +7,12 @@ clipped sums for Newton in ``shared.newton``). This module
 - calibrates the noise multiplier so that the planned rounds of one run (``num-server-rounds``
   x ``repeats``, each round ``steps`` steps at sample rate ``q``) spend at most the run's
   epsilon, with Opacus' RDP accountant (``opacus.accountants``; nothing is accounted by hand);
-- keeps the site's privacy ledger, ``privacy-ledger.json`` in its private folder: per run id
-  the accountant's history (noise multiplier, sample rate, steps) and the epsilon spent. Runs
+- charges every round and release to the site's ledger (``client.ledger``: per run id the
+  accountant's history (noise multiplier, sample rate, steps) and the epsilon spent). Runs
   compose by basic composition (epsilons and deltas add up): conservative, and simple to
   check by hand;
+- releases a site's stats once per version of its data with Gaussian noise
+  (:func:`release_summary`), when its policy requires DP;
 - before each round, computes the epsilon the site would have spent after it, and refuses
   the round (``client.policy.PolicyRefusal``) when that exceeds the run's budget (the smaller
   of ``dp-epsilon`` and the policy's ``max-epsilon-run``) or what is left of the policy's
@@ -24,25 +26,24 @@ only when DP is on: a site without DP does not pay its import.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from shared.files import write_atomically
-from shared.protocol import absolute_round
-from shared.settings import SettingsError
+import numpy as np
+
+if TYPE_CHECKING:
+    from client.contract import DPRequest, TrainRequest
+    from client.policy import Policy
+    from client.site import SiteSettings
+    from shared.schema import Feature
 
 log = logging.getLogger(__name__)
 
-LEDGER = "privacy-ledger.json"
-LEDGER_VERSION = 1
 # Newton: one patient's log-loss is clipped to [0, LOSS_BOUND] nats (a predicted probability of
 # the observed class of e^-5 = 0.7 %); the Hessian contribution to HESS_FACTOR * dp-clip^2, as a
 # logistic record with ||x|| <= dp-clip has gradient norm <= dp-clip and Hessian norm
@@ -55,53 +56,6 @@ MARGIN = 1e-9
 # ones, which the few, very noisy full-batch steps of a short run need for a tight bound.
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [
     80, 96, 128, 192, 256, 384, 512, 1024]
-
-
-@dataclass(frozen=True)
-class DPConfig:
-    """What a train message asks of a site's record-level DP.
-
-    Attributes
-    ----------
-    epsilon, delta : float
-        The (epsilon, delta) one run may spend at this site (``dp-epsilon``, ``dp-delta``).
-    clip : float
-        ``dp-clip``: the L2 bound of one patient's gradient.
-    rounds : int
-        Planned training rounds of the whole run (``num-server-rounds`` x ``repeats``).
-    """
-
-    epsilon: float
-    delta: float
-    clip: float
-    rounds: int
-
-
-def dp_config(config: Mapping[str, Any]) -> DPConfig | None:
-    """The train message's DP request; None when DP is off (or the message names none).
-
-    Raises
-    ------
-    SettingsError
-        If the mode is unknown, ``client`` (client-level DP has no record-level accounting
-        at the site: it clips FedAvg / FedProx updates, client.jobs), or a value is unusable.
-    """
-    mode = str(config.get("dp", "off"))
-    if mode == "off":
-        return None
-    if mode == "client":
-        raise SettingsError("dp = 'client' only clips FedAvg / FedProx model updates at a "
-                            "site (the coordinator adds the noise): no Newton round, no "
-                            "record-level accounting")
-    if mode != "record":
-        raise SettingsError(f"dp = {mode!r} is not known at the sites (off, record, client)")
-    rounds = int(config.get("num-server-rounds", 0)) * max(1, int(config.get("repeats", 1)))
-    out = DPConfig(float(config.get("dp-epsilon", 0.0)), float(config.get("dp-delta", 0.0)),
-                   float(config.get("dp-clip", 0.0)), rounds)
-    if not (out.epsilon > 0 and 0 < out.delta < 1 and out.clip > 0 and out.rounds > 0):
-        raise SettingsError("dp = 'record' needs dp-epsilon > 0, 0 < dp-delta < 1, dp-clip > 0 "
-                            "and the planned num-server-rounds in the train message")
-    return out
 
 
 def epsilon_spent(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -136,7 +90,7 @@ class Plan:
     steps: int
 
 
-def plan_round(dp: DPConfig, budget: float, sample_rate: float, steps: int) -> Plan:
+def plan_round(dp: DPRequest, budget: float, sample_rate: float, steps: int) -> Plan:
     """The mechanism of every round of the run: calibrated to ``budget`` over all its rounds."""
     sigma = noise_multiplier(budget, dp.delta, sample_rate, steps * dp.rounds)
     return Plan(sigma, sample_rate, steps)
@@ -148,64 +102,15 @@ class Spend:
 
     epsilon: float  # this run, after the round
     delta: float
-    total: float  # over every run in the ledger (basic composition), after the round
+    total: float  # over every run and release in the ledger (basic composition), after it
     budget: float  # this run's
 
 
-def _ledger_path(site_dir: Path) -> Path:
-    return Path(site_dir) / LEDGER
-
-
-def read_ledger(site_dir: Path) -> dict[str, Any]:
-    """The site's ledger (an empty one if it has none).
-
-    Raises
-    ------
-    SettingsError
-        If the file exists but cannot be read as a ledger: the site then refuses to train
-        rather than forget what it has spent.
-    """
-    path = _ledger_path(site_dir)
-    if not path.exists():
-        return {"version": LEDGER_VERSION, "runs": {}}
-    try:
-        ledger = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(ledger.get("runs"), dict):
-            raise ValueError("no runs")
-    except (OSError, ValueError) as err:
-        raise SettingsError(f"the privacy ledger {path} is unreadable ({type(err).__name__}); "
-                            "training with DP stops until it is restored") from None
-    return ledger
-
-
-def _write_ledger(site_dir: Path, ledger: dict[str, Any]) -> None:
-    write_atomically(_ledger_path(site_dir), json.dumps(ledger, indent=1).encode("utf-8"),
-                     mode=0o600)
-
-
-@contextlib.contextmanager
-def _locked(site_dir: Path) -> Iterator[None]:
-    """One ledger update at a time in this site's folder (read, check, write)."""
-    Path(site_dir).mkdir(parents=True, exist_ok=True)
-    with (Path(site_dir) / f".{LEDGER}.lock").open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def spent_elsewhere(ledger: Mapping[str, Any], run_id: int) -> float:
-    """Epsilon spent by every other run in the ledger (their sum: basic composition)."""
-    return float(sum(float(r.get("epsilon", 0.0)) for k, r in ledger["runs"].items()
-                     if k != str(run_id)))
-
-
 def charge(
-    site_dir: Path, site_name: str, run_id: int, round_key: str, plan: Plan, dp: DPConfig,
+    site_dir: Path, site_name: str, run_id: int, round_key: str, plan: Plan, dp: DPRequest,
     run_budget: tuple[float, str], total_budget: float,
 ) -> Spend:
-    """Charge one round to the ledger, or refuse it when it would exceed a budget.
+    """Charge one round to the site's ledger, or refuse it when it would exceed a budget.
 
     Parameters
     ----------
@@ -218,35 +123,35 @@ def charge(
     Raises
     ------
     client.policy.PolicyRefusal
-        Naming the rule the round would break; nothing is charged then.
+        Naming the rule the round would break; nothing is charged then. Also when the
+        ledger cannot be trusted (``client.ledger``).
     """
+    from client import ledger as site_ledger
     from client.policy import PolicyRefusal
 
     budget, rule = run_budget
-    with _locked(site_dir):
-        ledger = read_ledger(site_dir)
+    this = round_words(round_key)
+    with site_ledger.update(site_dir, f"{this} of run {run_id} charged") as ledger:
         run = ledger["runs"].get(str(run_id), {"history": [], "rounds": []})
         history = [tuple(h) for h in run["history"]]
         before = float(run.get("epsilon", 0.0))
         after = epsilon_spent([*history, (plan.noise_multiplier, plan.sample_rate,
                                           plan.steps)], dp.delta)
-        others = spent_elsewhere(ledger, run_id)
-        this = round_words(round_key)
+        others = site_ledger.total_epsilon(ledger, except_run=str(run_id))
         if after > budget * (1 + MARGIN):
-            log.warning("site %s stops training: round %s would spend epsilon %.3f of this "
-                        "run's %.3f (%s); spent %.3f", site_name, this, after, budget,
-                        rule, before)
+            log.warning("site %s stops training: %s would spend epsilon %.3f of this run's "
+                        "%.3f (%s); spent %.3f", site_name, this, after, budget, rule, before)
             raise PolicyRefusal(rule, (
                 f"{this} would raise this run's epsilon to {after:.3f}, above its "
                 f"budget {budget:g} ({rule}); epsilon spent in this run: {before:.3f}"))
         if others + after > total_budget * (1 + MARGIN):
-            log.warning("site %s stops training: round %s would bring its total epsilon to "
-                        "%.3f, above max-epsilon-total %.3f; this run spent %.3f", site_name,
-                        this, others + after, total_budget, before)
+            log.warning("site %s stops training: %s would bring its total epsilon to %.3f, "
+                        "above max-epsilon-total %.3f; this run spent %.3f", site_name, this,
+                        others + after, total_budget, before)
             raise PolicyRefusal("max-epsilon-total", (
                 f"{this} would bring the site's total epsilon to {others + after:.3f}"
-                f" (earlier runs {others:.3f}), above max-epsilon-total {total_budget:g}; "
-                f"epsilon spent in this run: {before:.3f}"))
+                f" (earlier runs and releases {others:.3f}), above max-epsilon-total "
+                f"{total_budget:g}; epsilon spent in this run: {before:.3f}"))
         if history and tuple(history[-1][:2]) == (plan.noise_multiplier, plan.sample_rate):
             last = history[-1]
             history[-1] = (last[0], last[1], int(last[2]) + plan.steps)
@@ -257,23 +162,49 @@ def charge(
             "epsilon": after, "rounds": [*run.get("rounds", []), round_key],
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        ledger["version"] = LEDGER_VERSION
-        ledger["total-epsilon"] = others + after
-        ledger["total-delta"] = float(sum(float(r.get("delta", 0.0))
-                                          for r in ledger["runs"].values()))
-        _write_ledger(site_dir, ledger)
     log.info("site %s: %s charged, epsilon %.3f of %.3f in this run (total %.3f)",
-             site_name, round_words(round_key), after, budget, others + after)
+             site_name, this, after, budget, others + after)
     return Spend(after, dp.delta, others + after, budget)
 
 
-def budgets(dp: DPConfig, policy: Any) -> tuple[tuple[float, str], float, float]:
+def charge_release(site_dir: Path, site_name: str, key: str, epsilon: float, delta: float,
+                   total_budget: float, what: str) -> float:
+    """Charge a one-off noisy release (the stats) to the ledger, or refuse it.
+
+    Returns
+    -------
+    float
+        The site's total epsilon after the release.
+
+    Raises
+    ------
+    client.policy.PolicyRefusal
+        ``max-epsilon-total`` when it would exceed the total budget; nothing is charged then.
+    """
+    from client import ledger as site_ledger
+    from client.policy import PolicyRefusal
+
+    with site_ledger.update(site_dir, f"{what} released") as ledger:
+        before = site_ledger.total_epsilon(ledger)
+        if before + epsilon > total_budget * (1 + MARGIN):
+            log.warning("site %s refuses to release %s: its total epsilon would reach %.3f, "
+                        "above max-epsilon-total %.3f", site_name, what, before + epsilon,
+                        total_budget)
+            raise PolicyRefusal("max-epsilon-total", (
+                f"releasing {what} would bring the site's total epsilon to "
+                f"{before + epsilon:.3f}, above max-epsilon-total {total_budget:g}"))
+        ledger["releases"][key] = {"what": what, "epsilon": epsilon, "delta": delta,
+                                   "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    log.info("site %s: %s released at epsilon %.3f (total %.3f)", site_name, what, epsilon,
+             before + epsilon)
+    return before + epsilon
+
+
+def budgets(dp: DPRequest, policy: Policy) -> tuple[tuple[float, str], float, float]:
     """Return the run's budget and its rule, the total budget, and the delta to account with."""
-    cap = float(getattr(policy, "max_epsilon_run", math.inf))
+    cap = policy.max_epsilon_run
     run = (cap, "max-epsilon-run") if cap < dp.epsilon else (dp.epsilon, "dp-epsilon")
-    total = float(getattr(policy, "max_epsilon_total", math.inf))
-    delta = min(dp.delta, float(getattr(policy, "delta", dp.delta) or dp.delta))
-    return run, total, delta
+    return run, policy.max_epsilon_total, min(dp.delta, policy.delta)
 
 
 def round_words(key: str) -> str:
@@ -282,30 +213,106 @@ def round_words(key: str) -> str:
     return f"round {rnd}" + (f" of repeat {int(repeat) + 1}" if repeat not in ("", "0") else "")
 
 
-def round_key(config: Mapping[str, Any]) -> str:
-    """The round's name in the ledger: repeat and absolute round (a resumed run counts on)."""
-    rnd = absolute_round(config) or 0
-    return f"{int(config.get('repeat', 0))}/{rnd}"
-
-
-def prepare_round(
-    site: Any, config: Mapping[str, Any], run_id: int, sample_rate: float, steps: int,
-) -> tuple[Plan, Spend] | None:
-    """For a DP round: its calibrated mechanism, charged to the ledger. None when DP is off.
+def prepare_round(site: SiteSettings, policy: Policy, request: TrainRequest,
+                  sample_rate: float, steps: int) -> tuple[DPRequest, Plan, Spend]:
+    """A record-level DP round: its request, calibrated mechanism and spend, charged.
 
     Raises
     ------
     client.policy.PolicyRefusal
-        When the round would exceed the run's or the site's total epsilon budget.
+        When the round would exceed the run's or the site's total epsilon budget, or the
+        ledger cannot be trusted.
+    client.contract.ContractError
+        When the message asks for no record-level DP.
     """
-    dp = dp_config(config)
-    if dp is None:
-        return None
-    from client.policy import site_policy
+    from client.contract import ContractError
 
-    run_budget, total, delta = budgets(dp, site_policy(site))
-    dp = DPConfig(dp.epsilon, delta, dp.clip, dp.rounds)
+    if request.dp is None or request.dp.mode != "record":
+        raise ContractError("this round is not a record-level DP round")
+    run_budget, total, delta = budgets(request.dp, policy)
+    dp = replace(request.dp, delta=delta)
     plan = plan_round(dp, run_budget[0], sample_rate, steps)
-    spend = charge(site.site_dir, site.name, run_id, round_key(config), plan, dp, run_budget,
-                   total)
-    return plan, spend
+    spend = charge(site.site_dir, site.name, request.run_id, request.round_key, plan, dp,
+                   run_budget, total)
+    return dp, plan, spend
+
+
+def release_summary(summary: Mapping[str, list[float]], features: Sequence[Feature],
+                    epsilon: float, delta: float, rng: np.random.Generator
+                    ) -> tuple[dict[str, list[float]], float]:
+    """The stats of a site's training rows, released once with the Gaussian mechanism.
+
+    Each row's part is bounded first: a numeric feature's value ``v`` in its schema range
+    ``[lo, hi]`` enters as ``u = (v - c) / r`` (``c`` the range's middle, ``r`` its half
+    width, so ``|u| <= 1``) through its count, the sum of ``u`` and the sum of ``u**2``; a
+    categorical feature through its category's count; the label through its class's count.
+    One training row moves these by an L2 norm of at most ``sqrt(3 * numeric + categorical
+    + 1)``; a held-out row moves only the held-out count, by 1. Gaussian noise of that
+    sensitivity times the noise multiplier Opacus' RDP accountant calibrates for one step at
+    ``epsilon``, ``delta`` is added once; everything after is post-processing: counts
+    rounded and kept within the rows, sums kept within the range, spreads non-negative, the
+    missing counts and the row count derived.
+
+    Parameters
+    ----------
+    summary : mapping
+        ``shared.preprocessing.summarize`` of the training rows, plus ``label-negative``,
+        ``label-positive`` and ``n-test``.
+    features : sequence of Feature
+        The shared features (numeric and binary ones need a range in the schema).
+    epsilon, delta : float
+        The release's budget.
+    rng : numpy.random.Generator
+        Seeded from the operating system by the caller.
+
+    Returns
+    -------
+    dict, float
+        The released summary (same keys) and the noise multiplier used.
+
+    Raises
+    ------
+    ContractError
+        If a numeric feature has no valid range: its values cannot be bounded.
+    """
+    from client.contract import ContractError
+
+    numeric = [f for f in features if f.kind != "categorical"]
+    categorical = [f for f in features if f.kind == "categorical"]
+    unbounded = [f.name for f in numeric if f.kind == "numeric" and f.valid_range is None]
+    if unbounded:
+        raise ContractError(f"features {unbounded} have no valid range in the schema: the "
+                            "stats cannot be released under differential privacy")
+    sensitivity = math.sqrt(3 * len(numeric) + len(categorical) + 1)
+    sigma = noise_multiplier(epsilon, delta, 1.0, 1)
+
+    def noisy(value: float) -> float:
+        return float(value + rng.normal(0.0, sigma * sensitivity))
+
+    negative = max(0, round(noisy(summary["label-negative"][0])))
+    positive = max(0, round(noisy(summary["label-positive"][0])))
+    n = max(1, negative + positive)
+    out: dict[str, list[float]] = {"rows": [float(n)]}
+    for f in numeric:
+        lo, hi = f.valid_range if f.valid_range is not None else (0.0, 1.0)
+        c, r = (lo + hi) / 2, (hi - lo) / 2 or 1.0
+        count, total = summary[f"{f.name}.count"][0], summary[f"{f.name}.sum"][0]
+        mean = total / count if count else c
+        s1 = (total - count * c) / r
+        s2 = (summary[f"{f.name}.m2"][0] + count * (mean - c) ** 2) / r ** 2
+        k = min(n, max(0, round(noisy(count))))
+        released_sum = min(max(c * k + r * noisy(s1), lo * k), hi * k)
+        squares = r ** 2 * min(max(noisy(s2), 0.0), float(k))  # sum of (v - c)**2
+        spread = squares - (released_sum - c * k) ** 2 / k if k else 0.0
+        out[f"{f.name}.count"] = [float(k)]
+        out[f"{f.name}.sum"] = [released_sum]
+        out[f"{f.name}.m2"] = [max(spread, 0.0)]
+        out[f"{f.name}.missing"] = [float(n - k)]
+    for f in categorical:
+        counts = [float(max(0, round(noisy(v)))) for v in summary[f"{f.name}.counts"]]
+        out[f"{f.name}.counts"] = counts
+        out[f"{f.name}.missing"] = [float(max(0.0, n - sum(counts)))]
+    out.update({"num-examples": [float(n)], "label-negative": [float(negative)],
+                "label-positive": [float(positive)],
+                "n-test": [float(max(0, round(noisy(summary["n-test"][0]))))]})
+    return out, sigma

@@ -29,6 +29,15 @@ SITE_DIR = "site-dir"
 SITE_NAME = "site-name"
 SCHEMA = "schema"
 POLICY = "policy"  # the site's policy file (client.policy); optional
+# The site's own split (client.split): its held-out share and row protocol. A deployed site
+# draws its split from a secret of its own; the coordinator's split settings select no row.
+TEST_FRACTION = "test-fraction"
+PROTOCOL = "protocol"
+# A node whose every site a researcher owns (a simulation, an in-process federation): it
+# follows the run's split settings and answers without the deployment's safe defaults.
+SIMULATED = "simulated"
+PROTOCOLS = ("default", "flamby")
+DEFAULT_TEST_FRACTION = 0.3
 
 
 class SiteConfigError(ValueError):
@@ -49,6 +58,14 @@ class SiteSettings:
     site_dir: Path
     schema: str | None = None
     policy: Path | None = None
+    simulated: bool = False
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    protocol: str = "default"
+
+    @property
+    def deployed(self) -> bool:
+        """A site of a real deployment: it owns its split and has the safe defaults."""
+        return not self.simulated
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,9 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
         problem = site_name_problem(str(node_config[SITE_NAME]))
         if problem:
             raise SiteConfigError(f"node_config {SITE_NAME}: {problem}")
+        simulated = node_config.get(SIMULATED, False)
+        if not isinstance(simulated, bool):
+            raise SiteConfigError(f"node_config {SIMULATED} must be true or false")
         return SiteSettings(
             name=str(node_config[SITE_NAME]),
             data_file=Path(str(node_config[DATA_FILE])).expanduser().resolve(),
@@ -103,6 +123,9 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
             site_dir=Path(str(node_config[SITE_DIR])).expanduser().resolve(),
             schema=str(node_config[SCHEMA]) if SCHEMA in node_config else None,
             policy=_optional_path(node_config.get(POLICY), Path.cwd()),
+            simulated=simulated,
+            test_fraction=_test_fraction(node_config.get(TEST_FRACTION)),
+            protocol=_protocol(node_config.get(PROTOCOL)),
         )
     if "partition-id" in node_config:
         manifest_ref = str(run_config.get("sites-manifest", "")).strip()
@@ -183,6 +206,7 @@ def read_manifest(path: str | Path) -> Manifest:
             site_dir=_resolve(str(site_dir), base) if site_dir else Path(),
             schema=str(raw["schema"]) if "schema" in raw else None,
             policy=_optional_path(entry.get(POLICY), base),
+            simulated=True,
         ))
     if not sites:
         raise SiteConfigError(f"{path}: no [[sites]] entries")
@@ -230,6 +254,27 @@ def write_manifest(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8", newline="")
     return path
+
+
+def _test_fraction(value: object) -> float:
+    """The site's held-out share (node_config ``test-fraction``), 0.3 when not set."""
+    if value is None:
+        return DEFAULT_TEST_FRACTION
+    try:
+        fraction = float(str(value))
+    except ValueError:
+        fraction = -1.0
+    if isinstance(value, bool) or not 0.05 <= fraction <= 0.95:
+        raise SiteConfigError(f"node_config {TEST_FRACTION} must be a number from 0.05 to 0.95")
+    return fraction
+
+
+def _protocol(value: object) -> str:
+    """The site's row protocol (node_config ``protocol``), ``default`` when not set."""
+    protocol = "default" if value is None else str(value)
+    if protocol not in PROTOCOLS:
+        raise SiteConfigError(f"node_config {PROTOCOL} must be one of {', '.join(PROTOCOLS)}")
+    return protocol
 
 
 def _optional_path(ref: object, base: Path) -> Path | None:

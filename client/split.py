@@ -1,9 +1,12 @@
-"""A site's fixed, seeded, stratified split of its rows into training and held-out sets."""
+"""A site's split of its rows into training and held-out sets: keyed at a deployed site."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +16,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("default", "flamby")
 FLAMBY_TRAIN_FRACTION = 0.66
+SPLIT_KEY = "split.key"
 
 
 @dataclass(frozen=True)
@@ -109,3 +113,54 @@ def split_site(
         )
     log.debug("split: %d train, %d held-out rows", len(train), len(test))
     return Split(train=np.sort(rows[train]), test=np.sort(rows[test]))
+
+
+def split_key(site_dir: str | Path) -> bytes:
+    """The site's secret split key (``site-dir/split.key``, 0600), created once.
+
+    Only the site knows it, so no value the coordinator sends can choose which rows are
+    held out. Losing it re-draws the split (held-out rows may then be trained on).
+    """
+    from shared.crypto import load_or_create_key
+
+    return load_or_create_key(Path(site_dir) / SPLIT_KEY)
+
+
+def keyed_split(data: SiteData, key: bytes, test_fraction: float, protocol: str = "default"
+                ) -> Split:
+    """A deployed site's split: each row held out by a keyed hash of its own cells.
+
+    Row ``i`` is held out when ``HMAC-SHA256(key, row_digests[i])``, read as a number in
+    [0, 1), is below ``test_fraction``. A row's side depends on that row alone: a patient
+    added to the file leaves every other row where it was, so two versions of the file never
+    give training sets that differ by more than their added or removed rows, and a held-out
+    patient stays held out (the differential-privacy accounting counts on the first; the
+    honest evaluation on the second). The held-out share is ``test_fraction`` on average,
+    not exactly, and not stratified. Under ``protocol = "flamby"`` the rows FLamby keeps are
+    split the same way.
+
+    Parameters
+    ----------
+    data : SiteData
+        The validated file (with its ``row_digests``).
+    key : bytes
+        The site's secret (:func:`split_key`).
+    test_fraction : float
+        The site's held-out share.
+    protocol : {"default", "flamby"}
+        Which rows take part (:func:`protocol_rows`).
+
+    Returns
+    -------
+    Split
+        Indices into the site's rows.
+    """
+    rows = protocol_rows(data, protocol)
+    if len(data.row_digests) != data.n_rows:
+        raise ValueError("the site data carry no row digests: read them with client.data")
+    scale = float(2 ** 64)
+    held = np.array([
+        int.from_bytes(hmac.new(key, data.row_digests[i], hashlib.sha256).digest()[:8], "big")
+        / scale < test_fraction for i in rows], dtype=bool)
+    log.debug("keyed split: %d train, %d held-out rows", int((~held).sum()), int(held.sum()))
+    return Split(train=np.sort(rows[~held]), test=np.sort(rows[held]))

@@ -61,10 +61,13 @@ def absolute_round(config: Mapping[str, Any] | None) -> int | None:
 # The train config key telling a site which kind of training round it is asked for.
 STRATEGY = "strategy"
 STATS_EXTRA = (NUM_EXAMPLES, "n-test", "label-negative", "label-positive")
+# 1.0 in an adapt or evaluate reply of a site that answers only under differential privacy:
+# its scores stay at the site, the reply carries nothing else.
+WITHHELD = "withheld"
 ADAPT_METRICS = (
-    NUM_EXAMPLES, "applied", "strength", "source-weight", "cv-log-loss-source", "cv-log-loss",
-    "cv-log-loss-se", "cv-auc-source", "cv-auc", "cv-log-loss-local", "cv-auc-local", "folds",
-    "candidates", "test-auc", "test-log-loss",
+    WITHHELD, NUM_EXAMPLES, "applied", "strength", "source-weight", "cv-log-loss-source",
+    "cv-log-loss", "cv-log-loss-se", "cv-auc-source", "cv-auc", "cv-log-loss-local",
+    "cv-auc-local", "folds", "candidates", "test-auc", "test-log-loss",
 )
 METHODS = ("local", "source", "adapted")
 # Per method, on the held-out rows: discrimination, accuracy at 0.5, proper scores, and the
@@ -76,7 +79,7 @@ RELIABILITY = ("rel_predicted", "rel_observed", "rel_rows")
 PAIRS = (("adapted", "local"), ("adapted", "source"), ("local", "source"))
 PAIR_KEYS = tuple(f"diff.{a}-{b}.{k}" for a, b in PAIRS for k in ("auc", "auc_lo", "auc_hi"))
 EVALUATE_METRICS = (
-    NUM_EXAMPLES, "n-train", "n-test", "positives-test", "correction-applied",
+    WITHHELD, NUM_EXAMPLES, "n-train", "n-test", "positives-test", "correction-applied",
     "correction-strength", "correction-fallback", "source-weight",
     *(f"{m}.{k}" for m in METHODS for k in (*METRIC_NAMES, *RELIABILITY)),
     *PAIR_KEYS,

@@ -104,11 +104,16 @@ class InProcessGrid(Grid):
 def manifest_contexts(manifest: Manifest, out: Path, run_config: dict[str, Any]) -> dict[
     int, Context
 ]:
-    """One deployment-style ``Context`` per site of a manifest (node ids 101, 102, ...)."""
+    """One deployment-style ``Context`` per site of a manifest (node ids 101, 102, ...).
+
+    The sites are simulated (``simulated = true`` in their node config): the researcher owns
+    every one, so they follow the run's split settings, as a simulation's sites do.
+    """
     contexts = {}
     for i, site in enumerate(manifest.sites):
         node = 101 + i
         node_config: dict[str, Any] = {
+            "simulated": True,
             "data-file": str(site.data_file),
             "site-name": site.name,
             "site-features": ",".join(site.site_features),
@@ -116,6 +121,8 @@ def manifest_contexts(manifest: Manifest, out: Path, run_config: dict[str, Any])
                 site.site_dir if site.site_dir != Path() else out / "sites" / site.name
             ),
         }
+        if site.policy is not None:
+            node_config["policy"] = str(site.policy)
         contexts[node] = Context(run_id=1, node_id=node, node_config=node_config,
                                  state=RecordDict(), run_config=run_config)
     return contexts

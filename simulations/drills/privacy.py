@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from client.privacy import LEDGER
+from client.ledger import LEDGER
 from client.site import read_manifest, write_manifest
 from shared.settings import RunSettings
 from simulations.drills.base import DrillResult, drill, simulate_with_faults

@@ -43,7 +43,9 @@ def test_approved_bundle_passes_and_one_byte_changed_is_refused(tmp_path: Path) 
     assert not verdict.approved and verdict.sha256 == _sha(bad)
     assert verdict.reason == (
         f"[site north] refused by policy rule 'approved-apps': app bundle sha256 {_sha(bad)} "
-        f"is not approved; review it and add the hash to approved-apps in {policy.resolve()}")
+        "is not approved; review it and add its hash to the site's approved-apps")
+    # The policy file is named in the site's log only, never in what the coordinator gets.
+    assert verdict.note == f"policy {policy.resolve()}"
 
 
 def test_hash_is_computed_from_the_bytes_not_taken_from_the_bundle(tmp_path: Path) -> None:
@@ -55,6 +57,8 @@ def test_hash_is_computed_from_the_bytes_not_taken_from_the_bundle(tmp_path: Pat
     # The approved bytes under another name (Flower loads the app from the named folder).
     verdict = check_bundle(good, _sha(bad), "north", policy)
     assert not verdict.approved and "must be named by its own hash" in verdict.reason
+    # Exactly: Flower names the app's folder by the stated hash's first characters.
+    assert not check_bundle(good, _sha(good).upper(), "north", policy).approved
 
 
 def test_policy_without_approved_apps_runs_any_bundle(tmp_path: Path) -> None:
@@ -71,7 +75,8 @@ def test_missing_or_broken_policy_refuses(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text('approved-apps = ["not-a-hash"]\n', encoding="utf-8")
     verdict = check_bundle(content, _sha(content), "north", broken)
-    assert not verdict.approved and f"{broken.resolve()}:1:1" in verdict.reason
+    assert not verdict.approved and "policy file cannot be used" in verdict.reason
+    assert f"{broken.resolve()}:1:1" in verdict.note and str(tmp_path) not in verdict.reason
 
 
 def test_command_line_policy_wins_over_node_config(tmp_path: Path) -> None:
@@ -94,6 +99,7 @@ def test_gate_refuses_before_install_and_replies_refused(
     """Flower's ClientApp process, behind the gate: a refused bundle is never installed.
 
     The refusal is built by the site's one reply builder and is in the site's audit log.
+    The approved path (install, check, load) is in test_approved_app_load.py.
     """
     from flwr.app import Context, Message, RecordDict
     from flwr.supercore.fab import Fab
@@ -105,7 +111,6 @@ def test_gate_refuses_before_install_and_replies_refused(
     good, bad = _bundle("x = 0\n"), _bundle("x = 1\n")
     pushed: list[Message] = []
     installed: list[bytes] = []
-    pulled: list[bytes] = [bad]
     msg = Message(content=RecordDict(), dst_node_id=7, message_type=STATS)
     site_dir = tmp_path / "site"
     context = Context(run_id=7, node_id=7, node_config={
@@ -113,14 +118,18 @@ def test_gate_refuses_before_install_and_replies_refused(
         "site-dir": str(site_dir)}, state=RecordDict(), run_config={})
 
     def fake_pull(client: Any) -> Any:
-        return msg, context, "run", Fab(_sha(pulled[0]), pulled[0], {})
+        return msg, context, "run", Fab(_sha(bad), bad, {})
+
+    def fake_install(fab_file: bytes, install_dir: Path | None = None,
+                     skip_prompt: bool = False) -> Path:
+        installed.append(fab_file)
+        return tmp_path
 
     monkeypatch.setattr(flwr_runtime, "pull_task_input", fake_pull)
-    monkeypatch.setattr(flwr_runtime, "install_from_fab", lambda c, **_: installed.append(c))
+    monkeypatch.setattr(flwr_runtime, "install_from_fab", fake_install)
     monkeypatch.setattr(flwr_runtime, "push_message", lambda _c, m, _x: pushed.append(m))
-    forgotten: list[set[str]] = []  # not this test process's own `client` modules
-    monkeypatch.setattr("client.approved_app._forget_modules", forgotten.append)
-    with gate(_policy(tmp_path, _sha(good))) as approved:
+    policy = _policy(tmp_path, _sha(good))
+    with gate(policy) as state:
         with pytest.raises(AppRefused, match=_sha(bad)):
             flwr_runtime.pull_task_input(cast(Any, None))
         (reply,) = pushed
@@ -128,18 +137,16 @@ def test_gate_refuses_before_install_and_replies_refused(
         assert _sha(bad) in str(reply.error.reason)
         assert str(reply.error.reason).startswith(
             "[site north] refused by policy rule 'approved-apps': app bundle sha256")
+        assert str(tmp_path) not in str(reply.error.reason)  # nor the policy file's path
         assert reply.metadata.reply_to_message_id == msg.metadata.message_id
         (entry,) = read_audit(site_dir).entries
         assert entry["status"] == "refused" and _sha(bad) in entry["error"]["reason"]
         # Fail closed: installing what the check did not approve is refused too.
         with pytest.raises(AppRefused, match="not checked"):
             flwr_runtime.install_from_fab(bad, skip_prompt=True)
-        assert installed == [] and approved == []
-        pulled[0] = good
-        flwr_runtime.pull_task_input(cast(Any, None))
-        flwr_runtime.install_from_fab(good, skip_prompt=True)
-        assert installed == [good] and approved == [_sha(good)] and forgotten == [{"client"}]
+        assert installed == [] and state.approved == [] and state.task is None
     assert flwr_runtime.pull_task_input is fake_pull  # restored
+    assert flwr_runtime.install_from_fab is fake_install
 
 
 def test_forget_modules_drops_only_the_bundles_packages(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,11 +202,13 @@ def test_deployed_sites_refuse_unapproved_bundle(tmp_path: Path, no_leftovers: N
     # Every site said it, with the hash, in its log and in its reply.
     assert set(seen["site_logs"]) == {"hospital-a", "hospital-b"}
     assert all(any(bad in line for line in lines) for lines in seen["site_logs"].values())
-    # Nothing of the refused bundle at the sites; the approved one was installed and ran.
+    # Nothing of the refused bundle at the sites; the approved one ran, its own code.
     assert seen["markers_after_unapproved"] == []
     assert seen["markers"] == ["imported"]
-    for apps in seen["installed"].values():
-        assert apps and all(seen["approved_hash"][:8] in a for a in apps)
+    # Each task installs into a Flower home of its own, removed when it ends: nothing is left
+    # in the site's FLWR_HOME/apps for a later run to load.
+    assert seen["installed_after_unapproved"] == seen["installed"] == {
+        "hospital-a": [], "hospital-b": []}
     # The hash fedadapt computes is the one Flower's `flwr run` sent (SuperLink's record).
     assert {r["fab-hash"] for r in seen["runs"]} == {bad, seen["approved_hash"]}
     assert seen["report"]["rounds"]

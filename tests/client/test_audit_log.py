@@ -169,7 +169,8 @@ def test_a_reply_that_cannot_be_audited_is_not_sent(
     assert reply.error.code == protocol.SITE_ERROR
     reason = str(reply.error.reason)
     assert reason.startswith("[site canary-site] AuditLogError: cannot write the audit log "
-                             f"{audit_file} (")
+                             "<site-dir>/audit.jsonl (")
+    assert str(tmp_path) not in reason  # the site's paths stay at the site
     assert reason.endswith("the stats reply was not sent")
     assert wire_bytes(reply) < 400  # a short error, not the stats (about 1.2 kB)
     for canary in (str(CANARY_WEIGHT), str(CANARY_GLUCOSE), CANARY_TEXT):

@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client import privacy
+from client.contract import ContractError, DPRequest, TrainRequest, parse
 from client.data import read_site_data
 from client.jobs import SiteRows, newton_job, train_job
-from client.policy import PolicyRefusal
+from client.ledger import LEDGER
+from client.policy import NO_POLICY, PolicyRefusal
 from client.site import SiteSettings
 from client.split import split_site
 from client.train import clipped_sum, dp_schedule, train_local_dp
@@ -131,8 +135,20 @@ def test_noisy_newton_direction_is_a_descent_direction_for_an_indefinite_hessian
     assert np.all(np.isfinite(step))
 
 
-def _dp(epsilon: float = 3.0, rounds: int = 4) -> privacy.DPConfig:
-    return privacy.DPConfig(epsilon, 1e-5, 1.0, rounds)
+def _dp(epsilon: float = 3.0, rounds: int = 4) -> DPRequest:
+    return DPRequest("record", epsilon, 1e-5, 1.0, rounds)
+
+
+def _train(rows: SiteRows, arrays: ArrayRecord, config: dict[str, Any], run_id: int = 7
+           ) -> TrainRequest:
+    """The train message a coordinator sends, as the site parses it."""
+    msg = Message(content=RecordDict({protocol.ARRAYS: arrays,
+                                      protocol.CONFIG: ConfigRecord(config)}),
+                  dst_node_id=1, message_type=protocol.TRAIN)
+    msg.metadata.__dict__["_run_id"] = run_id
+    request = parse("train", msg, rows.site, 10.0)
+    assert isinstance(request, TrainRequest)
+    return request
 
 
 def test_ledger_persists_across_runs_and_refuses_beyond_the_budget(tmp_path: Path) -> None:
@@ -143,9 +159,9 @@ def test_ledger_persists_across_runs_and_refuses_beyond_the_budget(tmp_path: Pat
         spend = privacy.charge(tmp_path, "a", 11, f"0/{rnd}", plan, dp, (3.0, "dp-epsilon"),
                                5.0)
     assert spend.epsilon <= 3.0 and spend.epsilon == pytest.approx(3.0, abs=0.05)
-    ledger = json.loads((tmp_path / privacy.LEDGER).read_text())
+    ledger = json.loads((tmp_path / LEDGER).read_text())
     assert ledger["runs"]["11"]["history"] == [[plan.noise_multiplier, 1.0, 4]]
-    assert (tmp_path / privacy.LEDGER).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / LEDGER).stat().st_mode & 0o777 == 0o600
     # A fifth round of run 11 would exceed its own budget.
     with pytest.raises(PolicyRefusal) as err:
         privacy.charge(tmp_path, "a", 11, "0/5", plan, dp, (3.0, "dp-epsilon"), 5.0)
@@ -158,17 +174,17 @@ def test_ledger_persists_across_runs_and_refuses_beyond_the_budget(tmp_path: Pat
                                         (3.0, "dp-epsilon"), 5.0).total)
     assert err.value.rule == "max-epsilon-total"
     assert 1 <= len(spent) < 4 and spent[-1] <= 5.0
-    assert "12" in json.loads((tmp_path / privacy.LEDGER).read_text())["runs"]
-    after = json.loads((tmp_path / privacy.LEDGER).read_text())
+    assert "12" in json.loads((tmp_path / LEDGER).read_text())["runs"]
+    after = json.loads((tmp_path / LEDGER).read_text())
     assert after["runs"]["12"]["epsilon"] == pytest.approx(spent[-1] - 3.0, abs=0.05)
     assert after["total-epsilon"] == pytest.approx(spent[-1])
 
 
 def test_unreadable_ledger_stops_dp_training(tmp_path: Path) -> None:
     """A damaged ledger is never taken for an empty one."""
-    (tmp_path / privacy.LEDGER).write_text("{not json")
+    (tmp_path / LEDGER).write_text("{not json")
     dp = _dp()
-    with pytest.raises(ValueError, match="privacy ledger"):
+    with pytest.raises(PolicyRefusal, match="ledger is unreadable"):
         privacy.charge(tmp_path, "a", 1, "0/1", privacy.plan_round(dp, 3.0, 1.0, 1), dp,
                        (3.0, "dp-epsilon"), math.inf)
 
@@ -180,8 +196,8 @@ def site_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[SiteRows, dict[
     generate(out, n_sites=4, seed=42)
     data = read_site_data(out / "hospital-a.csv", SCHEMA, [])
     split = split_site(data, seed=42)
-    site = SiteSettings("hospital-a", out / "hospital-a.csv", (), out / "site-a")
-    rows = SiteRows(site, SCHEMA, data, split)
+    site = SiteSettings("hospital-a", out / "hospital-a.csv", (), out / "site-a", simulated=True)
+    rows = SiteRows(site, SCHEMA, data, split, NO_POLICY, 42)
     prep = TabularPreprocessor(features=list(SCHEMA.shared_features)).fit(
         rows.shared.iloc[split.train])
     config = {"schema": "synthetic", "schema-digest": SCHEMA.digest(), "protocol": "default",
@@ -205,6 +221,7 @@ def _same(a: Any, b: Any) -> bool:
 @pytest.mark.parametrize("model", ["logreg", "mlp"])
 def test_dp_off_is_bit_identical_to_a_config_without_dp(
     site_rows: tuple[SiteRows, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, model: str,
+    task_identity: None,
 ) -> None:
     """With dp = "off" (every dp key set) training is exactly as before the keys existed.
 
@@ -219,18 +236,20 @@ def test_dp_off_is_bit_identical_to_a_config_without_dp(
     monkeypatch.setattr(privacy, "prepare_round", never)
     off = {**config, "dp": "off", "dp-epsilon": 3.0, "dp-delta": 1e-5, "dp-clip": 1.0,
            "num-server-rounds": 30, "repeats": 1}
-    a, ma = train_job(rows, _arrays(config, rows, model), config)
-    b, mb = train_job(rows, _arrays(config, rows, model), off, run_id=9)
+    start = _arrays(config, rows, model)
+    a, ma = train_job(rows, _train(rows, start, config))
+    b, mb = train_job(rows, _train(rows, start, off, run_id=9))
     assert _same(a, b) and ma == mb
     if model == "logreg":
-        a, ma = newton_job(rows, _arrays(config, rows), {**config, "strategy": "newton"})
-        b, mb = newton_job(rows, _arrays(config, rows), {**off, "strategy": "newton"}, run_id=9)
+        start = _arrays(config, rows)
+        a, ma = newton_job(rows, _train(rows, start, {**config, "strategy": "newton"}))
+        b, mb = newton_job(rows, _train(rows, start, {**off, "strategy": "newton"}, 9))
         assert _same(a, b) and ma == mb
-    assert not (rows.site.site_dir / privacy.LEDGER).exists()
+    assert not (rows.site.site_dir / LEDGER).exists()
 
 
 def test_dp_rounds_reply_with_their_epsilon_and_stop_at_the_budget(
-    site_rows: tuple[SiteRows, dict[str, Any]], tmp_path: Path,
+    site_rows: tuple[SiteRows, dict[str, Any]], tmp_path: Path, task_identity: None,
 ) -> None:
     """Newton and DP-SGD rounds with dp = record reply with the epsilon spent so far.
 
@@ -238,33 +257,33 @@ def test_dp_rounds_reply_with_their_epsilon_and_stop_at_the_budget(
     refused with the rule named.
     """
     rows, config = site_rows
-    rows = SiteRows(SiteSettings("hospital-a", rows.site.data_file, (), tmp_path / "site"),
-                    rows.schema, rows.data, rows.split)
+    rows = SiteRows(SiteSettings("hospital-a", rows.site.data_file, (), tmp_path / "site",
+                                 simulated=True), rows.schema, rows.data, rows.split, NO_POLICY, 42)
     dp = {**config, "dp": "record", "dp-epsilon": 2.0, "dp-delta": 1e-5, "dp-clip": 1.0,
           "num-server-rounds": 2, "repeats": 1}
-    exact, _ = newton_job(rows, _arrays(config, rows), {**config, "strategy": "newton"})
+    start = _arrays(config, rows)
+    exact, _ = newton_job(rows, _train(rows, start, {**config, "strategy": "newton"}))
     eps = []
     for rnd in (1, 2):
-        arrays, metrics = newton_job(rows, _arrays(config, rows),
-                                     {**dp, "strategy": "newton", "server-round": rnd}, run_id=7)
+        arrays, metrics = newton_job(rows, _train(
+            rows, start, {**dp, "strategy": "newton", "server-round": rnd}, run_id=7))
         assert set(metrics) == {*protocol.NEWTON_METRICS, *protocol.DP_METRICS}
         assert not np.array_equal(arrays[newton.GRAD].numpy(), exact[newton.GRAD].numpy())
         eps.append(float(metrics["dp-epsilon"]))  # type: ignore[arg-type]
     assert eps[0] < eps[1] <= 2.0 and eps[1] == pytest.approx(2.0, abs=0.05)
     with pytest.raises(PolicyRefusal) as err:
-        newton_job(rows, _arrays(config, rows), {**dp, "strategy": "newton", "server-round": 3},
-                   run_id=7)
+        newton_job(rows, _train(rows, start, {**dp, "strategy": "newton", "server-round": 3},
+                                run_id=7))
     assert err.value.rule == "dp-epsilon"
     # DP-SGD in another run, mini-batches of 32 (Poisson sampled).
     sgd = {**dp, "batch-size": 32, "num-server-rounds": 3}
-    start = _arrays(config, rows)
-    arrays, metrics = train_job(rows, start, sgd, run_id=8)
+    arrays, metrics = train_job(rows, _train(rows, start, sgd, run_id=8))
     assert set(metrics) == {*protocol.TRAIN_METRICS, *protocol.DP_METRICS}
     assert metrics["train-loss"] == metrics["global-loss"] == 0.0  # withheld under DP
     spent = float(metrics["dp-epsilon"])  # type: ignore[arg-type]
     assert 0 < spent < 2.0
     assert not _same(arrays, start)
-    ledger = json.loads((rows.site.site_dir / privacy.LEDGER).read_text())
+    ledger = json.loads((rows.site.site_dir / LEDGER).read_text())
     q, steps = dp_schedule(len(rows.split.train), 32, 2)
     assert ledger["runs"]["8"]["history"][0][1:] == [q, steps]
     assert ledger["total-epsilon"] == pytest.approx(eps[1] + spent)
@@ -289,8 +308,9 @@ def test_client_level_dp_has_no_record_level_accounting() -> None:
     assert RunSettings.from_run_config({"dp": "client"}).training == "fedavg"
     with pytest.raises(SettingsError, match="dp = client"):
         RunSettings.from_run_config({"dp": "client", "strategy": "newton"})
-    with pytest.raises(SettingsError, match="clips FedAvg"):
-        privacy.dp_config({"dp": "client"})
+    rows = SimpleNamespace(dp=DPRequest("client", 3.0, 1e-5, 1.0, 30))
+    with pytest.raises(ContractError, match="not a record-level DP round"):
+        privacy.prepare_round(None, NO_POLICY, rows, 1.0, 1)  # type: ignore[arg-type]
 
 
 def test_report_shows_each_site_s_epsilon_per_round_and_its_stop() -> None:
@@ -311,17 +331,15 @@ def test_report_shows_each_site_s_epsilon_per_round_and_its_stop() -> None:
 
 
 def test_a_round_of_no_steps_is_refused_before_it_is_charged(
-    site_rows: tuple[SiteRows, dict[str, Any]], tmp_path: Path,
+    site_rows: tuple[SiteRows, dict[str, Any]], tmp_path: Path, task_identity: None,
 ) -> None:
     """local-epochs 0 or below is a settings error, and the privacy ledger stays untouched."""
     rows, config = site_rows
-    rows = SiteRows(SiteSettings("hospital-a", rows.site.data_file, (), tmp_path / "site"),
-                    rows.schema, rows.data, rows.split)
-    from shared.settings import SettingsError
-
+    rows = SiteRows(SiteSettings("hospital-a", rows.site.data_file, (), tmp_path / "site",
+                                 simulated=True), rows.schema, rows.data, rows.split, NO_POLICY, 42)
     dp = {**config, "dp": "record", "dp-epsilon": 1.0, "dp-delta": 1e-5, "dp-clip": 1.0,
           "num-server-rounds": 2, "repeats": 1, "server-round": 1}
     for epochs in (0, -2):
-        with pytest.raises(SettingsError, match="local-epochs must be at least 1"):
-            train_job(rows, _arrays(config, rows), {**dp, "local-epochs": epochs}, run_id=9)
-    assert not (rows.site.site_dir / privacy.LEDGER).exists()
+        with pytest.raises(ContractError, match=r"local-epochs = .* is outside"):
+            train_job(rows, _train(rows, _arrays(config, rows), {**dp, "local-epochs": epochs}))
+    assert not (rows.site.site_dir / LEDGER).exists()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import app as client_app
-from client.policy import NO_POLICY, PolicyError, PolicyRefusal, admit, read_policy
+from client.contract import DPRequest
+from client.ledger import LEDGER
+from client.policy import DEPLOYED, NO_POLICY, PolicyError, PolicyRefusal, admit, read_policy
+from client.site import SiteSettings
 from shared import protocol
 from shared.schema import load_schema
 from simulations.generator import generate
@@ -46,11 +52,37 @@ delta = 1e-6
     assert "at most 12 rounds" in text and "epsilon 8 over all runs" in text
 
 
-def test_an_empty_policy_allows_everything(tmp_path: Path) -> None:
-    """An empty file is the same as no policy: every phase, no minimum, no budget."""
-    policy = read_policy(_write(tmp_path, "# nothing restricted\n"))
-    assert policy.phases == NO_POLICY.phases and policy.min_rows == 0
-    assert math.isinf(policy.max_epsilon_total) and policy.approved_apps == ()
+def test_an_empty_policy_takes_the_defaults_of_where_the_site_is(tmp_path: Path) -> None:
+    """Empty at a simulated site: no policy. Empty at a deployed site: the safe defaults."""
+    path = _write(tmp_path, "# nothing restricted\n")
+    simulated = read_policy(path, deployed=False)
+    assert simulated.phases == NO_POLICY.phases and simulated.min_rows == 0
+    assert math.isinf(simulated.max_epsilon_total) and simulated.approved_apps == ()
+    assert not simulated.require_dp
+    deployed = read_policy(path)
+    assert deployed.require_dp and deployed == replace(DEPLOYED, path=path.resolve())
+    assert math.isfinite(deployed.max_epsilon_run) and math.isfinite(deployed.max_epsilon_total)
+    opened = read_policy(_write(tmp_path, "require-dp = false\n"))
+    assert not opened.require_dp and opened.min_rows == DEPLOYED.min_rows
+
+
+@pytest.mark.parametrize("text", [
+    "require-dp = true\nmax-epsilon-run = inf\n",
+    "require-dp = true\nmax-epsilon-total = inf\n",
+])
+def test_requiring_dp_without_finite_caps_is_an_error(tmp_path: Path, text: str) -> None:
+    """require-dp with an infinite cap would accept any epsilon the coordinator asks for."""
+    with pytest.raises(PolicyError, match="require-dp needs a finite"):
+        read_policy(_write(tmp_path, text), deployed=False)
+
+
+def test_the_input_bound_must_be_finite_and_positive(tmp_path: Path) -> None:
+    """It is what keeps every number the site computes finite."""
+    with pytest.raises(PolicyError, match="input-bound must be finite"):
+        read_policy(_write(tmp_path, "input-bound = inf\n"))
+    with pytest.raises(PolicyError, match="input-bound must be positive"):
+        read_policy(_write(tmp_path, "input-bound = 0\n"))
+    assert read_policy(_write(tmp_path, "input-bound = 4\n")).input_bound == 4.0
 
 
 @pytest.mark.parametrize(("text", "where", "words"), [
@@ -90,20 +122,33 @@ def test_a_policy_file_in_another_encoding_names_where_and_what_to_do(tmp_path: 
         read_policy(tmp_path)
 
 
+def _round(dp: DPRequest | None) -> Any:
+    """What admit reads of a parsed train message: its DP request."""
+    return SimpleNamespace(dp=dp)
+
+
+def _site(tmp_path: Path, simulated: bool = False) -> SiteSettings:
+    return SiteSettings("site-a", tmp_path / "data.csv", (), tmp_path / "site",
+                        simulated=simulated)
+
+
 def test_training_rules_are_refused_with_the_rule_named(tmp_path: Path) -> None:
-    """Rounds beyond max-rounds, DP required but off, a run's epsilon above the policy's."""
+    """DP required but off, a run's epsilon above the policy's, a larger delta, max-rounds."""
     policy = read_policy(_write(tmp_path, "max-rounds = 3\nrequire-dp = true\n"
-                                          "max-epsilon-run = 2\n"))
-    dp = {"dp": "record", "dp-epsilon": 1.0, "dp-delta": 1e-5}
-    admit(policy, "train", {**dp, "server-round": 3})  # accepted
-    cases = [({**dp, "server-round": 2, "round-offset": 2}, "max-rounds"),
-             ({"dp": "off", "server-round": 1}, "require-dp"),
-             ({**dp, "dp-epsilon": 3.0, "server-round": 1}, "max-epsilon-run"),
-             ({**dp, "dp-delta": 1e-3, "server-round": 1}, "delta")]
-    for config, rule in cases:
+                                          "max-epsilon-run = 2\nmax-epsilon-total = 5\n"))
+    site = _site(tmp_path)
+    dp = DPRequest("record", 1.0, 1e-5, 1.0, 30)
+    cases = [(None, "require-dp"), (replace(dp, mode="client"), "require-dp"),
+             (replace(dp, epsilon=3.0), "max-epsilon-run"), (replace(dp, delta=1e-3), "delta")]
+    for request, rule in cases:
         with pytest.raises(PolicyRefusal) as err:
-            admit(policy, "train", config)
+            admit(policy, "train", _round(request), site)
         assert err.value.rule == rule
+    for _ in range(3):
+        admit(policy, "train", _round(dp), site)  # refusals above were not counted
+    with pytest.raises(PolicyRefusal) as err:
+        admit(policy, "train", _round(dp), site)
+    assert err.value.rule == "max-rounds"
 
 
 def _context(tmp_path: Path, policy: str, rows: int = 0) -> Context:
@@ -155,7 +200,7 @@ def test_a_feature_observed_in_too_few_rows_refuses_the_stats_reply(
     tmp_path: Path, task_identity: None
 ) -> None:
     """Enough rows, but a feature's sum over too few observed values: the reply is refused."""
-    ctx = _context(tmp_path, "min-rows = 20\n", rows=300)
+    ctx = _context(tmp_path, "min-rows = 20\nrequire-dp = false\n", rows=300)
     data = Path(str(ctx.node_config["data-file"]))
     lines = data.read_text().splitlines()
     col = lines[0].split(",").index("systolic_bp")
@@ -169,7 +214,8 @@ def test_a_feature_observed_in_too_few_rows_refuses_the_stats_reply(
     reply = _stats(ctx)
     assert reply.has_error() and reply.error.code == protocol.REFUSED
     assert "feature 'systolic_bp'" in str(reply.error.reason)
-    assert _stats(_context(tmp_path / "ok", "min-rows = 20\n", rows=300)).has_content()
+    assert _stats(_context(tmp_path / "ok", "min-rows = 20\nrequire-dp = false\n",
+                           rows=300)).has_content()
 
 
 def test_the_site_executor_s_policy_is_the_one_the_clientapp_applies(
@@ -189,17 +235,19 @@ def test_the_site_executor_s_policy_is_the_one_the_clientapp_applies(
     assert _stats(ctx).has_error()  # no policy in node_config: the executor's still applies
 
 
-def test_max_rounds_counts_the_rounds_the_site_admitted_not_the_numbers_it_is_sent(
+def test_max_rounds_counts_every_round_the_site_took_part_in_over_all_runs(
     tmp_path: Path,
 ) -> None:
-    """Round numbers, repeats or offsets chosen by the coordinator cannot buy more rounds."""
-    policy = read_policy(_write(tmp_path, "max-rounds = 2\n"))
-    state = RecordDict()
-    admit(policy, "train", {"server-round": 1}, state)
-    admit(policy, "train", {"server-round": 1, "repeat": 1}, state)
-    for config in ({"server-round": 1}, {"server-round": 2, "round-offset": -1},
-                   {"server-round": 1, "repeat": 2}):
-        with pytest.raises(PolicyRefusal) as err:
-            admit(policy, "train", config, state)
-        assert err.value.rule == "max-rounds"
-    admit(policy, "stats", {}, state)  # other phases are not rounds
+    """Round numbers, repeats, offsets or new runs chosen by the coordinator buy no rounds.
+
+    The count lives in the site's ledger, not in a run's state.
+    """
+    policy = read_policy(_write(tmp_path, "max-rounds = 2\n"), deployed=False)
+    site = _site(tmp_path, simulated=True)
+    admit(policy, "train", _round(None), site)  # run 1
+    admit(policy, "train", _round(None), site)  # run 2, round 1 again
+    with pytest.raises(PolicyRefusal) as err:
+        admit(policy, "train", _round(None), site)  # any later run
+    assert err.value.rule == "max-rounds"
+    admit(policy, "stats", _round(None), site)  # other phases are not rounds
+    assert json.loads((site.site_dir / LEDGER).read_text())["rounds"] == 2

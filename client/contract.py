@@ -1,0 +1,368 @@
+"""What a coordinator may ask of a site: one typed request per message, parsed once, checked.
+
+Every value in a message's config is one of three things here:
+
+- **site-owned, ignored at a deployed site**: which rows are held out (``split-seed``,
+  ``test-fraction``, ``protocol``, ``repeat``) and the seeds of the site's own
+  cross-validation and bootstrap. A deployed site splits with its own secret
+  (``client.split.keyed_split``) and its own held-out share; a simulated site, whose every
+  site the researcher owns, follows the run's settings so that published figures reproduce;
+- **bounded**: the preprocessing and weights are checked here (finite, of the model's
+  shapes, weights at most :data:`MAX_WEIGHT`), and every model input is then clipped into
+  the site's ``input-bound`` (``client.jobs``), so no value the coordinator sends can make
+  one row move an answer further than the site's bounds allow, or make a number overflow;
+- **refused**: anything else out of range, of the wrong type, or unknown to this site
+  (``ContractError``, sent back as an error naming the setting).
+
+The handlers read only these objects, never the raw config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from client.site import SiteSettings
+from shared import protocol
+from shared.preprocessing import TabularPreprocessor
+from shared.schema import BUILTINS, Schema, load_schema
+from shared.settings import MODELS, PROTOCOLS, SettingsError
+
+# Largest absolute weight a site computes with: far above any model fitted on standardised
+# inputs, and small enough that a logit over bounded inputs never overflows.
+MAX_WEIGHT = 1e6
+MAX_HIDDEN_UNITS = 1024
+MAX_EPOCHS = 1000
+MAX_ROUNDS = 100_000
+
+
+class ContractError(SettingsError):
+    """A message asks for something this site does not do; the message names each setting."""
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How the site splits its rows for this message.
+
+    Attributes
+    ----------
+    keyed : bool
+        True at a deployed site: rows held out by the site's secret key.
+    protocol : str
+        Which rows take part (``default`` or ``flamby``).
+    test_fraction : float
+        The held-out share.
+    seed : int or None
+        A simulated site's split seed (the run's); None at a deployed site, whose seeds are
+        derived from its secret key and the data's version.
+    """
+
+    keyed: bool
+    protocol: str
+    test_fraction: float
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Request:
+    """What every message asks: the schema, and the split the site answers on."""
+
+    phase: str
+    schema: Schema
+    split: SplitPlan
+    repeat: int
+    run_id: int
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """The source model a message sends: kind, size, preprocessing and weights, all checked."""
+
+    kind: str
+    hidden_units: int
+    preprocessing: dict[str, Any]
+    arrays: ArrayRecord
+    input_bound: float
+
+    def preprocessor(self, schema: Schema) -> TabularPreprocessor:
+        """The shared preprocessing, rebuilt."""
+        return TabularPreprocessor.from_dict(self.preprocessing, list(schema.shared_features))
+
+    def inputs(self, schema: Schema, shared: Any) -> np.ndarray:
+        """The model's inputs for rows of shared features, clipped into the site's bound."""
+        x = self.preprocessor(schema).transform(shared)
+        return np.clip(x, -self.input_bound, self.input_bound)
+
+
+@dataclass(frozen=True)
+class DPRequest:
+    """What a train message asks of a site's differential privacy.
+
+    Attributes
+    ----------
+    mode : {"record", "client"}
+        Record-level (the site adds the noise) or client-level (the site clips its update).
+    epsilon, delta : float
+        The (epsilon, delta) one run may spend at this site.
+    clip : float
+        The L2 bound of one patient's gradient (record) or of the site's update (client).
+    rounds : int
+        Planned training rounds of the whole run (``num-server-rounds`` x ``repeats``).
+    """
+
+    mode: str
+    epsilon: float
+    delta: float
+    clip: float
+    rounds: int
+
+
+@dataclass(frozen=True)
+class TrainRequest(Request):
+    """One training round."""
+
+    source: SourceModel
+    newton: bool
+    local_epochs: int
+    learning_rate: float
+    batch_size: int
+    weight_decay: float
+    proximal_mu: float
+    round: int | None
+    dp: DPRequest | None
+
+    @property
+    def round_key(self) -> str:
+        """The round's name in the ledger: repeat and absolute round."""
+        return f"{self.repeat}/{self.round or 0}"
+
+
+@dataclass(frozen=True)
+class ModelRequest(Request):
+    """The adapt or evaluate phase: the final source model, and the folds of the site's CV."""
+
+    source: SourceModel
+    cv_folds: int
+
+
+class _Reader:
+    """Typed reads of one config record; every problem is collected, then raised at once."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.problems: list[str] = []
+
+    def get(self, key: str, kind: type, default: Any = None, *, low: float = -math.inf,
+            high: float = math.inf, choices: tuple[str, ...] = ()) -> Any:
+        value = self.config.get(key, default)
+        if value is None:
+            self.problems.append(f"{key} is missing")
+            return default
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            self.problems.append(f"{key} must be {kind.__name__}")
+            return default
+        if kind in (int, float) and not (math.isfinite(value) and low <= value <= high):
+            self.problems.append(f"{key} = {value!r} is outside [{low:g}, {high:g}]")
+            return default
+        if choices and value not in choices:
+            self.problems.append(f"{key} = {value!r} is not one of {', '.join(choices)}")
+            return default
+        return kind(value)
+
+    def done(self, what: str) -> None:
+        if self.problems:
+            raise ContractError(f"the {what} message is refused: " + "; ".join(self.problems))
+
+
+def parse(phase: str, msg: Message, site: SiteSettings, input_bound: float) -> Request:
+    """Parse one message into the typed request its phase handler reads.
+
+    Parameters
+    ----------
+    phase : {"stats", "train", "adapt", "evaluate"}
+        The phase the message's type names.
+    msg : Message
+        The coordinator's message.
+    site : SiteSettings
+        The site (a deployed site owns its split).
+    input_bound : float
+        The site's bound on every model input (its policy's ``input-bound``).
+
+    Returns
+    -------
+    Request
+        ``Request`` (stats), ``TrainRequest`` or ``ModelRequest``.
+
+    Raises
+    ------
+    ContractError
+        Naming every setting that is missing, of the wrong type, or out of range.
+    client.site.SchemaMismatch
+        If the run's schema is not one the site uses.
+    """
+    config = msg.content.config_records.get(protocol.CONFIG) if msg.has_content() else None
+    read = _Reader(config if config is not None else {})
+    schema = _schema(read, site)
+    split = _split(read, site)
+    repeat = read.get("repeat", int, 0, low=0, high=MAX_ROUNDS)
+    common: dict[str, Any] = {"phase": phase, "schema": schema, "split": split,
+                              "repeat": repeat if site.simulated else 0,
+                              "run_id": int(msg.metadata.run_id)}
+    if phase == "stats":
+        read.done(phase)
+        return Request(**common)
+    source = _source(read, msg, schema, input_bound)
+    if phase in ("adapt", "evaluate"):
+        folds = read.get("cv-folds", int, 5, low=2, high=20)
+        read.done(phase)
+        return ModelRequest(**common, source=source, cv_folds=folds)
+    if phase != "train":
+        raise ContractError(f"no message of phase {phase!r} is answered")
+    newton = read.get(protocol.STRATEGY, str, "fedavg") == "newton"
+    if newton and source.kind != "logreg":
+        read.problems.append("a Newton round needs the logistic model (model = logreg)")
+    request = TrainRequest(
+        **common, source=source, newton=newton,
+        local_epochs=read.get("local-epochs", int, 1, low=1, high=MAX_EPOCHS),
+        learning_rate=read.get("learning-rate", float, 0.5, low=1e-12, high=100.0),
+        batch_size=read.get("batch-size", int, 0, low=0, high=2**31),
+        weight_decay=read.get("weight-decay", float, 0.0, low=0.0, high=1e3),
+        proximal_mu=read.get("proximal-mu", float, 0.0, low=0.0, high=1e3),
+        round=protocol.absolute_round(config),
+        dp=_dp(read),
+    )
+    read.done(phase)
+    return request
+
+
+def _schema(read: _Reader, site: SiteSettings) -> Schema:
+    """The schema the site answers in: its own, or a built-in one the run names.
+
+    A deployed site never opens a file the coordinator names; a run's schema must be a
+    built-in one or the one the site itself names (``schema`` in its node config).
+    """
+    from client.site import SchemaMismatch
+
+    named = read.get("schema", str, "")
+    digest = read.get("schema-digest", str, "")
+    if site.schema:
+        schema = load_schema(site.schema)
+    elif site.simulated or named in BUILTINS:
+        schema = load_schema(named)
+    else:
+        raise SchemaMismatch(
+            "the run names a schema file; a deployed site uses a built-in schema or the "
+            "one its own node config names (schema=\"...\"): add it there")
+    if schema.digest() != digest:
+        raise SchemaMismatch(
+            f"the site's schema {schema.name!r} (version {schema.version}) differs from the "
+            "server's: use the same schema file on both sides")
+    return schema
+
+
+def _split(read: _Reader, site: SiteSettings) -> SplitPlan:
+    """The split: the run's at a simulated site, the site's own (keyed) at a deployed one."""
+    if site.deployed:
+        return SplitPlan(keyed=True, protocol=site.protocol,
+                         test_fraction=site.test_fraction, seed=None)
+    return SplitPlan(
+        keyed=False,
+        protocol=read.get("protocol", str, "default", choices=PROTOCOLS),
+        test_fraction=read.get("test-fraction", float, 0.3, low=0.01, high=0.99),
+        seed=read.get("split-seed", int, 0, low=0, high=2**32 - 1),
+    )
+
+
+def _source(read: _Reader, msg: Message, schema: Schema, input_bound: float) -> SourceModel:
+    """The model a message sends, checked: kind, size, preprocessing, finite bounded weights."""
+    kind = read.get("model", str, "logreg", choices=MODELS)
+    hidden = read.get("hidden-units", int, 16, low=1, high=MAX_HIDDEN_UNITS)
+    prep_state: dict[str, Any] = {}
+    names_out: list[str] = []
+    try:
+        prep_state = json.loads(read.get("preprocessing", str, "{}"))
+        names_out = _check_preprocessing(prep_state, schema)
+    except (ValueError, TypeError, KeyError) as err:
+        read.problems.append(f"preprocessing is not usable ({err})")
+    arrays = (msg.content.array_records.get(protocol.ARRAYS) if msg.has_content() else None)
+    if arrays is None:
+        read.problems.append("the message carries no model weights")
+        arrays = ArrayRecord()
+    elif names_out:
+        read.problems += _check_arrays(arrays, _shapes(kind, len(names_out), hidden))
+    return SourceModel(kind, hidden, prep_state, arrays, input_bound)
+
+
+def _check_preprocessing(state: dict[str, Any], schema: Schema) -> list[str]:
+    """The preprocessing's output names, after checking that every number is usable.
+
+    Raises
+    ------
+    ValueError
+        Naming the first problem.
+    """
+    if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+    prep = TabularPreprocessor.from_dict(state, list(schema.shared_features))
+    numeric = [f for f in schema.shared_features if f.kind != "categorical"]
+    if prep.mean_.shape != (len(numeric),) or prep.scale_.shape != (len(numeric),):
+        raise ValueError(f"mean and scale need {len(numeric)} values each")
+    if not (np.isfinite(prep.mean_).all() and np.isfinite(prep.scale_).all()
+            and (prep.scale_ > 0).all()):
+        raise ValueError("means must be finite and scales finite and positive")
+    names = {f.name for f in schema.shared_features}
+    if not set(prep.indicator_features_) <= names:
+        raise ValueError("indicators of unknown features")
+    return list(prep.feature_names_out_)
+
+
+def _shapes(kind: str, n_inputs: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the source model's weights (``shared.source_model``)."""
+    if kind == "logreg":
+        return {"net.weight": (1, n_inputs), "net.bias": (1,)}
+    return {"net.0.weight": (hidden, n_inputs), "net.0.bias": (hidden,),
+            "net.2.weight": (1, hidden), "net.2.bias": (1,)}
+
+
+def _check_arrays(arrays: ArrayRecord, want: dict[str, tuple[int, ...]]) -> list[str]:
+    got = {k: tuple(arrays[k].shape) for k in arrays}
+    if got != want:
+        return [f"the weights {got} are not the source model's {want}"]
+    for name in arrays:
+        values = arrays[name].numpy()
+        if not np.issubdtype(values.dtype, np.floating):
+            return [f"weights {name!r} are not floating-point numbers"]
+        if not np.isfinite(values).all() or np.abs(values).max(initial=0.0) > MAX_WEIGHT:
+            return [f"weights {name!r} must be finite and at most {MAX_WEIGHT:g} in size"]
+    return []
+
+
+def _dp(read: _Reader) -> DPRequest | None:
+    """The train message's DP request; None when it asks for none."""
+    mode = read.get("dp", str, "off", choices=("off", "record", "client"))
+    if mode == "off":
+        return None
+    rounds = (read.get("num-server-rounds", int, 1, low=1, high=MAX_ROUNDS)
+              * read.get("repeats", int, 1, low=1, high=MAX_ROUNDS))
+    clip = read.get("dp-clip", float, 1.0, low=1e-6, high=1e3)
+    flower_clip = read.config.get("clipping_norm")  # Flower's client-side wrapper sends it
+    if flower_clip is not None and flower_clip != clip:
+        read.problems.append("clipping_norm differs from dp-clip")
+    return DPRequest(mode=mode,
+                     epsilon=read.get("dp-epsilon", float, 1.0, low=1e-6, high=1e6),
+                     delta=read.get("dp-delta", float, 1e-5, low=1e-300, high=0.5),
+                     clip=clip, rounds=min(rounds, MAX_ROUNDS))
