@@ -363,6 +363,7 @@ def _dp(read: _Reader) -> DPRequest | None:
     if flower_clip is not None and flower_clip != clip:
         read.problems.append("clipping_norm differs from dp-clip")
     return DPRequest(mode=mode,
-                     epsilon=read.get("dp-epsilon", float, 1.0, low=1e-6, high=1e6),
+                     # Any finite epsilon: the site's policy caps what it accepts.
+                     epsilon=read.get("dp-epsilon", float, 1.0, low=1e-6),
                      delta=read.get("dp-delta", float, 1e-5, low=1e-300, high=0.5),
                      clip=clip, rounds=min(rounds, MAX_ROUNDS))

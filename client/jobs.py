@@ -355,12 +355,34 @@ WITHHELD = ("fitted and kept at the site; its scores are not sent (the site answ
             "under differential privacy)")
 
 
+def withheld(job: Any, rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str, str]]:
+    """Under the policy's ``require-dp``: do ``job`` at the site, send the same reply whatever.
+
+    The adapt and evaluate phases compute, without noise, on the site's rows at weights the
+    coordinator chose: their scores, the model chosen, even whether the work failed, would
+    each tell it something of the rows. The reply is the same constant in every case; the
+    outcome is in the site's log and folder.
+    """
+    try:
+        job(rows, request)
+    except Exception as err:  # the failure stays at the site, as the scores do
+        log.error("site %s: %s failed with %s (kept at the site; the reply says nothing)",
+                  rows.site.name, request.phase, type(err).__name__)
+    return {protocol.WITHHELD: 1.0}, {protocol.CORRECTION_STATUS: WITHHELD}
+
+
 def adapt_job(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str, str]]:
     """Phase 3: choose and fit the site's final model on its training rows; store it sealed.
 
-    Under the policy's ``require-dp`` the cross-validated scores and the choice, computed on
-    the site's rows at weights the coordinator chose without noise, stay at the site.
+    Under the policy's ``require-dp`` the cross-validated scores and the choice stay at the
+    site (:func:`withheld`).
     """
+    if rows.private:
+        return withheld(_adapt, rows, request)
+    return _adapt(rows, request)
+
+
+def _adapt(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str, str]]:
     from client.adapt import fit_correction
     from shared.correction import adapted_logit
     from shared.metrics import binary_metrics, sigmoid
@@ -377,10 +399,7 @@ def adapt_job(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str,
     digest = model_digest(document)
     save_correction(rows.site.site_dir, rows.site.name, digest, correction.to_dict())
     save_source_model(rows.site.site_dir, document)
-    if rows.private:
-        log.info("site %s: model chosen (%s) and kept; scores withheld", rows.site.name,
-                 correction.choice)
-        return {protocol.WITHHELD: 1.0}, {protocol.CORRECTION_STATUS: WITHHELD}
+    log.info("site %s: model chosen: %s", rows.site.name, correction.choice)
     alpha = correction.alpha(x[test], rows.own.iloc[test], rows.site_feature_defs,
                              offset[test])
     held_out = binary_metrics(rows.data.label[test], sigmoid(adapted_logit(offset[test], alpha)))
@@ -419,10 +438,15 @@ def _model_texts(correction: Any, status: str | None = None) -> dict[str, str]:
 def evaluate_job(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str, str]]:
     """Phase 4: held-out metrics of local-only, source and adapted models.
 
-    Kept in the site's folder (``evaluations/``) in every case; sent only when the site does
-    not require differential privacy: they are computed, without noise, on the site's rows at
-    weights the coordinator chose.
+    Kept in the site's folder (``evaluations/``, `fedadapt site-results`) in every case; sent
+    only when the site does not require differential privacy (:func:`withheld`).
     """
+    if rows.private:
+        return withheld(_evaluate, rows, request)
+    return _evaluate(rows, request)
+
+
+def _evaluate(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str, str]]:
     from client.local_model import fit_predict_local
     from shared.correction import Correction, adapted_logit
     from shared.metrics import binary_metrics, paired_auc_difference, reliability, sigmoid
@@ -481,20 +505,16 @@ def evaluate_job(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[s
                         f"diff.{a}-{b}.auc_hi": high})
     texts = _model_texts(correction, status)
     keep_evaluation(rows, request, metrics, texts)
-    if rows.private:
-        return {protocol.WITHHELD: 1.0}, {protocol.CORRECTION_STATUS: WITHHELD}
     return metrics, texts
-
-
-EVALUATIONS = "evaluations"
 
 
 def keep_evaluation(rows: SiteRows, request: ModelRequest, metrics: Metrics,
                     texts: dict[str, str]) -> Path:
     """Keep a run's held-out results in the site's folder (0600), for the site's own eyes."""
+    from client.results import FOLDER
     from shared.files import ensure_private_dir, write_atomically
 
-    folder = ensure_private_dir(rows.site.site_dir / EVALUATIONS)
+    folder = ensure_private_dir(rows.site.site_dir / FOLDER)
     path = folder / f"run-{request.run_id}-repeat-{request.repeat + 1}.json"
     document = {"run": request.run_id, "repeat": request.repeat, "site": rows.site.name,
                 "metrics": {k: _plain(v) for k, v in metrics.items()}, **texts}

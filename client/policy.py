@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import textwrap
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -228,8 +229,8 @@ def check_reply_rows(policy: Policy, reply: Message) -> None:
     PolicyRefusal
         With rule ``min-rows``.
     """
-    if not policy.min_rows or not reply.has_content():
-        return
+    if not policy.min_rows or policy.require_dp or not reply.has_content():
+        return  # under require-dp the counts are noisy releases: DP, not min-rows, guards them
     for record in reply.content.metric_records.values():
         for key, value in record.items():
             if key.endswith(".count") and isinstance(value, list):
@@ -406,6 +407,31 @@ def site_policy(site: SiteSettings, state: RecordDict | None = None) -> Policy:
     if site.deployed and not policy.require_dp:
         _once(state, OPEN_SAID, logging.WARNING, OPEN_WARNING)
     return policy
+
+
+def policy_text(policy: Policy = DEPLOYED) -> str:
+    """A policy file stating every rule of ``policy``, each with what it means (TOML)."""
+    lines = ["# A fedadapt site's policy: what this site runs, answers and lets leave it.",
+             "# Written by `fedadapt init-site`; check it with `fedadapt check-policy FILE`.",
+             "# A key left out takes the deployment's default; answering without differential",
+             "# privacy takes an explicit `require-dp = false`.", ""]
+    for f in fields(Policy):
+        if f.name in ("path", "deployed"):
+            continue
+        lines += [*textwrap.wrap(f.metadata["help"], 98, initial_indent="# ",
+                                 subsequent_indent="# "),
+                  f"{f.name.replace('_', '-')} = {_toml(getattr(policy, f.name))}", ""]
+    return "\n".join(lines)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return repr(value)
 
 
 def _once(state: RecordDict | None, key: str, level: int, text: str) -> None:

@@ -377,6 +377,67 @@ def privacy_bench(
     say(f"wrote {out / 'privacy.json'}, {out / 'privacy.md'} and {png}")
 
 
+@app.command("init-site")
+@user_command
+def init_site(
+    site_dir: Annotated[Path, typer.Argument(help="The site's private folder (site-dir).")],
+    name: Annotated[str, typer.Option(help="The site's name: the one the coordinator "
+                                           "registered its key with.")],
+    data_file: Annotated[str, typer.Option(help="The site's export, for the node config "
+                                                "printed.")] = "/data/export.csv",
+) -> None:
+    """Make a deployed site's folder: keys, split secret, a policy requiring DP, audit log."""
+    from client.site_setup import init_site as make
+
+    folder = make(site_dir, name)
+    made = ", ".join(folder.created) or "nothing (every file was there; none replaced)"
+    say((f"{folder.site_dir}", "bold"), f" is site {folder.name}'s folder; created: {made}")
+    check_policy(folder.policy)
+    say("Start its SuperNode with:")
+    say(f"  --node-config '{folder.node_config(data_file)}'")
+
+
+@app.command("reset-ledger")
+@user_command
+def reset_ledger(
+    site_dir: Annotated[Path, typer.Option(help="The site's private folder (site-dir).")],
+) -> None:
+    """Restore a site's privacy ledger from its audit log (after it was lost or rolled back)."""
+    from client.ledger import reset
+
+    try:
+        ledger = reset(site_dir)
+    except ValueError as err:
+        fail(str(err))
+    say(f"ledger of {site_dir} restored from its audit log (update {ledger['sequence']}): "
+        f"{ledger['rounds']} training rounds, total epsilon {ledger['total-epsilon']:.3f} over "
+        f"{len(ledger['runs'])} run(s) and {len(ledger['releases'])} release(s); the reset "
+        "is in the audit log")
+
+
+@app.command("site-results")
+@user_command
+def site_results(
+    site_dir: Annotated[Path, typer.Option(help="The site's private folder (site-dir).")],
+) -> None:
+    """Show a site's own held-out results, kept at the site (never sent under DP)."""
+    from rich.table import Table
+
+    from client.results import read_results
+
+    results = read_results(site_dir)
+    if not results:
+        fail(f"{site_dir}: no kept results yet (the site has not answered an evaluate phase)")
+    table = Table(title=f"held-out results kept at {site_dir}")
+    for col in ("run", "repeat", "rows", "positives", "AUC local", "AUC source",
+                "AUC adapted", "adapted - local (95 %)", "model"):
+        table.add_column(col, no_wrap=col in ("run",),
+                         justify="left" if col in ("run", "model") else "right")
+    for r in results:
+        table.add_row(*(Text(c) for c in r.row()))
+    console.print(table)
+
+
 @app.command("check-policy")
 @user_command
 def check_policy(

@@ -100,6 +100,10 @@ def method_metrics(values: Sequence[dict[str, float]], method: str) -> dict[str,
     return out
 
 
+WITHHELD_NOTE = ("fitted its model; its held-out results stay at the site, which answers only "
+                 "under differential privacy (`fedadapt site-results` there shows them)")
+
+
 def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
     """The report entry of one site: sizes, metrics per method, correction, status."""
     evals = [r.evaluate[name] for r in results if name in r.evaluate]
@@ -127,6 +131,15 @@ def site_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any]:
             "node_id": node,
             "correction": {"applied": False, "strength": None, "applied_fraction": 0.0},
             "repeats_failed": len(errors), **said,
+        }
+    if all(v.get(protocol.WITHHELD) == 1.0 for v in evals):
+        # The site answers only under differential privacy: its scores stay at the site.
+        return {
+            "n_train": 0, "n_test": 0, "positives_test": 0, "prevalence_test": None,
+            "site_features": features, "status": "withheld",
+            "error": WITHHELD_NOTE, "metrics": {}, "node_id": node,
+            "correction": {"applied": False, "strength": None, "applied_fraction": 0.0},
+            "repeats_failed": len(errors), **({"lost": lost} if lost else {}), **said,
         }
     first = evals[0]
     n_test = int(first["n-test"])

@@ -72,3 +72,16 @@ def test_docs_the_code_points_to_exist() -> None:
     assert named, "the code should point to its docs"
     missing = sorted(n for n in named if not (REPO / n).is_file())
     assert not missing, missing
+
+
+def test_only_the_contract_reads_what_the_coordinator_sends() -> None:
+    """No site handler reads raw config: client.contract parses every message once.
+
+    The reply builder reads the message only to know which reply shape it allows, and the
+    audit log only to label a round.
+    """
+    readers = sorted(
+        str(p.relative_to(REPO)) for p in (REPO / "client").rglob("*.py")
+        if "content.config_records" in p.read_text(encoding="utf-8")
+    )
+    assert readers == ["client/audit_log.py", "client/contract.py", "client/egress.py"]

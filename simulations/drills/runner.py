@@ -21,6 +21,7 @@ def load_drills() -> None:
     """Import the scenario modules (each registers its drills)."""
     from simulations.drills import (  # noqa: F401
         approved_app,
+        curious,
         data,
         network,
         policy,

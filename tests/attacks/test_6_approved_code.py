@@ -1,4 +1,8 @@
-"""The approved bundle's own code is what a site loads: Flower's run_clientapp behind the gate."""
+"""Attack 6: code planted beside the approved app never runs; the approved bundle's code does.
+
+Flower skips installing a bundle whose folder exists and loads by the run's fab_id and
+version, which the coordinator supplies; here Flower's own run_clientapp runs behind the gate.
+"""
 
 from __future__ import annotations
 

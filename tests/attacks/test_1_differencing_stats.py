@@ -1,0 +1,55 @@
+"""Attack 1: two stats requests with nested training sets, subtracted, give one patient's row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from client.audit_log import read_audit
+from shared import protocol
+from simulations.drills.curious import (
+    World,
+    base_config,
+    deployed_site,
+    differencing_stats,
+    simulated_site,
+)
+
+
+def test_a_deployed_site_answers_the_same_whatever_split_it_is_asked_for(
+    world: World, tmp_path: Path
+) -> None:
+    """The site's own split: the coordinator's split-seed and test-fraction select no row."""
+    protected = differencing_stats(deployed_site(tmp_path / "site", world.without),
+                                   world.schema, trials=5)
+    control = differencing_stats(simulated_site(tmp_path / "sim", world.without),
+                                 world.schema, trials=5)
+    assert protected.successes == 0
+    assert control.successes == 5  # the attack itself works where the run picks the split
+
+
+def test_the_stats_are_a_fixed_answer_repeated_verbatim_and_audited_as_a_repeat(
+    world: World, tmp_path: Path
+) -> None:
+    """Asked again with other settings: byte for byte the same numbers, noised once."""
+    site = deployed_site(tmp_path / "site", world.without)
+    first = site.ask("stats", base_config(world.schema))
+    again = site.ask("stats", {**base_config(world.schema), "split-seed": 7,
+                               "test-fraction": 0.9, "protocol": "flamby", "repeat": 3})
+    assert not first.has_error() and not again.has_error()
+    a, b = (dict(r.content.metric_records[protocol.METRICS]) for r in (first, again))
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    entries = [e for e in read_audit(site.site_dir).entries if e.get("phase") == "stats"]
+    assert [e.get("repeat", False) for e in entries] == [False, True]
+    ledger = json.loads((site.site_dir / "privacy-ledger.json").read_text())
+    assert len(ledger["releases"]) == 1  # the noisy release was paid for once
+
+
+def test_under_require_dp_the_stats_carry_noise(world: World, tmp_path: Path) -> None:
+    """Two sites with the same file and split key differ: the counts are released noisily."""
+    site = deployed_site(tmp_path / "a", world.without)
+    other = deployed_site(tmp_path / "b", world.without)
+    (other.site_dir / "split.key").write_bytes((site.site_dir / "split.key").read_bytes())
+    a, b = (dict(s.ask("stats", base_config(world.schema)).content
+                 .metric_records[protocol.METRICS]) for s in (site, other))
+    assert a["age.sum"] != b["age.sum"] and a["age.m2"] != b["age.m2"]
