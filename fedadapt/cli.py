@@ -35,6 +35,8 @@ app = typer.Typer(
 SET_BY_COMMAND = frozenset({"sites-manifest", "schema", "out", "expected-sites"})
 DATA_HELP = "'synthetic' (generated hospitals), 'heart:DIR' (UCI files) or a folder with sites.toml"
 SITES_HELP = escape(f"Generated hospitals (--data synthetic only). [default: {ROLES}]")
+RESULT_COLUMNS = ("run", "repeat", "rows", "positives", "AUC local", "AUC source",
+                  "AUC adapted", "adapted - local (95 %)", "model")
 DEPLOY_SITES = 4  # every deployed site is a SuperNode with its own processes: fewer by default
 
 
@@ -93,7 +95,8 @@ def simulate(
 
 @app.command("deploy-local")
 @user_command
-@with_run_settings(exclude=SET_BY_COMMAND, defaults={"node-wait-timeout": 120.0})
+@with_run_settings(exclude=SET_BY_COMMAND, defaults={"node-wait-timeout": 120.0,
+                                                    "dp": "record"})
 def deploy_local(
     settings: RunSettings,
     given: set[str],
@@ -126,6 +129,7 @@ def deploy_local(
         report = run(data, _out_dir(out), settings, n_sites=n_sites, on_event=progress.update,
                      on_logs=show_logs, timeout=timeout, site_policy=site_policy)
     _print_results(report, out)
+    _print_kept_results(report, out / "sites")
     d = report["deployment"]
     mean = d["mean_round_latency_s"]
     say(f"deployment: start-up {d['startup_s']:.1f} s, run {d['run_s']:.1f} s"
@@ -429,9 +433,8 @@ def site_results(
     if not results:
         fail(f"{site_dir}: no kept results yet (the site has not answered an evaluate phase)")
     table = Table(title=f"held-out results kept at {site_dir}")
-    for col in ("run", "repeat", "rows", "positives", "AUC local", "AUC source",
-                "AUC adapted", "adapted - local (95 %)", "model"):
-        table.add_column(col, no_wrap=col in ("run",),
+    for col in RESULT_COLUMNS:
+        table.add_column(col, no_wrap=col == "run",
                          justify="left" if col in ("run", "model") else "right")
     for r in results:
         table.add_row(*(Text(c) for c in r.row()))
@@ -640,6 +643,29 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
         say(("note: ", "yellow"), note)
     say(f"took {report['timing_s']['total']:.1f} s in Flower; report: "
         f"{out / 'report.json'}, {out / 'report.md'}, plots in {out / 'plots'}")
+
+
+def _print_kept_results(report: dict[str, Any], sites: Path) -> None:
+    """The held-out results the sites kept (shown here because this machine holds them all)."""
+    from rich.table import Table
+
+    from client.results import read_results
+
+    run = report.get("config", {}).get("run_id")
+    kept = {name: [r for r in read_results(sites / name) if r.run == run]
+            for name, site in report.get("sites", {}).items()
+            if site.get("status") == "withheld"}
+    if not any(kept.values()):
+        return
+    table = Table(title="held-out results kept at each site (a site alone sees its own: "
+                        "`fedadapt site-results`)")
+    for col in ("site", *RESULT_COLUMNS):
+        table.add_column(col, no_wrap=col == "site",
+                         justify="left" if col in ("site", "run", "model") else "right")
+    for name, results in kept.items():
+        for r in results:
+            table.add_row(*(Text(c) for c in (name, *r.row())))
+    console.print(table)
 
 
 def _lost_text(site: dict[str, Any]) -> str:

@@ -193,11 +193,19 @@ def supernode_command(
     dep: Deployment, name: str, *, data_file: Path, site_dir: Path,
     site_features: list[str], private_key: Path | None = None, ca: Path | None = None,
     insecure: bool = False, auth: bool = True, extra: list[str] | None = None,
+    policy: Path | None = None,
 ) -> list[str]:
-    """The site engineer's ``flower-supernode`` command for one site (through the gateway)."""
+    """The site engineer's ``flower-supernode`` command for one site (through the gateway).
+
+    The site's folder is made as the README says (``fedadapt init-site``: keys, split secret,
+    the deployment's default policy); ``policy`` names another policy file instead.
+    """
+    from client.site_setup import init_site
+
+    made = init_site(site_dir, name)
     node_config = (
-        f'data-file="{data_file}" site-dir="{site_dir}" site-name="{name}" '
-        f'site-features="{",".join(site_features)}"'
+        f'data-file="{data_file}" site-dir="{made.site_dir}" site-name="{name}" '
+        f'site-features="{",".join(site_features)}" policy="{policy or made.policy}"'
     )
     cmd = [flower_bin("flower-supernode"), "--superlink", f"{dep.site_host}:{dep.gateway_port}",
            "--port", str(free_port()), "--node-config", node_config]
@@ -278,6 +286,7 @@ def deploy_local(
     hook: Callable[[dict[str, Any], Deployment], None] | None = None,
     absent: tuple[str, ...] = (),
     site_policy: Path | None = None,
+    site_exec: bool | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline over real processes with TLS and authenticated sites.
 
@@ -302,9 +311,12 @@ def deploy_local(
     absent : tuple of str
         Sites whose SuperNode is not started (drills).
     site_policy : Path, optional
-        Start every site with this policy and its own executor, which runs only the app
-        bundles the policy approves (:func:`start_checked_supernode`); by default each
-        SuperNode starts Flower's executor itself.
+        Every site's policy (by default each has the one `fedadapt init-site` writes: the
+        deployment's defaults, differential privacy required).
+    site_exec : bool, optional
+        Start every site with its own executor, which runs only the app bundles its policy
+        approves (:func:`start_checked_supernode`); by default when ``site_policy`` is given.
+        Otherwise each SuperNode starts Flower's executor itself.
 
     Returns
     -------
@@ -344,10 +356,13 @@ def deploy_local(
             if site.name in absent:
                 continue
             site_dir = out / "sites" / site.name
-            cmd = supernode_command(dep, site.name, data_file=site.data_file,
-                                    site_dir=site_dir, site_features=list(site.site_features))
-            if site_policy is not None:
-                start_checked_supernode(dep, site.name, cmd, site_dir, site_policy.resolve())
+            cmd = supernode_command(
+                dep, site.name, data_file=site.data_file, site_dir=site_dir,
+                site_features=list(site.site_features),
+                policy=site_policy.resolve() if site_policy is not None else None)
+            if site_exec or (site_exec is None and site_policy is not None):
+                start_checked_supernode(dep, site.name, cmd, site_dir,
+                                        (site_policy or site_dir / "policy.toml").resolve())
             else:
                 start_supernode(dep, site.name, cmd, site_dir)
         startup = time.monotonic() - t0

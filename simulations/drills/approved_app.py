@@ -99,7 +99,8 @@ def approved_app_run(out: Path, *, n_sites: int = 2, run_approved: bool = True,
     manifest = read_manifest(federation(out, n_sites=n_sites, seed=7))
     names = [s.name for s in manifest.sites]
     settings = RunSettings(num_server_rounds=rounds, expected_sites=n_sites, min_sites=n_sites,
-                           strategy="fedavg", node_wait_timeout=120.0, reply_timeout=120.0)
+                           strategy="fedavg", node_wait_timeout=120.0, reply_timeout=120.0,
+                           dp="record")  # the policy's other keys: the deployment's defaults
     run_config = {**settings.to_run_config(), "sites-manifest": str(manifest.path),
                   "schema": manifest.schema}
     seen: dict[str, Any] = {"approved_hash": approved, "unapproved_hash": unapproved}

@@ -17,6 +17,9 @@ from simulations.superlink import APP_DIR, app_variant, run_app
 log = logging.getLogger(__name__)
 
 DRILLS: dict[str, Drill] = {}
+# A site that finished a run: evaluated, or evaluated with its results kept at the site (it
+# answers only under differential privacy, as a deployed site does by default).
+FINISHED = ("ok", "withheld")
 
 
 @dataclass

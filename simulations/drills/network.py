@@ -17,7 +17,7 @@ from simulations.deploy import (
     start_supernode,
     supernode_command,
 )
-from simulations.drills.base import DrillResult, drill, federation
+from simulations.drills.base import FINISHED, DrillResult, drill, federation
 from simulations.drills.processes import _events
 from simulations.netns import in_namespace, leftovers, netns_problem, site_networks
 from simulations.superlink import submit_run
@@ -49,7 +49,8 @@ def netns_dropout(out: Path) -> DrillResult:
     settings = RunSettings(num_server_rounds=ROUNDS, expected_sites=len(names),
                            reply_timeout=REPLY_TIMEOUT, phase_timeout=PHASE_TIMEOUT,
                            node_wait_timeout=120.0,
-                           strategy="fedavg")  # every round runs (Newton may stop early)
+                           strategy="fedavg",  # every round runs (Newton may stop early)
+                           dp="record")  # the sites' default policy requires it
     run_config = replace(settings, sites_manifest=str(manifest.path),
                          schema=manifest.schema).to_run_config()
     cut_at, isolated = [0.0], [0]
@@ -81,7 +82,7 @@ def netns_dropout(out: Path) -> DrillResult:
     lost = report["sites"].get(victim, {})
     missed = (lost.get("lost") or [{}])[0].get("rounds_missed", [])
     rounds = [r["round"] for r in report["rounds"]]
-    survivors = sorted(n for n, s in report["sites"].items() if s["status"] == "ok")
+    survivors = sorted(n for n, s in report["sites"].items() if s["status"] in FINISHED)
     passed = (rounds == list(range(1, ROUNDS + 1)) and lost.get("status") == "lost"
               and missed == list(range(2, ROUNDS + 1)) and len(survivors) == len(names) - 1
               and isolated[0] == len(names) and not left and not net.strays)

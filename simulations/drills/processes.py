@@ -21,7 +21,7 @@ from simulations.deploy import (
     start_supernode,
     supernode_command,
 )
-from simulations.drills.base import DrillResult, drill, federation
+from simulations.drills.base import FINISHED, DrillResult, drill, federation
 from simulations.superlink import kill_tree, submit_run
 
 REPLY_TIMEOUT = 20.0
@@ -48,7 +48,8 @@ def site_killed(out: Path) -> DrillResult:
         shutil.rmtree(out)
     # FedAvg runs every planned round; Newton (the default) may converge and stop early, and
     # this drill is about a process dying mid-training, not about the optimiser.
-    settings = RunSettings(num_server_rounds=5, reply_timeout=REPLY_TIMEOUT, strategy="fedavg")
+    settings = RunSettings(num_server_rounds=5, reply_timeout=REPLY_TIMEOUT, strategy="fedavg",
+                           dp="record")
     report = deploy_local("synthetic", out, settings, n_sites=4, hook=hook)
     events = _events(out)
     closed = next(e for e in events if e.get("event") == "round" and e.get("round") == 2)
@@ -56,7 +57,7 @@ def site_killed(out: Path) -> DrillResult:
     lost = report["sites"].get(victim, {})
     missed = lost.get("lost", [{}])[0].get("rounds_missed", [])
     rounds = [r["round"] for r in report["rounds"]]
-    survivors = sorted(n for n, s in report["sites"].items() if s["status"] == "ok")
+    survivors = sorted(n for n, s in report["sites"].items() if s["status"] in FINISHED)
     # How long noticing takes depends on the machine's load (the timeout counts from the
     # survivors' last reply), so it is the drill's figure, not its pass condition: the site
     # must be found lost in the round it was killed in, and every round must complete.
@@ -82,7 +83,7 @@ def too_few_sites(out: Path) -> DrillResult:
     if out.exists():
         shutil.rmtree(out)
     wait = 10.0
-    settings = RunSettings(num_server_rounds=2, min_sites=3, node_wait_timeout=wait)
+    settings = RunSettings(num_server_rounds=2, min_sites=3, node_wait_timeout=wait, dp="record")
     t0 = time.monotonic()
     message = ""
     try:
@@ -117,7 +118,7 @@ def coordinator_restart(out: Path) -> DrillResult:
     names = ["hospital-a", "hospital-b", "hospital-c"]
     settings = RunSettings(num_server_rounds=6, expected_sites=3, reply_timeout=60.0,
                            strategy="fedavg",  # every round runs: the restart is the subject
-                           node_wait_timeout=120.0)
+                           node_wait_timeout=120.0, dp="record")
     run_config = {**settings.to_run_config(), "sites-manifest": str(manifest)}
     with coordinator(out, names) as dep:
         for name in names:
@@ -150,7 +151,7 @@ def coordinator_restart(out: Path) -> DrillResult:
     resumed = next((e for e in second if e.get("event") == "resumed"), {})
     trained = [e["round"] for e in second if e.get("event") == "round"]
     rounds = [r["round"] for r in report["rounds"]]
-    ok_sites = sum(s["status"] == "ok" for s in report["sites"].values())
+    ok_sites = sum(s["status"] in FINISHED for s in report["sites"].values())
     passed = (crashed and saved == 3 and resumed.get("round") == 3 and trained == [4, 5, 6]
               and rounds == [1, 2, 3, 4, 5, 6] and ok_sites == 3
               and not (out / "checkpoint").exists())

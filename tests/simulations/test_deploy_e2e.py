@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from client.client_app import app as client_app
 from client.correction_store import CorrectionRefused, load_correction
+from client.site import read_manifest
 from client.source_model_store import load_source_model
 from server.certs import make_certs
+from server.federation import run_federation
+from server.progress import Progress
 from shared import newton
 from shared.settings import RunSettings
 from simulations.deploy import (
@@ -24,12 +29,12 @@ from simulations.deploy import (
     supernode_command,
 )
 from simulations.generator import generate
-from simulations.simulate import simulate
+from simulations.inprocess import InProcessGrid, manifest_contexts
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-# Deployment and simulation run the same code on the same rows with the same seeds; they may
-# differ only in the order floating-point sums are taken.
+# The deployment and the in-process run use the same code on the same rows and split keys;
+# they may differ only in the order floating-point sums are taken.
 TOLERANCE = 1e-6
 
 
@@ -48,13 +53,33 @@ def _numbers(entry: dict[str, Any]) -> list[float]:
     return out
 
 
-def test_tls_run_matches_simulation_and_keeps_corrections_at_sites(
+def _in_process(dep_out: Path, policy: Path, settings: RunSettings) -> dict[str, Any]:
+    """The same deployed sites in one process, on copies of their folders (split keys)."""
+    copies = dep_out.parent / "in-process"
+    shutil.copytree(dep_out / "sites", copies / "sites")
+    manifest = read_manifest(dep_out / "data" / "sites.toml")
+    contexts = manifest_contexts(manifest, copies, {})
+    for context in contexts.values():
+        context.node_config = {**context.node_config, "policy": str(policy)}
+        del context.node_config["simulated"]
+    return run_federation(InProcessGrid(contexts, client_app), settings,
+                          Progress(copies / "out"), {})
+
+
+def test_tls_run_matches_an_in_process_run_and_keeps_corrections_at_sites(
     tmp_path: Path, no_leftovers: None
 ) -> None:
-    """Same data and seed: same numbers as the simulation; corrections never leave a site."""
+    """The same sites in one process: the same numbers; corrections never leave a site.
+
+    The sites answer without DP here (their policy says `require-dp = false`, a site's own
+    choice), so that both runs are exact and comparable.
+    """
     settings = RunSettings(num_server_rounds=3, record_replies=True)
-    dep = deploy_local("synthetic", tmp_path / "dep", settings, n_sites=3)
-    sim = simulate("synthetic", tmp_path / "sim", settings, n_sites=3)
+    policy = tmp_path / "open-policy.toml"
+    policy.write_text("require-dp = false\n", encoding="utf-8")
+    dep = deploy_local("synthetic", tmp_path / "dep", settings, n_sites=3, site_policy=policy,
+                       site_exec=False)
+    sim = _in_process(tmp_path / "dep", policy, settings)
     assert dep["deployment"]["tls"] and dep["deployment"]["supernode_auth"]
     assert set(dep["sites"]) == set(sim["sites"]) == {"hospital-a", "hospital-b", "hospital-c"}
     for name, site in sim["sites"].items():
@@ -154,7 +179,7 @@ def test_unauthorised_supernodes_are_refused_and_never_aggregated(
             dep, "hospital-a", data_file=data["hospital-a"], site_dir=site / "hospital-a",
             site_features=["glucose"]), site / "hospital-a")
         settings = RunSettings(num_server_rounds=2, min_sites=1, record_replies=True,
-                               node_wait_timeout=120.0)
+                               node_wait_timeout=120.0, dp="record")
         report = submit_run(dep.env, "fedadapt-local", settings.to_run_config(),
                             tmp_path / "run", timeout=600)
     assert list(report["sites"]) == ["hospital-a"]

@@ -89,11 +89,12 @@ def test_sites_reach_the_fleet_api_through_the_gateway_and_nothing_else(
         start_supernode(dep, "hospital-a", cmd, site)
 
         # (a) The SuperNode registered, activated and took part in a run, all through the gateway.
-        settings = RunSettings(num_server_rounds=1, min_sites=1, node_wait_timeout=120.0)
+        settings = RunSettings(num_server_rounds=1, min_sites=1, node_wait_timeout=120.0,
+                               dp="record")  # the site's default policy requires it
         report = submit_run(dep.env, CONNECTION, settings.to_run_config(), tmp_path / "run",
                             timeout=200)
         assert list(report["sites"]) == ["hospital-a"]
-        assert report["sites"]["hospital-a"]["status"] == "ok"
+        assert report["sites"]["hospital-a"]["status"] == "withheld"  # its results: at the site
         nodes = _direct(dep, "supernode", "list")["nodes"]
         assert [n["status"] for n in nodes] == ["online"]
         runs = _direct(dep, "ls")["runs"]
