@@ -126,7 +126,9 @@ def predict_file(
     data = read_site_data(input_file, schema, site_features, labelled=False)
     shared = list(schema.shared_features)
     prep = TabularPreprocessor.from_dict(state["preprocessing"], shared)
-    x = prep.transform(data.features[list(data.shared_columns)])
+    # Clipped as the site clipped every input when it fitted the correction on this model.
+    bound = float(state.get("input-bound", np.inf))
+    x = np.clip(prep.transform(data.features[list(data.shared_columns)]), -bound, bound)
     model = build_model(state["model"], x.shape[1], int(state["hidden-units"]))
     load_arrays(model, stored.arrays)
     source = predict_logit(model, x)

@@ -349,6 +349,9 @@ def privacy_bench(
     splits: Annotated[int, typer.Option(help="Seeded splits, each a run per level.")] = 20,
     epsilons: Annotated[str, typer.Option(
         help="Per-run epsilons to compare with no DP, comma-separated.")] = "1,3,10",
+    stats_dp: Annotated[bool, typer.Option(
+        "--stats-dp", help="Also run each epsilon at sites whose policy requires DP (the stats "
+        "released once with noise, as a deployed site's default policy has it).")] = False,
 ) -> None:
     """Utility against privacy: adapted and source AUC per site at each epsilon, and without."""
     from simulations.bench_privacy import markdown, plot, table_rows, utility_vs_privacy
@@ -364,7 +367,7 @@ def privacy_bench(
             _quiet("server"), _quiet("flwr"), console.status(
             "running (one whole federated run per split and level)...") as status:
         result = utility_vs_privacy(data, out, settings, splits=splits, epsilons=levels,
-                                    progress=status.update)
+                                    stats_dp=stats_dp, progress=status.update)
     from rich.table import Table
 
     from server.report import to_jsonable

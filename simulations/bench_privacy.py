@@ -36,24 +36,33 @@ EPSILONS = (1.0, 3.0, 10.0)
 METHODS = ("adapted", "source")
 
 
-def _site_figures(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per site: held-out AUC of the adapted and source models, and the epsilon it spent."""
+def _site_figures(report: dict[str, Any], sites: Path) -> dict[str, dict[str, Any]]:
+    """Per site: held-out AUC of the adapted and source models, and the epsilon it spent.
+
+    A site that answers only under DP keeps its results in its folder (``sites``/NAME): this
+    benchmark owns every site, so it reads them there.
+    """
+    from client.results import read_results
+
     out: dict[str, dict[str, Any]] = {}
     for name, site in report["sites"].items():
         metrics = site.get("metrics") or {}
         dp = site.get("dp") or {}
-        out[name] = {
-            **{m: (metrics.get(m) or {}).get("auc") for m in METHODS},
-            "epsilon": dp.get("epsilon"), "status": site.get("status"),
-            "n_train": site.get("n_train", 0), "n_test": site.get("n_test", 0),
-            "stopped": bool(dp.get("stopped")),
-        }
+        aucs = {m: (metrics.get(m) or {}).get("auc") for m in METHODS}
+        n_train, n_test = site.get("n_train", 0), site.get("n_test", 0)
+        kept = read_results(sites / name) if site.get("status") == "withheld" else []
+        if kept:
+            m = kept[-1].metrics
+            aucs = {k: m.get(f"{k}.auc") for k in METHODS}
+            n_train, n_test = int(m.get("n-train") or 0), int(m.get("n-test") or 0)
+        out[name] = {**aucs, "epsilon": dp.get("epsilon"), "status": site.get("status"),
+                     "n_train": n_train, "n_test": n_test, "stopped": bool(dp.get("stopped"))}
     return out
 
 
 def utility_vs_privacy(
     data: str, out: Path, settings: RunSettings, *, splits: int = 20,
-    epsilons: Sequence[float] = EPSILONS,
+    epsilons: Sequence[float] = EPSILONS, stats_dp: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every split without DP and at every epsilon; summarise AUC and epsilon per site.
@@ -70,6 +79,10 @@ def utility_vs_privacy(
         Seeded train/held-out splits (seed, seed + 1, ...), each a run of its own.
     epsilons : sequence of float
         The per-run budgets to compare with the run without DP.
+    stats_dp : bool
+        Also run each epsilon at sites whose policy requires DP (``EPS+stats``): their stats
+        released once with noise (``stats-epsilon``, the policy's default), the shared
+        preprocessing fitted on those, as a deployed site's default policy has it.
     progress : callable, optional
         Told one line per finished run.
 
@@ -86,7 +99,8 @@ def utility_vs_privacy(
     strategy = replace(settings, dp="record").training
     settings = replace(settings, strategy=strategy)
     levels: list[tuple[str, float | None]] = [("none", None)]
-    levels += [(f"{e:g}", e) for e in epsilons]
+    for e in epsilons:
+        levels += [(f"{e:g}", e)] + ([(f"{e:g}+stats", e)] if stats_dp else [])
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in levels}
     for k in range(splits):
         for label, eps in levels:
@@ -100,9 +114,17 @@ def utility_vs_privacy(
                           expected_sites=len(manifest.sites), out=str(run_dir),
                           node_wait_timeout=5.0)
             contexts = manifest_contexts(manifest, run_dir, run.to_run_config())
+            if label.endswith("+stats"):
+                policy = run_dir / "policy.toml"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                policy.write_text(f"require-dp = true\nmax-epsilon-run = {eps}\n"
+                                  f"max-epsilon-total = {2 * (eps or 0) + 10}\n",
+                                  encoding="utf-8")
+                for context in contexts.values():
+                    context.node_config = {**context.node_config, "policy": str(policy)}
             grid = InProcessGrid(contexts, client_app, run_id=1000 + k)
             report = run_federation(grid, run, Progress(run_dir), {"privacy-bench": label})
-            runs[label].append(_site_figures(report))
+            runs[label].append(_site_figures(report, run_dir / "sites"))
             if progress is not None:
                 progress(f"split {k + 1}/{splits}, epsilon {label}: done")
     names = [s.name for s in manifest.sites]
@@ -175,7 +197,9 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     each site spent (mean; the largest in brackets when it differs).
     """
     labels = list(result["levels"])
-    header = ["site", "figure", *[("no DP" if lb == "none" else f"eps {lb}") for lb in labels]]
+    header = ["site", "figure", *[("no DP" if lb == "none" else
+                                   f"eps {lb.replace('+stats', ' + noisy stats')}")
+                                  for lb in labels]]
     rows = []
     sites = list(result["levels"][labels[0]]["sites"])
     for name in sites:
@@ -233,7 +257,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
             mean = np.array([e["mean"] if e["mean"] is not None else np.nan for e in ent])
             sd = np.array([e["sd"] if e["sd"] is not None else np.nan for e in ent])
             ax.errorbar(xs, mean, yerr=sd, fmt=style, capsize=3, label=m)
-        ax.set_xticks(xs, ["no DP" if lb == "none" else f"ε={lb}" for lb in labels])
+        ax.set_xticks(xs, ["no DP" if lb == "none" else f"ε={lb}".replace("+stats", "+s")
+                           for lb in labels])
         ax.set_title(name)
         ax.set_ylabel("held-out AUC")
         ax.legend(fontsize=8)

@@ -20,8 +20,9 @@ from simulations.generator import LABEL, generate
 
 MALFORMED = ("each of 9 broken site files (bad row, wrong type, missing column, extra column, "
              "unknown category, empty, Latin-1, header merged with the first row, header "
-             "shifted by one) fails its site with file:line:column; the 2 healthy sites "
-             "complete; no planted canary appears in any report or log")
+             "shifted by one) fails its site with <data-file>:line:column (no path of the "
+             "site); the 2 healthy sites complete; no planted canary appears in any report or "
+             "log")
 NOISE = ("with 20% of hospital-a's labels flipped, each other site's adapted AUC drops by at "
          "most 0.01 against a clean run, and hospital-a's adapted AUC is not below its source "
          "AUC")
@@ -196,16 +197,21 @@ def malformed_data(out: Path) -> DrillResult:
     failed = [n for n, e in entries.items() if e["status"] == "failed"]
     errors = [str(entries[n].get("error") or "") for n in failed]
     by_name = sorted(failed) == sorted(s.name for s in sites[len(HEALTHY):])
-    # file:line:column, or file:line for a column missing from the header (it has no column).
-    located = {kind: any(re.search(re.escape(file) + r":\d+(:\d+| \(column )", e)
-                         for e in errors)
+    # file:line:column, or file:line for a column missing from the header (it has no column);
+    # the site names its file <data-file> in what it sends (its own log has the path).
+    owner = {s.data_file.name: s.name for s in sites}
+    located = {kind: bool(re.search(r"<data-file>:\d+(:\d+| \(column )",
+                                    str(entries.get(owner[file], {}).get("error") or "")))
                for file, kind in broken.items()}
+    paths_sent = sum(str(data) in e for e in errors)
     healthy_ok = sum(entries.get(n, {}).get("status") == "ok" for n in HEALTHY)
     hits, absent = canary_hits(run, canaries)
     figure = {"broken_sites": len(broken), "reported_with_location": sum(located.values()),
               "reported_by_site_name": len(failed) if by_name else 0,
-              "healthy_ok": healthy_ok, "canary_occurrences": hits}
+              "healthy_ok": healthy_ok, "canary_occurrences": hits,
+              "site_paths_in_errors": paths_sent}
     passed = (figure["reported_with_location"] == len(broken) and len(errors) == len(broken)
+              and paths_sent == 0
               and by_name and healthy_ok == len(HEALTHY) and hits == 0 and not absent
               and n_planted == len(canaries))
     observed = (f"{figure['reported_with_location']}/{len(broken)} broken sites failed with "

@@ -23,7 +23,7 @@ TAMPER = ("every tampered correction (flip-byte, truncate, foreign, wrong-key, o
           "metrics), each says so with one fallback; the clean control site is unaffected")
 UNWRITABLE = ("a site whose folder cannot be created (under a regular file) and a site whose "
               "disk is full both fail in the stats phase, before training, with an error naming "
-              "the folder; the other sites complete")
+              "the folder as <site-dir> (its path stays at the site); the other sites complete")
 # The reasons client.correction_store gives for each fault of simulations.drills.faulty_app.
 REASONS = {
     "flip-byte": ("tampered",),
@@ -205,12 +205,15 @@ def unwritable_site(out: Path) -> DrillResult:
               if e["status"] == "failed"]
     checks: dict[str, dict[str, Any]] = {}
     for name, folder in broken.items():
-        nodes = [n for n, err in stats_errors.items() if str(folder) in err]
+        # The site names its folder <site-dir> in what it sends (its own log has the path).
+        error = str(report["sites"].get(name, {}).get("error") or "")
+        nodes = [n for n, err in stats_errors.items()
+                 if err.startswith(f"[site {name}] ") and "<site-dir>" in err]
         checks[name] = {
-            "reported": any(e.startswith("stats:") and str(folder) in e
-                            and FOLDER_ERROR.search(e) for e in failed),
+            "reported": error.startswith("stats:") and "<site-dir>" in error
+                        and str(folder) not in error and bool(FOLDER_ERROR.search(error)),
             "before_training": len(nodes) == 1 and nodes[0] not in trained,
-            "error": next((e for e in failed if str(folder) in e), "no error names the folder"),
+            "error": error or "no error names the folder",
         }
     healthy = [s.name for s in read_manifest(manifest).sites if s.name not in broken]
     healthy_ok = sum(report["sites"].get(n, {}).get("status") == "ok" for n in healthy)
