@@ -23,13 +23,14 @@ from simulations.drills.curious import (
 )
 
 
+@pytest.mark.parametrize("scale", [1e-152, 1e-153, 1e-200])
 def test_the_overflow_probe_gets_a_finite_answer_whoever_is_in_the_file(
-    world: World, tmp_path: Path
+    world: World, tmp_path: Path, scale: float
 ) -> None:
     """Inputs are clipped into the site's bound: the same finite kind of answer either way."""
     for data in (world.without, world.with_target):
         site = deployed_site(tmp_path / data.stem, data)
-        prep, arrays = _threshold_model(world.schema, "age", TARGET_AGE - 0.25, scale=1e-152)
+        prep, arrays = _threshold_model(world.schema, "age", TARGET_AGE - 0.25, scale=scale)
         reply = site.ask("train", _newton_config(world.schema, prep, **{
             "dp": "record", "dp-epsilon": EPSILON, "dp-delta": 1e-5, "dp-clip": 1.0,
             "num-server-rounds": 1, "repeats": 1}), arrays)

@@ -39,8 +39,9 @@ def test_every_run_setting_is_an_option_with_the_declared_default(command: str) 
         assert option is not None, f"--{key(f)} missing from {command}"
         assert option.opts[0] == f"--{key(f)}"
         help_text = option.help or ""
-        default = 120.0 if (command, key(f)) == ("deploy-local", "node-wait-timeout") else \
-            pyproject[key(f)]
+        # deploy-local's own defaults: sites take longer to start; deployed sites require DP.
+        own = {"node-wait-timeout": 120.0, "dp": "record"} if command == "deploy-local" else {}
+        default = own.get(key(f), pyproject[key(f)])
         shown = str(default).lower() if isinstance(default, bool) else str(default)
         assert f"[default: {shown}]" in help_text.replace("\\[", "["), (key(f), help_text)
         for choice in f.metadata["choices"]:
