@@ -21,7 +21,7 @@ class Result:
     choice: str
 
     def row(self) -> tuple[str, ...]:
-        """The result as table cells: sizes, AUCs and the paired difference with its interval."""
+        """Table cells: run, repeat, sizes, AUCs, the paired difference with its interval."""
         m = self.metrics
 
         def num(key: str) -> str:
@@ -31,9 +31,10 @@ class Result:
         diff = num("diff.adapted-local.auc")
         interval = (f" [{num('diff.adapted-local.auc_lo')}, {num('diff.adapted-local.auc_hi')}]"
                     if diff != "-" else "")
+        model = self.choice.replace("correction", "corr.")
         return (str(self.run), str(self.repeat + 1), f"{int(m.get('n-test') or 0)}",
                 f"{int(m.get('positives-test') or 0)}", num("local.auc"), num("source.auc"),
-                num("adapted.auc"), diff + interval, self.choice)
+                num("adapted.auc"), diff + interval, model)
 
 
 def read_results(site_dir: str | Path) -> list[Result]:

@@ -35,8 +35,8 @@ app = typer.Typer(
 SET_BY_COMMAND = frozenset({"sites-manifest", "schema", "out", "expected-sites"})
 DATA_HELP = "'synthetic' (generated hospitals), 'heart:DIR' (UCI files) or a folder with sites.toml"
 SITES_HELP = escape(f"Generated hospitals (--data synthetic only). [default: {ROLES}]")
-RESULT_COLUMNS = ("run", "repeat", "rows", "positives", "AUC local", "AUC source",
-                  "AUC adapted", "adapted - local (95 %)", "model")
+RESULT_COLUMNS = ("run", "repeat", "rows", "pos.", "local", "source", "adapted",
+                  "adapted - local [95 %]", "model")
 DEPLOY_SITES = 4  # every deployed site is a SuperNode with its own processes: fewer by default
 
 
@@ -437,7 +437,7 @@ def site_results(
         fail(f"{site_dir}: no kept results yet (the site has not answered an evaluate phase)")
     table = Table(title=f"held-out results kept at {site_dir}")
     for col in RESULT_COLUMNS:
-        table.add_column(col, no_wrap=col == "run",
+        table.add_column(col, no_wrap=True,
                          justify="left" if col in ("run", "model") else "right")
     for r in results:
         table.add_row(*(Text(c) for c in r.row()))
@@ -662,12 +662,12 @@ def _print_kept_results(report: dict[str, Any], sites: Path) -> None:
         return
     table = Table(title="held-out results kept at each site (a site alone sees its own: "
                         "`fedadapt site-results`)")
-    for col in ("site", *RESULT_COLUMNS):
-        table.add_column(col, no_wrap=col == "site",
-                         justify="left" if col in ("site", "run", "model") else "right")
+    for col in ("site", *RESULT_COLUMNS[2:]):  # one run: no run and repeat columns
+        table.add_column(col, no_wrap=True,
+                         justify="left" if col in ("site", "model") else "right")
     for name, results in kept.items():
         for r in results:
-            table.add_row(*(Text(c) for c in (name, *r.row())))
+            table.add_row(*(Text(c) for c in (name, *r.row()[2:])))
     console.print(table)
 
 

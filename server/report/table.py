@@ -88,7 +88,8 @@ def site_table(report: dict[str, Any], max_rows: int | None = None) -> Table:
     for name, site in shown:
         n, pos = _num(site.get("n_test")), _num(site.get("positives_test"))
         judged = (site.get("assessment") or {}).get("judgeable", True)
-        held = _DASH if n is None else f"{int(n)}/{int(pos or 0)}" + ("" if judged else "*")
+        held = _DASH if n is None or site.get("status") == "withheld" else \
+            f"{int(n)}/{int(pos or 0)}" + ("" if judged else "*")
         if _is_failed(site):
             blanks = [Text(_DASH, style="dim")] * (len(SITE_METHODS) + len(refs))
             table.add_row(Text(name), held, *blanks,
