@@ -8,6 +8,7 @@ from pathlib import Path
 from client.audit_log import audit_path, record_event
 from client.correction_store import key_path
 from client.policy import DEPLOYED, policy_text, read_policy
+from client.site import SiteConfigError
 from client.split import SPLIT_KEY, split_key
 from shared.crypto import key_id, load_or_create_key
 from shared.files import create_private_file, ensure_private_dir
@@ -53,14 +54,14 @@ def init_site(site_dir: str | Path, name: str) -> SiteFolder:
 
     Raises
     ------
-    ValueError
+    client.site.SiteConfigError
         If the name is not a valid site name.
     client.policy.PolicyError
         If an existing policy file cannot be used.
     """
     problem = site_name_problem(name)
     if problem:
-        raise ValueError(problem)
+        raise SiteConfigError(f"--name: {problem}")
     folder = ensure_private_dir(Path(site_dir).expanduser().resolve())
     created = [p.name for p in (key_path(folder), folder / SPLIT_KEY, folder / POLICY_FILE,
                                 audit_path(folder)) if not p.exists()]

@@ -35,7 +35,7 @@ app = typer.Typer(
 SET_BY_COMMAND = frozenset({"sites-manifest", "schema", "out", "expected-sites"})
 DATA_HELP = "'synthetic' (generated hospitals), 'heart:DIR' (UCI files) or a folder with sites.toml"
 SITES_HELP = escape(f"Generated hospitals (--data synthetic only). [default: {ROLES}]")
-RESULT_COLUMNS = ("run", "repeat", "rows", "pos.", "local", "source", "adapted",
+RESULT_COLUMNS = ("run", "rep.", "rows", "pos.", "local", "source", "adapted",
                   "adapted - local [95 %]", "model")
 DEPLOY_SITES = 4  # every deployed site is a SuperNode with its own processes: fewer by default
 
@@ -428,20 +428,15 @@ def site_results(
     site_dir: Annotated[Path, typer.Option(help="The site's private folder (site-dir).")],
 ) -> None:
     """Show a site's own held-out results, kept at the site (never sent under DP)."""
-    from rich.table import Table
-
     from client.results import read_results
 
     results = read_results(site_dir)
     if not results:
         fail(f"{site_dir}: no kept results yet (the site has not answered an evaluate phase)")
-    table = Table(title=f"held-out results kept at {site_dir}")
-    for col in RESULT_COLUMNS:
-        table.add_column(col, no_wrap=True,
-                         justify="left" if col in ("run", "model") else "right")
-    for r in results:
-        table.add_row(*(Text(c) for c in r.row()))
-    console.print(table)
+    say(f"held-out results kept at {site_dir}:")
+    for line in result_lines([r.row() for r in results]):
+        say(line)
+
 
 
 @app.command("check-policy")
@@ -650,8 +645,6 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
 
 def _print_kept_results(report: dict[str, Any], sites: Path) -> None:
     """The held-out results the sites kept (shown here because this machine holds them all)."""
-    from rich.table import Table
-
     from client.results import read_results
 
     run = report.get("config", {}).get("run_id")
@@ -660,15 +653,25 @@ def _print_kept_results(report: dict[str, Any], sites: Path) -> None:
             if site.get("status") == "withheld"}
     if not any(kept.values()):
         return
-    table = Table(title="held-out results kept at each site (a site alone sees its own: "
-                        "`fedadapt site-results`)")
-    for col in ("site", *RESULT_COLUMNS[2:]):  # one run: no run and repeat columns
-        table.add_column(col, no_wrap=True,
-                         justify="left" if col in ("site", "model") else "right")
-    for name, results in kept.items():
-        for r in results:
-            table.add_row(*(Text(c) for c in (name, *r.row()[2:])))
-    console.print(table)
+    say("held-out results kept at each site (a site alone sees its own: `fedadapt "
+        "site-results`):")
+    rows = [(name, *r.row()[2:]) for name, results in kept.items() for r in results]
+    for line in result_lines(rows, ("site", *RESULT_COLUMNS[2:])):
+        say(line)
+
+
+
+def result_lines(rows: list[tuple[str, ...]], header: tuple[str, ...] = RESULT_COLUMNS
+                 ) -> list[str]:
+    """Rows of results as aligned text: the first and last columns left, numbers right."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    last = len(header) - 1
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i in (0, last) else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]
 
 
 def _lost_text(site: dict[str, Any]) -> str:
