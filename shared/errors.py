@@ -1,4 +1,4 @@
-"""The root of the errors fedadapt raises itself: each message is safe to show and says what to do."""
+"""The root of the errors fedadapt raises itself: messages safe to show, saying what to do."""
 
 from __future__ import annotations
 
