@@ -114,21 +114,25 @@ def train_local_dp(
     noise_multiplier: float,
     entropy: int | None = None,
 ) -> None:
-    """DP-SGD: train ``model`` in place on per-patient clipped, noised gradients.
+    """DP-SGD with Opacus: train ``model`` in place on per-patient clipped, noised gradients.
 
     Each step samples every row independently with probability ``q`` (Poisson sampling, as
-    Opacus' RDP accountant assumes; see :func:`dp_schedule`), computes each sampled row's
-    gradient of its log-loss (``torch.func``: vmap of grad), scales it to L2 norm at most
-    ``clip``, sums them, adds Gaussian noise of standard deviation ``noise_multiplier * clip``
-    to every coordinate and divides by the expected batch ``q * n``. The weight decay and the
-    FedProx term depend on no row and are added exactly. Plain SGD as in :func:`train_local`.
+    Opacus' RDP accountant assumes; see :func:`dp_schedule`). Opacus' ``GradSampleModule``
+    computes each sampled row's gradient of its log-loss and its ``DPOptimizer`` scales each
+    to L2 norm at most ``clip`` (over all parameters together), sums them and adds Gaussian
+    noise of standard deviation ``noise_multiplier * clip``; the sum is then divided by the
+    expected batch ``q * n``. The weight decay (on weights, not biases, as in
+    :func:`train_local`) and the FedProx term depend on no row and are added exactly before
+    the plain SGD step.
 
     ``entropy`` seeds the sampling and the noise; None (always, outside tests) draws it from
     the operating system, so nobody else can know or reproduce the noise.
     """
     import secrets
+    import warnings
 
-    from torch.func import functional_call, grad, vmap
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
 
     xt = torch.as_tensor(x, dtype=torch.float64)
     yt = torch.as_tensor(y, dtype=torch.float64)
@@ -137,42 +141,45 @@ def train_local_dp(
     seed = secrets.randbits(63) if entropy is None else entropy
     rng = np.random.default_rng(seed)
     noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    names = [name for name, _ in model.named_parameters()]
     params = dict(model.named_parameters())
     global_params = {k: p.detach().clone() for k, p in params.items()}
-    model.train()
-
-    def one_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        logit = functional_call(model, p, (xi.unsqueeze(0),))
-        return nn.functional.binary_cross_entropy_with_logits(logit, yi.unsqueeze(0))
-
-    per_example = vmap(grad(one_loss), in_dims=(None, 0, 0))
-    for _ in range(steps):
-        idx = np.flatnonzero(rng.random(n) < q) if q < 1.0 else np.arange(n)
-        current = {k: p.detach() for k, p in params.items()}
-        summed = clipped_sum(per_example, current, xt[idx], yt[idx], clip) if len(idx) else {
-            k: torch.zeros_like(v) for k, v in current.items()}
-        with torch.no_grad():
-            for k in names:
-                p = params[k]
-                noise = torch.normal(0.0, noise_multiplier * clip, size=p.shape,
-                                     generator=noise_gen, dtype=p.dtype)
-                g = (summed[k] + noise) / (q * n)
-                if weight_decay > 0 and k.endswith("weight"):
-                    g = g + weight_decay * p
-                if proximal_mu > 0:
-                    g = g + proximal_mu * (p - global_params[k])
-                p.sub_(lr * g)
+    # Summed losses: a step whose Poisson sample is empty still adds its noise.
+    sampled = GradSampleModule(model, loss_reduction="sum")
+    optimizer = DPOptimizer(torch.optim.SGD(sampled.parameters(), lr=lr),
+                            noise_multiplier=noise_multiplier, max_grad_norm=clip,
+                            expected_batch_size=None, loss_reduction="sum",
+                            generator=noise_gen)
+    sampled.train()
+    with warnings.catch_warnings():
+        # Opacus' hooks fire on module outputs: the inputs (patient rows) need no gradient.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        _dp_steps(sampled, optimizer, params, global_params, xt, yt, rng, q, steps,
+                  weight_decay, proximal_mu)
 
 
-def clipped_sum(per_example: Any, params: dict[str, torch.Tensor], x: torch.Tensor,
-                y: torch.Tensor, clip: float) -> dict[str, torch.Tensor]:
-    """The sum over rows of each row's gradient scaled to L2 norm at most ``clip``.
-
-    The norm is over all the model's parameters together; one row changes the sum by at
-    most ``clip`` (its sensitivity).
-    """
-    grads = per_example(params, x, y)
-    flat = torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
-    factor = torch.clamp(clip / (flat.norm(dim=1) + 1e-12), max=1.0)
-    return {k: torch.einsum("i,i...->...", factor, g) for k, g in grads.items()}
+def _dp_steps(sampled: Any, optimizer: Any, params: dict[str, nn.Parameter],
+              global_params: dict[str, torch.Tensor], xt: torch.Tensor, yt: torch.Tensor,
+              rng: np.random.Generator, q: float, steps: int, weight_decay: float,
+              proximal_mu: float) -> None:
+    """The DP-SGD steps of :func:`train_local_dp`; the hooks are removed at the end."""
+    n = len(yt)
+    try:
+        for _ in range(steps):
+            idx = np.flatnonzero(rng.random(n) < q) if q < 1.0 else np.arange(n)
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                sampled(xt[idx]), yt[idx], reduction="sum")
+            loss.backward()
+            optimizer.pre_step()  # clip every row's gradient, sum, add the noise
+            with torch.no_grad():
+                for k, p in params.items():
+                    assert p.grad is not None
+                    p.grad /= q * n
+                    if weight_decay > 0 and k.endswith("weight"):
+                        p.grad += weight_decay * p
+                    if proximal_mu > 0:
+                        p.grad += proximal_mu * (p - global_params[k])
+            optimizer.original_optimizer.step()
+    finally:
+        sampled.remove_hooks()
+        optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ from client.ledger import LEDGER
 from client.policy import NO_POLICY, PolicyRefusal
 from client.site import SiteSettings
 from client.split import split_site
-from client.train import clipped_sum, dp_schedule, train_local_dp
+from client.train import dp_schedule, train_local_dp
 from shared import newton, protocol
 from shared.preprocessing import TabularPreprocessor
 from shared.schema import load_schema
@@ -66,31 +66,46 @@ def test_noise_calibration_reaches_the_target_epsilon(q: float, steps: int) -> N
         spent, rel=1e-9)
 
 
-def test_dp_sgd_clipping_bounds_each_record() -> None:
-    """Removing one row changes the clipped gradient sum by at most dp-clip (before noise)."""
+def _one_step_sum(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  clip: float) -> torch.Tensor:
+    """The clipped gradient sum one noiseless full-batch DP-SGD step applied (lr 1)."""
+    before = torch.cat([p.detach().ravel().clone() for p in model.parameters()])
+    train_local_dp(model, x.numpy(), y.numpy(), epochs=1, lr=1.0, batch_size=0,
+                   weight_decay=0.0, proximal_mu=0.0, clip=clip, noise_multiplier=0.0,
+                   entropy=1)
+    after = torch.cat([p.detach().ravel() for p in model.parameters()])
+    return (before - after) * len(y)  # the step divides the sum by the expected batch
+
+
+def test_dp_sgd_clips_each_record_as_a_hand_computed_reference_does() -> None:
+    """Opacus' step equals the clipped sum computed independently (torch.func per row).
+
+    Removing one row changes that sum by at most dp-clip: the bound the noise is for.
+    """
     from torch.func import functional_call, grad, vmap
 
     torch.manual_seed(0)
-    model = build_model("mlp", 5, 8, seed=1)
     x = torch.randn(40, 5, dtype=torch.float64) * 10  # large gradients: clipping acts
     y = (torch.rand(40) < 0.5).to(torch.float64)
+    clip = 0.7
+    model = build_model("mlp", 5, 8, seed=1)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     def one(p: dict[str, Any], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.binary_cross_entropy_with_logits(
             functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
-    per_example = vmap(grad(one), in_dims=(None, 0, 0))
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    clip = 0.7
-    full = clipped_sum(per_example, params, x, y, clip)
+    grads = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([g.reshape(len(x), -1) for g in grads.values()], dim=1)
+    reference = (flat * torch.clamp(clip / flat.norm(dim=1), max=1.0)[:, None]).sum(0)
+    full = _one_step_sum(model, x, y, clip)
+    # Opacus adds 1e-6 to each row's norm before dividing: the same sum to about 1e-6.
+    assert float((full - reference).abs().max()) < 1e-5
     for i in (0, 17, 39):
         keep = torch.tensor([j for j in range(40) if j != i])
-        less = clipped_sum(per_example, params, x[keep], y[keep], clip)
-        diff = torch.cat([(full[k] - less[k]).ravel() for k in full])
-        assert float(diff.norm()) <= clip + 1e-9
-    # Unclipped, a row's gradient is far larger: the bound comes from the clipping.
-    raw = per_example(params, x[:1], y[:1])
-    assert float(torch.cat([g.ravel() for g in raw.values()]).norm()) > clip
+        less = _one_step_sum(build_model("mlp", 5, 8, seed=1), x[keep], y[keep], clip)
+        assert float((full - less).norm()) <= clip + 1e-6
+    assert float(flat[0].norm()) > clip  # unclipped, a row's gradient is far larger
 
 
 def test_newton_sums_bound_each_record() -> None:
