@@ -28,7 +28,7 @@ what clinicians act on, not only their ranking. The held-out rows are never seen
 
 A site with more than ``SELECTION_ROWS`` training rows applies the same rule to a stratified
 subsample of its training rows (see :func:`selection_rows`) and fits the chosen model on all of
-them; a smaller site is cross-validated on all its rows, exactly as before that limit existed.
+them; a smaller site is cross-validated on all its rows.
 """
 
 from __future__ import annotations
@@ -59,11 +59,12 @@ MIN_CLASS_ROWS = 5
 LOCAL_INTERCEPT_SD = 10.0
 # A large site chooses on a stratified subsample of its training rows: SELECTION_ROWS rows, or
 # more when that many would hold fewer than SELECTION_MIN_CLASS rows of the rarer class (with
-# 60 correction inputs, about 17 of them per input). Why: cross-validating all candidates on
-# a million rows took over ten minutes (simulations/bench_site.py), while on 20 000 rows the
-# paired standard error of a candidate's gain is already about 0.003 in log-loss, and
-# candidates closer than that are about as good. Sites up to SELECTION_ROWS training rows (the
-# clinically usual size) are cross-validated on all of them, exactly as before.
+# 60 correction inputs, about 17 of them per input). Why: cross-validating every candidate
+# costs time in proportion to the rows, while the paired standard error of a candidate's gain
+# shrinks only as one over their square root: on SELECTION_ROWS rows it is already small, and
+# candidates closer than that are about as good (the big site's figures: docs/benchmarks.md).
+# Sites up to SELECTION_ROWS training rows (the clinically usual size) are cross-validated on
+# all of them.
 SELECTION_ROWS = 20_000
 SELECTION_MIN_CLASS = 1_000
 

@@ -40,11 +40,12 @@ Work = Callable[[Message, SiteRows, Any], tuple[Message, bool]]
 
 @functools.cache
 def _one_thread(modules: int) -> None:
-    """One BLAS/OpenMP thread for the libraries loaded (not per message: 6 ms each).
+    """One BLAS/OpenMP thread for the libraries loaded, set again only when modules were added.
 
     These models are tiny, and several sites (or other programs) sharing a machine otherwise
     oversubscribe its cores (a correction fit is several times slower with two sites on two
-    cores).
+    cores). Setting the limit walks every loaded library: it is not repeated for every
+    message.
     """
     threadpool_limits(limits=1)
 

@@ -21,6 +21,7 @@ from shared.crypto import (
     seal,
     unseal,
 )
+from shared.errors import FedadaptError
 from shared.files import ensure_private_dir, write_atomically
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ REASONS = (
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
-class CorrectionRefused(ValueError):
+class CorrectionRefused(FedadaptError, ValueError):
     """A stored correction was refused; ``reason`` says why, the message says what to do.
 
     Attributes
@@ -58,7 +59,7 @@ class CorrectionRefused(ValueError):
         self.reason = reason
 
 
-class SiteDirError(OSError):
+class SiteDirError(FedadaptError, OSError):
     """The site folder cannot be created or written, or its disk is almost full."""
 
     def __init__(self, message: str, path: Path) -> None:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from shared.errors import FedadaptError
+from shared.files import NotUTF8, decode_utf8
 from shared.schema import Feature, Schema
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-class DataError(ValueError):
+class DataError(FedadaptError, ValueError):
     """A site file that cannot be used. ``problems`` locates each defect; no cell values."""
 
     def __init__(self, problems: Sequence[Problem], hint: str = "") -> None:
@@ -331,14 +333,13 @@ _COLUMN_HINT = (
 
 
 def _decode(raw: bytes, name: str) -> str:
+    """The file's text; a DataError at the first byte that is not UTF-8 (never quoting it)."""
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        return decode_utf8(raw)
+    except NotUTF8 as err:
         raise DataError(
-            [Problem(name, line, column, "", "the file is not valid UTF-8 text (byte "
-                     f"{column} of the line)")],
+            [Problem(name, err.line, err.column, "", "the file is not valid UTF-8 text (byte "
+                     f"{err.column} of the line)")],
             "save the file as UTF-8 (for example from a spreadsheet: CSV UTF-8)",
         ) from None
 

@@ -21,15 +21,14 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from client.correction_store import CorrectionRefused, SiteDirError
 from client.data import DataError
-from client.policy import PolicyError, PolicyRefusal
-from client.site import SchemaMismatch, SiteConfigError, SiteSettings
+from client.policy import PolicyRefusal
+from client.site import SchemaMismatch, SiteSettings
 from shared import protocol
+from shared.errors import FedadaptError
 from shared.newton import sum_shapes
 from shared.preprocessing import summary_keys
 from shared.schema import Feature, SchemaError
-from shared.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +37,8 @@ MetricValue = float | int | list[float]
 MAX_TEXT = 2000
 
 
-class EgressViolation(RuntimeError):
+class EgressViolation(FedadaptError, RuntimeError):
     """A reply that would carry something other than allowed aggregates: never sent."""
-
-
-# Exceptions whose messages fedadapt builds itself without any cell value (file, line, column,
-# feature names, identifiers); every other exception is reported by its type only.
-SAFE_ERRORS: tuple[type[BaseException], ...] = (
-    DataError, SchemaError, SiteConfigError, SettingsError, CorrectionRefused, SiteDirError,
-    EgressViolation, PolicyError, PolicyRefusal,
-)  # client.contract.ContractError is a SettingsError
 
 
 def allowed_metric_keys(
@@ -146,16 +137,35 @@ def error_reply(msg: Message, err: BaseException, phase: str,
                 site: SiteSettings | str | None = None) -> Message:
     """An error reply whose text carries no cell value and no path of the site.
 
-    fedadapt's own errors (data, schema, settings, stored correction) are sent with their
-    message, the site's paths replaced by names (``<data-file>:12:3``: the site's log has
-    them whole); any other exception is sent by type only, and logged at the site with its
-    stack frames but without its message (which could quote a value). The reason starts with
+    fedadapt's own errors (:class:`shared.errors.FedadaptError`: data, schema, settings,
+    stored correction, policy...) are sent with their message, which never quotes a cell
+    value, the site's paths replaced by names (``<data-file>:12:3``: the site's log has them
+    whole); any other exception is sent by type only, and logged at the site with its stack
+    frames but without its message (which could quote a value). The reason starts with
     ``[site NAME]`` when the site knows its name, so the coordinator can say who failed.
+
+    Parameters
+    ----------
+    msg : Message
+        The message that failed.
+    err : BaseException
+        Why.
+    phase : str
+        The phase, for the log and the reason.
+    site : SiteSettings or str, optional
+        The site (its paths are scrubbed, its name starts the reason), or only its name.
+
+    Returns
+    -------
+    Message
+        A Flower error reply: code ``REFUSED`` for a policy refusal, ``DATA_ERROR`` for a
+        data file that does not fit the schema, ``SCHEMA_MISMATCH`` for a schema that
+        differs or cannot be used, ``SITE_ERROR`` otherwise (``shared.protocol``).
     """
     if isinstance(err, PolicyRefusal):
         reason = f"refused by policy rule '{err.rule}': {err}"[:MAX_TEXT]
         log.warning("%s refused by policy rule '%s': %s", phase, err.rule, err)
-    elif isinstance(err, SAFE_ERRORS):
+    elif isinstance(err, FedadaptError):
         reason = f"{type(err).__name__}: {err}"[:MAX_TEXT]
         log.error("%s failed: %s", phase, reason)
     else:

@@ -1,10 +1,11 @@
 """A site's own policy: what it runs, which phases it answers, what may leave it (a TOML file).
 
 The site names the file in its SuperNode's ``node_config`` (``policy="/srv/fedadapt/policy.toml"``)
-or, in simulation, in its manifest entry (``policy = "..."``). Without one a site answers every
-phase of any app, as before (said once in its log). The rules are enforced by the ClientApp
+or, in simulation, in its manifest entry (``policy = "..."``). Without one, a deployed site
+applies the deployment's defaults (:data:`DEPLOYED`) and a simulated site answers every phase of
+any app (either says so once in its log). The rules are enforced by the ClientApp
 (``client.client_app``) before any work; the approved-app rule, which must hold before any
-shipped code runs, by the site's own executor (``client.approved_app``).
+shipped code runs, by the site's own executor (``executor.approved_app``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 import os
 import re
 import textwrap
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.site import SiteSettings
+from shared.errors import FedadaptError
+from shared.tomlfile import read_toml
 
 if TYPE_CHECKING:
     from client.contract import Request
@@ -35,11 +37,11 @@ POLICY_ENV = "FEDADAPT_SITE_POLICY"
 HASH = re.compile(r"[0-9a-f]{64}")
 
 
-class PolicyError(ValueError):
+class PolicyError(FedadaptError, ValueError):
     """A policy file that cannot be used; the message names file, line and column."""
 
 
-class PolicyRefusal(Exception):
+class PolicyRefusal(FedadaptError):
     """A request outside the site's policy: refused with the rule named, never partly answered."""
 
     def __init__(self, rule: str, message: str) -> None:
@@ -263,59 +265,21 @@ def read_policy(path: str | Path, deployed: bool = True) -> Policy:
         file, line and column.
     """
     path = Path(path).expanduser().resolve()
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise PolicyError(f"{path}: policy file not found") from None
-    except IsADirectoryError:
-        raise PolicyError(f"{path}: is a folder: name the policy file (TOML)") from None
-    except OSError as err:
-        why = err.strerror or type(err).__name__
-        raise PolicyError(f"{path}: cannot read the policy file ({why})") from None
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark is tolerated
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        col = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise PolicyError(f"{path}:{line}:{col}: not UTF-8 text: save the policy file as "
-                          "UTF-8") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        # Python 3.11's message ends "(at line L, column C)"; the position leads here.
-        m = re.search(r"(.*) \(at line (\d+), column (\d+)\)", str(err))
-        where, what = (f"{m.group(2)}:{m.group(3)}", m.group(1)) if m else ("1:1", str(err))
-        raise PolicyError(f"{path}:{where}: invalid TOML: {what}") from None
+    doc = read_toml(path, "policy file", PolicyError)
     known = {f.name.replace("_", "-"): f for f in fields(Policy)
              if f.name not in ("path", "deployed")}
     values: dict[str, Any] = {}
-    for key, value in raw.items():
-        where = _where(path, text, key)
+    for key, value in doc.data.items():
         if key not in known:
             what = "table" if isinstance(value, dict) else "key"
-            raise PolicyError(f"{where}: unknown {what} {key!r}; known keys: "
+            raise PolicyError(f"{doc.where(key)}: unknown {what} {key!r}; known keys: "
                               f"{', '.join(known)}")
-        values[known[key].name] = _value(where, key, value)
+        values[known[key].name] = _value(doc.where(key), key, value)
     base = DEPLOYED if deployed else NO_POLICY
     policy = replace(base, **values, path=path)
-    for key, problem in _problems(policy):
-        where = _where(path, text, key)
-        bad = re.search(r"entry '([^']*)'", problem)  # an approved-apps entry: point at it
-        if bad and bad.group(1):
-            at = next(((i, line.index(bad.group(1))) for i, line in
-                       enumerate(text.splitlines(), 1) if bad.group(1) in line), None)
-            where = f"{path}:{at[0]}:{at[1] + 1}" if at else where
-        raise PolicyError(f"{where}: {problem}")
+    for key, problem, entry in _problems(policy):
+        raise PolicyError(f"{doc.where(key, value=entry)}: {problem}")
     return policy
-
-
-def _where(path: Path, text: str, key: str) -> str:
-    """``file:line:column`` of ``key = ...`` (or a ``[key]`` table) in the file, else 1:1."""
-    for i, line in enumerate(text.splitlines(), 1):
-        m = re.match(rf"(\s*)(\[+\s*)?[\"']?{re.escape(key)}[\"']?\s*(=|\.|\])", line)
-        if m:
-            return f"{path}:{i}:{len(m.group(1)) + 1}"
-    return f"{path}:1:1"
 
 
 def _value(where: str, key: str, value: Any) -> Any:
@@ -340,30 +304,33 @@ def _value(where: str, key: str, value: Any) -> Any:
         raise PolicyError(f"{where}: {key} is too large: write inf for no limit") from None
 
 
-def _problems(policy: Policy) -> list[tuple[str, str]]:
-    """(key, problem) for values of the right type that still cannot be used."""
-    problems = []
+def _problems(policy: Policy) -> list[tuple[str, str, str | None]]:
+    """(key, problem, the list entry at fault or None) for values that cannot be used."""
+    problems: list[tuple[str, str, str | None]] = []
     bad_hashes = [h for h in policy.approved_apps if not HASH.fullmatch(h)]
     if bad_hashes:
         problems.append(("approved-apps", f"approved-apps entry {bad_hashes[0][:70]!r} is not "
-                         "a sha256 hash (64 hex digits, as `fedadapt app-hash` prints them)"))
+                         "a sha256 hash (64 hex digits, as `fedadapt app-hash` prints them)",
+                         bad_hashes[0]))
     unknown = [p for p in policy.phases if p not in PHASES]
     if unknown:
-        problems.append(("phases", f"unknown phase(s) {unknown}; phases: {', '.join(PHASES)}"))
+        problems.append(("phases", f"unknown phase(s) {unknown}; phases: {', '.join(PHASES)}",
+                         None))
     for key in ("max_epsilon_run", "max_epsilon_total", "stats_epsilon", "input_bound"):
         if not getattr(policy, key) > 0:
-            problems.append((key.replace("_", "-"), f"{key.replace('_', '-')} must be positive"))
+            problems.append((key.replace("_", "-"), f"{key.replace('_', '-')} must be positive",
+                             None))
     if not math.isfinite(policy.input_bound):
         problems.append(("input-bound", "input-bound must be finite: it is what keeps every "
-                         "number the site computes finite"))
+                         "number the site computes finite", None))
     if policy.require_dp:
         for key in ("max_epsilon_run", "max_epsilon_total"):
             if not math.isfinite(getattr(policy, key)):
                 problems.append((key.replace("_", "-"), f"require-dp needs a finite "
                                  f"{key.replace('_', '-')}: without one any epsilon the "
-                                 "coordinator asks for is accepted"))
+                                 "coordinator asks for is accepted", None))
     if not 0 < policy.delta < 1:
-        problems.append(("delta", "delta must be between 0 and 1"))
+        problems.append(("delta", "delta must be between 0 and 1", None))
     return problems
 
 

@@ -15,6 +15,7 @@ from client.correction_store import load_correction
 from client.data import SiteData, read_site_data
 from client.source_model_store import load_source_model
 from shared.correction import Correction, adapted_logit
+from shared.errors import FedadaptError
 from shared.files import write_atomically
 from shared.metrics import sigmoid
 from shared.preprocessing import TabularPreprocessor
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 COLUMNS = ("line", "risk", "source_risk", "adapted_risk", "correction_applied", "note")
 
 
-class PredictError(ValueError):
+class PredictError(FedadaptError, ValueError):
     """Scoring cannot start (input or output paths); the message says what to do."""
 
 

@@ -6,7 +6,8 @@ clipped sums for Newton in ``shared.newton``). This module
 
 - calibrates the noise multiplier so that the planned rounds of one run (``num-server-rounds``
   x ``repeats``, each round ``steps`` steps at sample rate ``q``) spend at most the run's
-  epsilon, with Opacus' RDP accountant (``opacus.accountants``; nothing is accounted by hand);
+  epsilon, with Opacus' RDP accountant (``shared.dp_accounting``: nothing is accounted by
+  hand);
 - charges every round and release to the site's ledger (``client.ledger``: per run id the
   accountant's history (noise multiplier, sample rate, steps) and the epsilon spent). Runs
   compose by basic composition (epsilons and deltas add up): conservative, and simple to
@@ -20,8 +21,8 @@ clipped sums for Newton in ``shared.newton``). This module
   site trains (a round that then fails is still counted: conservative).
 
 Randomness of the mechanisms (noise, Poisson sampling) comes from the operating system
-(``secrets``), never from a seed the coordinator knows. Opacus is imported here, and this module
-only when DP is on: a site without DP does not pay its import.
+(``secrets``), never from a seed the coordinator knows. This module is imported only when DP is
+on, and Opacus only when an epsilon is computed: a site without DP does not pay their import.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from shared.dp_accounting import epsilon_spent, noise_multiplier
 
 if TYPE_CHECKING:
     from client.contract import DPRequest, TrainRequest
@@ -52,33 +55,6 @@ LOSS_BOUND = 5.0
 HESS_FACTOR = 0.25
 # A spend within this relative margin of a budget is within it (float rounding of the RDP sum).
 MARGIN = 1e-9
-# RDP orders for calibration and accounting alike: Opacus' defaults (1.1 ... 63) and larger
-# ones, which the few, very noisy full-batch steps of a short run need for a tight bound.
-ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [
-    80, 96, 128, 192, 256, 384, 512, 1024]
-
-
-def epsilon_spent(history: list[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of a sequence of (noise multiplier, sample rate, steps), Opacus' RDP accountant."""
-    if not history:
-        return 0.0
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = [(float(s), float(q), int(k)) for s, q, k in history]
-    return float(accountant.get_epsilon(delta=delta, alphas=ALPHAS))
-
-
-def noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The noise multiplier for which ``steps`` steps at ``sample_rate`` spend ``epsilon``.
-
-    The smallest (within Opacus' tolerance of 0.01 on epsilon) that spends at most it.
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps, accountant="rdp",
-                                      epsilon_tolerance=0.01, alphas=ALPHAS))
 
 
 @dataclass(frozen=True)

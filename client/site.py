@@ -14,13 +14,14 @@ folder, the project folder. Data never travels inside Flower's app bundle.
 from __future__ import annotations
 
 import functools
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from shared.errors import FedadaptError
 from shared.protocol import site_name_problem
+from shared.tomlfile import read_toml
 
 # node_config keys of a deployed site.
 DATA_FILE = "data-file"
@@ -38,9 +39,10 @@ PROTOCOL = "protocol"
 SIMULATED = "simulated"
 PROTOCOLS = ("default", "flamby")
 DEFAULT_TEST_FRACTION = 0.3
+MANIFEST = "sites manifest"  # what messages call the file
 
 
-class SiteConfigError(ValueError):
+class SiteConfigError(FedadaptError, ValueError):
     """The site's settings are missing or inconsistent; the message says what to set."""
 
 
@@ -155,13 +157,13 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) 
 def _manifest_of_simulation(path: Path) -> Manifest:
     """The manifest, parsed once per version of the file in this process.
 
-    Every message to a virtual site resolves its entry; parsing a 1,000-site manifest on every
-    message was 83 % of a ClientApp actor's time at 1,000 sites (py-spy), quadratic in sites.
+    Every message to a virtual site resolves its entry: parsing the whole manifest each time
+    would cost every message time in proportion to the number of sites.
     """
     try:
         stat = path.stat()
     except FileNotFoundError:
-        raise SiteConfigError(f"sites manifest {path} not found") from None
+        raise SiteConfigError(f"{path}: {MANIFEST} not found") from None
     return _read_manifest_cached(str(path), stat.st_mtime_ns, stat.st_size)
 
 
@@ -173,43 +175,63 @@ def _read_manifest_cached(path: str, mtime_ns: int, size: int) -> Manifest:
 def read_manifest(path: str | Path) -> Manifest:
     """Read a sites manifest; paths inside resolve against the manifest's folder.
 
+    Parameters
+    ----------
+    path : str or Path
+        The manifest (TOML: ``schema``, and one ``[[sites]]`` table per site).
+
+    Returns
+    -------
+    Manifest
+        Its schema and sites.
+
     Raises
     ------
     SiteConfigError
-        If the file is missing, not TOML (with line and column), or an entry is incomplete.
+        If the file cannot be read or is not TOML, or an entry is incomplete or wrong: the
+        message names file, line and column.
     """
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SiteConfigError(f"sites manifest {path} not found") from None
-    except tomllib.TOMLDecodeError as err:
-        raise SiteConfigError(f"{path}: invalid TOML: {err}") from None
+    doc = read_toml(path, MANIFEST, SiteConfigError)
+    raw = doc.data
+    entries = raw.get("sites", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise SiteConfigError(f"{doc.where('sites')}: sites must be [[sites]] tables")
+    if "schema" in raw and not isinstance(raw["schema"], str):
+        raise SiteConfigError(f"{doc.where('schema')}: schema must be a string: a built-in "
+                              "schema's name or a schema file")
     base = path.resolve().parent
     sites = []
     names: set[str] = set()
-    for i, entry in enumerate(raw.get("sites", [])):
+    for i, entry in enumerate(entries):
         if "name" not in entry or "data-file" not in entry:
-            raise SiteConfigError(f"{path}: [[sites]] #{i + 1} needs 'name' and 'data-file'")
+            raise SiteConfigError(f"{doc.where('sites', i)}: [[sites]] #{i + 1} needs 'name' "
+                                  "and 'data-file'")
         name = str(entry["name"])
         problem = site_name_problem(name)
         if problem:
-            raise SiteConfigError(f"{path}: [[sites]] #{i + 1}: {problem}")
+            raise SiteConfigError(f"{doc.where('sites', i, 'name')}: [[sites]] #{i + 1}: "
+                                  f"{problem}")
         if name in names:
-            raise SiteConfigError(f"{path}: site name {name!r} appears twice")
+            raise SiteConfigError(f"{doc.where('sites', i, 'name')}: site name {name!r} "
+                                  "appears twice")
         names.add(name)
+        features = entry.get("site-features", [])
+        if not isinstance(features, list):
+            raise SiteConfigError(f"{doc.where('sites', i, 'site-features')}: site-features "
+                                  "must be a list of feature names")
         site_dir = entry.get("site-dir")
         sites.append(SiteSettings(
             name=name,
             data_file=_resolve(str(entry["data-file"]), base),
-            site_features=tuple(str(f) for f in entry.get("site-features", [])),
+            site_features=tuple(str(f) for f in features),
             site_dir=_resolve(str(site_dir), base) if site_dir else Path(),
             schema=str(raw["schema"]) if "schema" in raw else None,
             policy=_optional_path(entry.get(POLICY), base),
             simulated=True,
         ))
     if not sites:
-        raise SiteConfigError(f"{path}: no [[sites]] entries")
+        raise SiteConfigError(f"{doc.where('sites')}: no [[sites]] entries")
     schema = str(raw.get("schema", "synthetic"))
     return Manifest(path=path, schema=schema, sites=tuple(sites))
 

@@ -24,6 +24,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 
 from shared.arrays import arrays_from_json, arrays_to_json, json_digest
+from shared.errors import FedadaptError
 from shared.files import ensure_private_dir, write_atomically
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ LEGACY_FILE = "source-model.json"
 _UNBOUND = ("digest", "saved")
 
 
-class ModelStoreError(ValueError):
+class ModelStoreError(FedadaptError, ValueError):
     """The site has no usable source model; the message says what to do."""
 
 

@@ -78,7 +78,7 @@ def split_site(
     Split
         Indices into the site's rows.
     """
-    # Imported here: scikit-learn takes ~0.6 s to import, and a site caches its split (see
+    # Imported here: scikit-learn is slow to import, and a site caches its split (see
     # client.jobs) so that training rounds, each a fresh process, do not pay for it.
     from sklearn.model_selection import train_test_split
 

@@ -78,8 +78,8 @@ def train_local(
                 )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
-            # Plain SGD by hand: torch.optim's first use imports torch._dynamo (~1 s), and a
-            # deployed site starts a fresh process for every message.
+            # Plain SGD by hand: torch.optim's first use imports torch._dynamo, which is slow,
+            # and a deployed site starts a fresh process for every message.
             with torch.no_grad():
                 for p in params:
                     if p.grad is not None:

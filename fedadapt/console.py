@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from shared.errors import FedadaptError
+
 # When the output is not a terminal (a log, CI), rich would assume 80 columns; the per-site
 # table is made for 100.
 console = Console(emoji=False, highlight=False,
@@ -48,31 +50,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "the user's input or environment", not a bug in fedadapt."""
-    from client.correction_store import CorrectionRefused, SiteDirError
-    from client.data import DataError
-    from client.policy import PolicyError
-    from client.predict import PredictError
-    from client.site import SiteConfigError
-    from client.source_model_store import ModelStoreError
-    from shared.schema import SchemaError
-    from shared.settings import SettingsError
-    from simulations.datasets import DatasetError
-    from simulations.deploy import DeploymentError
-    from simulations.superlink import SimulationError
-
-    return (DataError, SchemaError, SettingsError, SiteConfigError, DatasetError,
-            SimulationError, ModelStoreError, PredictError, SiteDirError, CorrectionRefused,
-            PolicyError, DeploymentError, OSError)
-
-
 def _describe(err: BaseException) -> str:
+    """The one line that ends a command for ``err``: fedadapt's message, or the system's."""
     from client.correction_store import CorrectionRefused
 
     if isinstance(err, CorrectionRefused):
         return f"the site's correction was refused ({err.reason}): {err}"
-    if isinstance(err, OSError) and err.strerror and not str(err).startswith(str(err.strerror)):
+    if (not isinstance(err, FedadaptError) and isinstance(err, OSError) and err.strerror
+            and not str(err).startswith(str(err.strerror))):
         # An OSError raised by the system names the file and the reason, not what to do.
         where = f"{err.filename}: " if err.filename else ""
         return f"{where}{err.strerror}"
@@ -80,13 +65,18 @@ def _describe(err: BaseException) -> str:
 
 
 def user_command(fn: F) -> F:
-    """Run a command; a user's mistake ends it with one clear line and exit code 1."""
+    """Run a command; a user's mistake ends it with one clear line and exit code 1.
+
+    A user's mistake is an error fedadapt wrote itself (:class:`shared.errors.FedadaptError`,
+    whose message says what to do) or one of the system's about a file or a process
+    (``OSError``); anything else is a bug in fedadapt, shown with its trace.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except _user_errors() as err:
+        except (FedadaptError, OSError) as err:
             fail(_describe(err))
 
     return wrapper  # type: ignore[return-value]

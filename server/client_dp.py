@@ -9,7 +9,7 @@ clipped update before the noise.
   inside its train job (``client.jobs.clip_update``, Flower's ``compute_clip_model_update``).
 - The coordinator averages the sound updates with equal weights (FedAvg's ``weighted_by_key``
   is ``unit-weight``, which every site sends as exactly 1.0, checked in
-  ``server.strategy.reply_problem``) and Flower's ``DifferentialPrivacyClientSideFixedClipping``
+  ``server.guarded.reply_problem``) and Flower's ``DifferentialPrivacyClientSideFixedClipping``
   adds Gaussian noise of standard deviation ``z * dp-clip / m`` to the average of ``m`` sites
   (``flwr.supercore.differential_privacy.compute_stdv``, numpy's global generator): the
   Gaussian mechanism with noise multiplier ``z`` on the sum, whose sensitivity to one site is
@@ -17,65 +17,37 @@ clipped update before the noise.
   ``num_sampled_clients``, set each round before the noise): a site that drops out therefore
   does not weaken the noise of the others' average. The number of sites taking part is not
   hidden.
-- ``z`` is calibrated with Opacus' RDP accountant so that the planned releases
-  (``num-server-rounds`` x ``repeats``, every site in every round: sample rate 1, no
-  amplification by sampling) spend at most ``dp-epsilon`` at ``dp-delta``.
+- ``z`` is calibrated with Opacus' RDP accountant (``shared.dp_accounting``, as the sites'
+  record-level DP) so that the planned releases (``num-server-rounds`` x ``repeats``, every
+  site in every round: sample rate 1, no amplification by sampling) spend at most
+  ``dp-epsilon`` at ``dp-delta``.
 
 Flower ships an accountant for this wrapper (``flwr.serverapp.RdpAccountant``), but it needs
-Google's ``dp-accounting`` package, whose install (``pip install --dry-run dp-accounting``,
-checked with flwr 1.42.0) would downgrade ``attrs`` from 26.1 to 23.2 in this environment;
-Opacus, which the sites already use for record-level DP, is used instead. For sample rate 1
-both compute the RDP of the Gaussian mechanism, ``alpha * T / (2 z^2)``, exactly.
+Google's ``dp-accounting`` package, whose pinned dependencies conflict with this project's
+(``pip install --dry-run dp-accounting`` shows which); Opacus, which the sites already use,
+is used instead. For sample rate 1 both compute the RDP of the Gaussian mechanism,
+``alpha * T / (2 z^2)``, exactly.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import cast
 
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 from flwr.supercore.differential_privacy import compute_stdv
 
-from server.strategy import GuardedAggregation, RoundHook, reply_problem
+from server.guarded import GuardedAggregation, Release, RoundHook, reply_problem
+from shared.dp_accounting import noise_multiplier
 from shared.settings import RunSettings
 
 log = logging.getLogger(__name__)
-
-# RDP orders: the same as the sites' record-level accountant (client.privacy.ALPHAS), Opacus'
-# defaults and larger ones, which few, very noisy releases need for a tight bound.
-ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [
-    80, 96, 128, 192, 256, 384, 512, 1024]
 
 
 def planned_releases(settings: RunSettings) -> int:
     """Noised averages one run releases: every round of every repeat."""
     return settings.num_server_rounds * settings.repeats
-
-
-def noise_multiplier(epsilon: float, delta: float, releases: int) -> float:
-    """The noise multiplier ``z`` for which ``releases`` rounds spend at most ``epsilon``.
-
-    Every site takes part in every round (sample rate 1). Opacus' calibration: the smallest
-    ``z``, within its tolerance of 0.01 on epsilon, that stays below the target.
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                      sample_rate=1.0, steps=releases, accountant="rdp",
-                                      epsilon_tolerance=0.01, alphas=ALPHAS))
-
-
-def epsilon_after(z: float, releases: int, delta: float) -> float:
-    """Epsilon after ``releases`` noised averages with noise multiplier ``z`` (Opacus' RDP)."""
-    if releases <= 0:
-        return 0.0
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
-    accountant.history = [(float(z), 1.0, int(releases))]
-    return float(accountant.get_epsilon(delta=delta, alphas=ALPHAS))
 
 
 class GuardedClientSideDP(DifferentialPrivacyClientSideFixedClipping):
@@ -96,38 +68,64 @@ class GuardedClientSideDP(DifferentialPrivacyClientSideFixedClipping):
     num_sampled_clients : int
         Sites expected per round; each round it is set to the number of sound replies.
     on_round : callable, optional
-        fedadapt's round hook (``server.strategy.RoundHook``).
+        fedadapt's round hook (``server.guarded.RoundHook``).
+
+    Attributes
+    ----------
+    outcome : TrainingOutcome
+        The inner strategy's, with the noise multiplier and each round's release.
     """
 
-    def __init__(self, strategy: Strategy, noise_multiplier: float, clipping_norm: float,
-                 num_sampled_clients: int, on_round: RoundHook | None = None) -> None:
+    def __init__(self, strategy: GuardedAggregation, noise_multiplier: float,
+                 clipping_norm: float, num_sampled_clients: int,
+                 on_round: RoundHook | None = None) -> None:
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        self.inner = strategy
         self.on_round = on_round
-        # Per round: sites averaged and the noise's standard deviation on their average.
-        self.released: dict[int, dict[str, float]] = {}
+        self.outcome = strategy.outcome
+        self.outcome.noise_multiplier = noise_multiplier
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the sound replies uniformly, add the noise, then tell the round hook."""
-        inner = cast(GuardedAggregation, self.strategy)
+        inner = self.inner
         replies = list(replies)
         sound = sum(reply_problem(r, inner.shapes, inner.metric_keys) is None for r in replies)
         # The noise's scale follows the sites actually averaged: std z * C / m on their mean.
         self.num_sampled_clients = max(1, sound)
         arrays, metrics = super().aggregate_train(server_round, replies)
+        self.outcome.noise_multiplier = self.noise_multiplier
         if arrays is not None:
             std = compute_stdv(self.noise_multiplier, self.clipping_norm, self.num_sampled_clients)
-            self.released[server_round] = {"sites": float(sound), "noise_std": std}
+            self.outcome.released[server_round] = Release(sound, std)
         if self.on_round is not None:
             self.on_round(server_round, arrays, metrics, inner.rejected.get(server_round, []))
         return arrays, metrics
 
 
-def wrap(settings: RunSettings, strategy: Strategy, n_sites: int,
+def wrap(settings: RunSettings, strategy: GuardedAggregation, n_sites: int,
          on_round: RoundHook | None) -> GuardedClientSideDP:
-    """The training strategy under ``dp = "client"``: ``strategy`` in Flower's wrapper."""
-    z = noise_multiplier(settings.dp_epsilon, settings.dp_delta, planned_releases(settings))
+    """The training strategy under ``dp = "client"``: ``strategy`` in Flower's wrapper.
+
+    Parameters
+    ----------
+    settings : RunSettings
+        ``dp-epsilon``, ``dp-delta`` and ``dp-clip``, over the run's planned releases.
+    strategy : GuardedAggregation
+        A guarded FedAvg or FedProx averaging by ``unit-weight``.
+    n_sites : int
+        Sites expected per round.
+    on_round : callable, optional
+        fedadapt's round hook, called after the noise.
+
+    Returns
+    -------
+    GuardedClientSideDP
+        With the noise multiplier calibrated for the budget.
+    """
+    z = noise_multiplier(settings.dp_epsilon, settings.dp_delta, 1.0,
+                         planned_releases(settings))
     log.info("client-level DP: noise multiplier %.4f, clipping norm %g, %d site(s): noise std "
              "%.4g on the average (epsilon %g at delta %g over %d rounds)", z, settings.dp_clip,
              n_sites, z * settings.dp_clip / max(1, n_sites), settings.dp_epsilon,

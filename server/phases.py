@@ -14,12 +14,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from server.audit import ReplyLog
+from server.guarded import TrainingOutcome
 from server.progress import Progress
 from server.sites import SiteGrid, TrainingRefused, query_sites
 from server.strategy import make_strategy
 from server.summary import RepeatResult
 from shared import protocol
 from shared.arrays import arrays_digest
+from shared.dp_accounting import epsilon_spent
+from shared.errors import FedadaptError
 from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
 from shared.schema import Schema
 from shared.settings import RunSettings
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 SITE_NAMED = re.compile(rf"^\[site ({protocol.SITE_NAME_RULE})\] ")
 
 
-class RunFailed(RuntimeError):
+class RunFailed(FedadaptError, RuntimeError):
     """The run cannot go on (no usable site, no trained model); the message says why."""
 
 
@@ -164,11 +167,12 @@ def train_phase(
             loss = gl = None  # DP-SGD sites withhold their (noise-free) losses
         entry: dict[str, Any] = {"round": number, "loss": loss, "global_loss": gl,
                                  "rejected": rejected, "dropped": dropped}
-        spent = getattr(strategy, "dp_spent", {}).get(rnd, {})
+        spent = strategy.outcome.dp_spent.get(rnd, {})
         if spent:  # dp = "record": each site's epsilon spent in this run after this round
             entry["dp"] = {site: {"epsilon": e, "delta": d} for site, (e, d) in spent.items()}
         if s.dp == "client":  # the run's epsilon per site after this round's release
-            entry["dp_client"] = client_dp_entry(s, strategy, rnd, number, rep.result.repeat)
+            entry["dp_client"] = client_dp_entry(s, strategy.outcome, rnd, number,
+                                                 rep.result.repeat)
         accepted = _scalar(metrics, "step-accepted")  # strategy newton: were the weights kept
         if accepted is not None:
             entry["step_accepted"] = bool(accepted)
@@ -206,10 +210,10 @@ def train_phase(
             note = f"repeat {rep.result.repeat + 1}: training ended early: {err}"
             log.warning("%s", note)
             rep.result.notes.append(note)
-    best = getattr(strategy, "best", None)  # Newton ends on its last accepted weights
-    if isinstance(best, ArrayRecord):
-        current[0] = best
-    converged = getattr(strategy, "converged_round", None)
+    outcome = strategy.outcome
+    if outcome.best is not None:  # Newton ends on its last accepted weights
+        current[0] = outcome.best
+    converged = outcome.converged_round
     if converged is not None:
         rep.result.converged_round = converged + done_rounds
         rep.emit("converged", round=converged + done_rounds)
@@ -224,22 +228,40 @@ def train_phase(
     return current[0]
 
 
-def client_dp_entry(settings: RunSettings, strategy: Any, rnd: int, number: int,
+def client_dp_entry(settings: RunSettings, outcome: TrainingOutcome, rnd: int, number: int,
                     repeat: int) -> dict[str, Any]:
     """A round's client-level DP record: epsilon so far (Opacus' RDP), noise, sites averaged.
 
     Every round of every earlier repeat counts, whether or not it released a model
     (conservative); ``sites`` is 0 when nothing was aggregated (nothing released).
-    """
-    from server.client_dp import epsilon_after
 
-    z = float(strategy.noise_multiplier)
-    released = getattr(strategy, "released", {}).get(rnd, {})
+    Parameters
+    ----------
+    settings : RunSettings
+        The run's settings.
+    outcome : TrainingOutcome
+        The strategy's (its noise multiplier and releases).
+    rnd : int
+        The round, as the strategy counts it (from 1 in this call of the strategy).
+    number : int
+        The round in the repeat (after a resumed checkpoint's rounds).
+    repeat : int
+        The repeat, from 0.
+
+    Returns
+    -------
+    dict
+        ``epsilon``, ``delta``, ``noise_multiplier``, ``clipping_norm``, ``sites``,
+        ``noise_std`` (None when nothing was released).
+    """
+    z = float(outcome.noise_multiplier or 0.0)
+    released = outcome.released.get(rnd)
+    rounds = repeat * settings.num_server_rounds + number
     return {
-        "epsilon": epsilon_after(z, repeat * settings.num_server_rounds + number,
-                                 settings.dp_delta),
+        "epsilon": epsilon_spent([(z, 1.0, rounds)], settings.dp_delta),
         "delta": settings.dp_delta, "noise_multiplier": z, "clipping_norm": settings.dp_clip,
-        "sites": int(released.get("sites", 0)), "noise_std": released.get("noise_std"),
+        "sites": released.sites if released else 0,
+        "noise_std": released.noise_std if released else None,
     }
 
 

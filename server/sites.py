@@ -13,11 +13,12 @@ from flwr.supercore.run import Run
 
 from server.audit import ReplyLog
 from shared import protocol
+from shared.errors import FedadaptError
 
 log = logging.getLogger(__name__)
 
 
-class NotEnoughSites(RuntimeError):
+class NotEnoughSites(FedadaptError, RuntimeError):
     """Fewer sites than the configured minimum joined in time."""
 
 
@@ -79,13 +80,14 @@ def send_and_receive(
 
     With ``window > 0`` at most that many messages are in flight: the next is pushed as a
     reply comes in. Flower's link state scans every stored message for every node it serves
-    (``InMemoryLinkState.get_message_ins``), which at 1,000 virtual sites costs seconds per
-    pass; a window keeps that scan short. Sites given up on free their places in the window.
+    (``InMemoryLinkState.get_message_ins``), a pass whose cost grows with the messages stored;
+    a window keeps that scan short. Sites given up on free their places in the window.
 
-    Flower's deployed grid waits 3 s between pulls; a round would pay for that wait every
-    time. This loop uses Flower's own ``push_messages``/``pull_messages`` and polls from
-    0.1 s up to 0.5 s instead. Replies to messages of an earlier call are never returned:
-    only the ids pushed here are pulled.
+    Flower's deployed grid (``send_and_receive``) sleeps seconds between pulls; a round would
+    pay for that wait every time. This loop uses Flower's own ``push_messages`` and
+    ``pull_messages`` and polls every ``poll`` seconds, growing to ``max_poll``, instead.
+    Replies to messages of an earlier call are never returned: only the ids pushed here are
+    pulled.
 
     Returns
     -------
@@ -125,7 +127,7 @@ def send_and_receive(
         if pulled and timeout is not None:
             # The timeout counts from the last reply: sites still answering are not lost.
             # Flower's simulation engine runs a few virtual sites at a time and queues the
-            # rest; at 1,000 sites the last ones start minutes after the message was sent.
+            # rest; with many sites the last ones start long after the message was sent.
             deadline = time.monotonic() + timeout
             poll = 0.1
         push()

@@ -49,6 +49,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from shared.errors import FedadaptError
 from shared.files import create_private_file
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ _ADVICE = {
 }
 
 
-class SealedFileError(ValueError):
+class SealedFileError(FedadaptError, ValueError):
     """A sealed file was refused; ``reason`` says why (one of ``REASONS``).
 
     Attributes

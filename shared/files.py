@@ -1,11 +1,58 @@
-"""Files on disk, in one place: atomic writes, private folders (0700) and private files (0600)."""
+"""Files on disk, in one place: atomic writes, private folders and files, UTF-8 text."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import secrets
 from pathlib import Path
+
+from shared.errors import FedadaptError
+
+
+class NotUTF8(FedadaptError, ValueError):
+    """Bytes that are not UTF-8 text; ``line`` and ``column`` locate the first bad byte.
+
+    Attributes
+    ----------
+    line : int
+        The line of the first byte that is not UTF-8, from 1.
+    column : int
+        Its byte within the line, from 1 (a character's column cannot be known there).
+    """
+
+    def __init__(self, line: int, column: int) -> None:
+        super().__init__(f"{line}:{column}: not UTF-8 text (byte {column} of the line)")
+        self.line = line
+        self.column = column
+
+
+def decode_utf8(raw: bytes) -> str:
+    """The text of a file's bytes, read as UTF-8; a leading byte-order mark is dropped.
+
+    Parameters
+    ----------
+    raw : bytes
+        The file's content.
+
+    Returns
+    -------
+    str
+        The text.
+
+    Raises
+    ------
+    NotUTF8
+        Locating the first byte that is not UTF-8 (line and byte of the line, after the
+        byte-order mark); the bytes themselves are never repeated.
+    """
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = body.rfind(b"\n", 0, err.start) + 1
+        raise NotUTF8(body.count(b"\n", 0, err.start) + 1, err.start - line_start + 1) from None
 
 
 def write_atomically(path: str | Path, data: bytes, mode: int = 0o644) -> Path:

@@ -21,7 +21,8 @@ def rank_auc(y: np.ndarray, score: np.ndarray) -> float:
     """AUC as the Mann-Whitney statistic (ties count one half); NaN with a single class.
 
     The same value as scikit-learn's ``roc_auc_score`` for binary labels, without its input
-    validation, which cost 5 ms a call: a site's model choice computes hundreds of AUCs.
+    validation, whose cost is paid on every call: a site's model choice computes hundreds of
+    AUCs.
     """
     y = np.asarray(y, dtype=int)
     pos = int(y.sum())

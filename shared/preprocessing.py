@@ -18,21 +18,22 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 
+from shared.errors import FedadaptError
 from shared.schema import Feature
 
 Summary = dict[str, list[float]]
 
 
-class NotFittedError(ValueError, AttributeError):
+class NotFittedError(FedadaptError, ValueError, AttributeError):
     """The preprocessor is used before ``fit`` (as scikit-learn's error of the same name)."""
 
 
 def check_is_fitted(estimator: object, attribute: str) -> None:
     """Raise :class:`NotFittedError` unless ``estimator`` has the fitted ``attribute``.
 
-    scikit-learn's ``check_is_fitted`` does the same; it is not imported here because
-    importing scikit-learn costs about 0.6 s, and a deployed site starts a fresh process
-    for every message: the training rounds must not pay for it.
+    scikit-learn's ``check_is_fitted`` does the same; it is not imported here because a
+    deployed site starts a fresh process for every message, and the training rounds must not
+    pay for importing scikit-learn each time.
     """
     if not hasattr(estimator, attribute):
         raise NotFittedError(
@@ -188,8 +189,8 @@ def merge_summaries(summaries: Sequence[Summary]) -> Summary:
     pooled rows up to rounding. The one gap that no merge can close comes from each site's
     mean travelling as a float64 ``sum``, so rounded to ~1e-16 of ``|mean|``; through the
     between-site term it moves the scale by a relative ~1e-16 * |mean| / sd at most when the
-    sites' means differ by a few sd (3e-11 measured for mean 1e8, sd 100), and by about
-    sqrt(rows) times less when they agree (< 1e-12 for mean 1e8, sd 100, 20 000 rows).
+    sites' means differ by a few sd, and by about sqrt(rows) times less when they agree
+    (``tests/shared/test_preprocessing.py`` checks both against the pooled rows).
     """
     if not summaries:
         raise ValueError("no summaries to merge: no site answered the stats phase")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from shared.errors import FedadaptError
+from shared.tomlfile import TomlFile, parse_toml, read_toml
 
 Kind = Literal["numeric", "binary", "categorical"]
 Scope = Literal["shared", "site"]
@@ -24,7 +26,7 @@ _FEATURE_KEYS = {
 }
 
 
-class SchemaError(ValueError):
+class SchemaError(FedadaptError, ValueError):
     """A schema file that cannot be used; the message lists every problem found."""
 
 
@@ -171,8 +173,9 @@ def load_schema(spec: str | Path) -> Schema:
     Raises
     ------
     SchemaError
-        If the file is missing, is not valid TOML (with its line and column), or breaks the
-        schema rules (every problem listed).
+        If the file is missing or cannot be read, is not UTF-8 or not valid TOML (with its
+        line and column), or breaks the schema rules (every problem listed with its line and
+        column).
     """
     if isinstance(spec, str) and spec in BUILTINS:
         path = BUILTIN_DIR / f"{spec}.toml"
@@ -180,38 +183,55 @@ def load_schema(spec: str | Path) -> Schema:
     else:
         path = Path(spec)
         source = str(path)
-        if not path.is_file():
+        if not path.exists():
             raise SchemaError(
                 f"schema {str(spec)!r} is neither a built-in ({', '.join(BUILTINS)}) "
                 "nor an existing TOML file"
             )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise SchemaError(f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
-    return parse_schema(text, source=source)
+    return _schema(read_toml(path, "schema file", SchemaError), source)
 
 
 def parse_schema(text: str, source: str = "<string>") -> Schema:
-    """Parse schema TOML text; see :func:`load_schema`."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        # tomllib's message already carries "(at line L, column C)".
-        raise SchemaError(f"{source}: invalid TOML: {err}") from None
+    """Parse schema TOML text; see :func:`load_schema`.
+
+    Parameters
+    ----------
+    text : str
+        The schema (TOML).
+    source : str
+        Where it comes from: messages name it, and so does ``Schema.source``.
+
+    Returns
+    -------
+    Schema
+        The parsed and checked schema.
+
+    Raises
+    ------
+    SchemaError
+        For invalid TOML or broken schema rules, at ``source:line:column``.
+    """
+    return _schema(parse_toml(text, source, SchemaError), source)
+
+
+def _schema(doc: TomlFile, source: str) -> Schema:
+    """The schema a TOML document declares, or one SchemaError listing every problem."""
+    raw = doc.data
     problems: list[str] = []
     shape = {"schema": dict, "file": dict, "label": dict, "features": list}
     for key, kind in shape.items():
         if key in raw and not isinstance(raw[key], kind):
-            problems.append(f"'{key}' must be a {'table' if kind is dict else 'list of tables'}")
+            problems.append(f"{doc.where(key)}: '{key}' must be a "
+                            f"{'table' if kind is dict else 'list of tables'}")
     if isinstance(raw.get("features"), list) and not all(
         isinstance(f, dict) for f in raw["features"]
     ):
-        problems.append("every entry of 'features' must be a [[features]] table")
-    schema = None if problems else _build(raw, problems)
+        problems.append(f"{doc.where('features')}: every entry of 'features' must be a "
+                        "[[features]] table")
+    schema = None if problems else _build(doc, problems)
     if problems or schema is None:
         listing = "\n".join(f"  - {p}" for p in problems)
-        raise SchemaError(f"{source}: {len(problems)} problem(s) in the schema:\n{listing}")
+        raise SchemaError(f"{doc.label}: {len(problems)} problem(s) in the schema:\n{listing}")
     return Schema(**{**schema.__dict__, "source": source})
 
 
@@ -223,35 +243,45 @@ def _category(value: Any) -> Category:
     return str(value)
 
 
-def _build(raw: dict[str, Any], problems: list[str]) -> Schema | None:
+def _build(doc: TomlFile, problems: list[str]) -> Schema | None:
+    raw = doc.data
     head = raw.get("schema", {})
     name = head.get("name")
     if not isinstance(name, str) or not name:
-        problems.append("[schema] needs a non-empty string 'name'")
+        problems.append(f"{doc.where('schema', 'name')}: [schema] needs a non-empty string "
+                        "'name'")
     features = tuple(
         f for i, spec in enumerate(raw.get("features", []))
-        if (f := _build_feature(i, spec, problems)) is not None
+        if (f := _build_feature(doc, i, spec, problems)) is not None
     )
     if not features:
-        problems.append("the schema declares no [[features]]")
+        problems.append(f"{doc.where('features')}: the schema declares no [[features]]")
     names = [f.name for f in features]
     for dup in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"feature {dup!r} is declared more than once")
+        second = [i for i, spec in enumerate(raw.get("features", []))
+                  if spec.get("name") == dup][1]
+        problems.append(f"{doc.where('features', second, 'name')}: feature {dup!r} is "
+                        "declared more than once")
     if not any(f.scope == "shared" for f in features):
-        problems.append("at least one feature must have scope = \"shared\"")
+        problems.append(f"{doc.where('features')}: at least one feature must have scope = "
+                        "\"shared\"")
 
     lab = raw.get("label", {})
     label_col = lab.get("column")
     neg = tuple(_category(v) for v in lab.get("negative_values", []))
     pos = tuple(_category(v) for v in lab.get("positive_values", []))
     if not isinstance(label_col, str) or not label_col:
-        problems.append("[label] needs a string 'column'")
+        problems.append(f"{doc.where('label', 'column')}: [label] needs a string 'column'")
     elif label_col in names:
-        problems.append(f"label column {label_col!r} is also declared as a feature")
+        problems.append(f"{doc.where('label', 'column')}: label column {label_col!r} is also "
+                        "declared as a feature")
     if not neg or not pos:
-        problems.append("[label] needs non-empty 'negative_values' and 'positive_values'")
+        empty = "negative_values" if not neg else "positive_values"
+        problems.append(f"{doc.where('label', empty)}: [label] needs non-empty "
+                        "'negative_values' and 'positive_values'")
     elif set(neg) & set(pos):
-        problems.append("[label] a value cannot be both negative and positive")
+        problems.append(f"{doc.where('label', 'positive_values')}: [label] a value cannot be "
+                        "both negative and positive")
 
     fmt = raw.get("file", {})
     file = FileFormat(
@@ -262,18 +292,22 @@ def _build(raw: dict[str, Any], problems: list[str]) -> Schema | None:
         columns=tuple(str(c) for c in fmt.get("columns", [])),
     )
     if file.format != "csv":
-        problems.append(f"[file] format {file.format!r} is not supported (only \"csv\")")
+        problems.append(f"{doc.where('file', 'format')}: [file] format {file.format!r} is not "
+                        "supported (only \"csv\")")
     if len(file.delimiter) != 1:
-        problems.append("[file] delimiter must be one character")
+        problems.append(f"{doc.where('file', 'delimiter')}: [file] delimiter must be one "
+                        "character")
     if not file.header:
         expected = set(names) | {label_col}
         if not file.columns:
-            problems.append("[file] header = false needs 'columns', the column names in order")
+            problems.append(f"{doc.where('file', 'header')}: [file] header = false needs "
+                            "'columns', the column names in order")
         elif set(file.columns) != expected:
             missing = sorted(expected - set(file.columns) - {None})
             extra = sorted(set(file.columns) - expected)
             problems.append(
-                "[file] columns must name every feature and the label exactly once"
+                f"{doc.where('file', 'columns')}: [file] columns must name every feature and "
+                "the label exactly once"
                 + (f"; missing {missing}" if missing else "")
                 + (f"; not declared {extra}" if extra else "")
             )
@@ -289,22 +323,27 @@ def _build(raw: dict[str, Any], problems: list[str]) -> Schema | None:
     )
 
 
-def _build_feature(i: int, spec: dict[str, Any], problems: list[str]) -> Feature | None:
-    where = f"[[features]] #{i + 1}"
+def _build_feature(
+    doc: TomlFile, i: int, spec: dict[str, Any], problems: list[str]
+) -> Feature | None:
     name = spec.get("name")
     if not isinstance(name, str) or not name:
-        problems.append(f"{where}: needs a non-empty string 'name'")
+        problems.append(f"{doc.where('features', i)}: [[features]] #{i + 1}: needs a "
+                        "non-empty string 'name'")
         return None
-    where = f"feature {name!r}"
+
+    def problem(key: str, text: str) -> None:
+        problems.append(f"{doc.where('features', i, key)}: feature {name!r}{text}")
+
     for key in sorted(set(spec) - _FEATURE_KEYS):
-        problems.append(f"{where}: unknown key {key!r} (known: {', '.join(sorted(_FEATURE_KEYS))})")
+        problem(key, f": unknown key {key!r} (known: {', '.join(sorted(_FEATURE_KEYS))})")
     kind = spec.get("kind")
     if kind not in _KINDS:
-        problems.append(f"{where}: kind must be one of {', '.join(_KINDS)}")
+        problem("kind", f": kind must be one of {', '.join(_KINDS)}")
         return None
     scope = spec.get("scope", "shared")
     if scope not in _SCOPES:
-        problems.append(f"{where}: scope must be \"shared\" or \"site\"")
+        problem("scope", ": scope must be \"shared\" or \"site\"")
     rng = spec.get("range")
     valid_range = None
     if rng is not None:
@@ -312,16 +351,16 @@ def _build_feature(i: int, spec: dict[str, Any], problems: list[str]) -> Feature
             not isinstance(rng, list) or len(rng) != 2
             or not all(isinstance(v, int | float) for v in rng) or rng[0] > rng[1]
         ):
-            problems.append(f"{where}: range must be [low, high] with low <= high")
+            problem("range", ": range must be [low, high] with low <= high")
         else:
             valid_range = (float(rng[0]), float(rng[1]))
     categories = tuple(_category(c) for c in spec.get("categories", []))
     if kind == "categorical" and len(categories) < 2:
-        problems.append(f"{where}: a categorical feature needs at least two 'categories'")
+        problem("categories", ": a categorical feature needs at least two 'categories'")
     if kind != "categorical" and categories:
-        problems.append(f"{where}: only categorical features take 'categories'")
+        problem("categories", ": only categorical features take 'categories'")
     if len(set(categories)) != len(categories):
-        problems.append(f"{where}: categories must be distinct")
+        problem("categories", ": categories must be distinct")
     return Feature(
         name=name,
         kind=kind,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
+from shared.errors import FedadaptError
+
 MODELS = ("logreg", "mlp")  # shared.source_model builds them; not imported here (torch)
 STRATEGIES = ("auto", "newton", "fedavg", "fedprox", "fedmedian", "fedtrimmedavg")
 PROTOCOLS = ("default", "flamby")
@@ -38,7 +40,7 @@ def key(f: Field[Any]) -> str:
     return f.name.replace("_", "-")
 
 
-class SettingsError(ValueError):
+class SettingsError(FedadaptError, ValueError):
     """Run settings that cannot be used; the message lists every problem."""
 
 
@@ -198,10 +200,11 @@ class RunSettings:
     def training(self) -> str:
         """The strategy that trains: ``strategy``, with ``auto`` resolved by model and DP.
 
-        Under record-level DP, ``auto`` is FedAvg (DP-SGD): on the generated hospitals at
-        epsilon 3 it kept the source model's mean AUC (0.694 against 0.698 without DP), while
-        Newton's noisy steps lost it (0.603; README, "Differential privacy"). Under
-        client-level DP it is FedAvg too: the sites' clipped model updates are averaged.
+        Under record-level DP, ``auto`` is FedAvg (DP-SGD): on the generated hospitals at the
+        deployment's default budget, its many small noisy steps keep the source model's AUC
+        close to the one without DP, where Newton's few noisy steps lose much of it (the
+        figures: docs/benchmarks.md). Under client-level DP it is FedAvg too: the sites'
+        clipped model updates are averaged.
         """
         if self.strategy != "auto":
             return self.strategy

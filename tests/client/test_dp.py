@@ -22,7 +22,7 @@ from client.policy import NO_POLICY, PolicyRefusal
 from client.site import SiteSettings
 from client.split import split_site
 from client.train import dp_schedule, train_local_dp
-from shared import newton, protocol
+from shared import dp_accounting, newton, protocol
 from shared.preprocessing import TabularPreprocessor
 from shared.schema import load_schema
 from shared.source_model import build_model, to_arrays
@@ -48,7 +48,7 @@ def test_accountant_matches_the_published_tf_privacy_value() -> None:
     rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(orders))
     classic = float(np.min(rdp + math.log(1 / delta) / (orders - 1)))
     assert round(classic, 2) == 2.92
-    ours = privacy.epsilon_spent([(sigma, q, steps)], delta)
+    ours = dp_accounting.epsilon_spent([(sigma, q, steps)], delta)
     assert ours < classic
     assert ours == pytest.approx(2.516, abs=0.01)
 
@@ -56,13 +56,13 @@ def test_accountant_matches_the_published_tf_privacy_value() -> None:
 @pytest.mark.parametrize(("q", "steps"), [(1.0, 30), (1.0, 150), (32 / 400, 5 * 13 * 30)])
 def test_noise_calibration_reaches_the_target_epsilon(q: float, steps: int) -> None:
     """The calibrated noise spends the target epsilon over the planned steps, within 0.05."""
-    sigma = privacy.noise_multiplier(3.0, 1e-5, q, steps)
-    spent = privacy.epsilon_spent([(sigma, q, steps)], 1e-5)
+    sigma = dp_accounting.noise_multiplier(3.0, 1e-5, q, steps)
+    spent = dp_accounting.epsilon_spent([(sigma, q, steps)], 1e-5)
     assert 2.95 <= spent <= 3.0
     # The same spent round by round, as the ledger records it.
     per_round = steps // 30 if steps % 30 == 0 else steps
     rounds = steps // per_round
-    assert privacy.epsilon_spent([(sigma, q, per_round)] * rounds, 1e-5) == pytest.approx(
+    assert dp_accounting.epsilon_spent([(sigma, q, per_round)] * rounds, 1e-5) == pytest.approx(
         spent, rel=1e-9)
 
 

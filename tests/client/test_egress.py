@@ -14,12 +14,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client import client_app as client_module
 from client.client_app import app as client_app
+from client.contract import ContractError
 from client.correction_store import load_correction
-from client.egress import EgressViolation, build_reply
+from client.data import DataError, Problem
+from client.egress import EgressViolation, build_reply, error_reply
+from client.policy import PolicyRefusal
+from client.site import SchemaMismatch, SiteSettings
 from client.source_model_store import list_models, load_source_model
 from shared import newton, protocol
+from shared.errors import FedadaptError
 from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
-from shared.schema import load_schema
+from shared.schema import SchemaError, load_schema
 from shared.source_model import build_model, to_arrays
 from simulations.generator import generate
 
@@ -242,6 +247,37 @@ def test_an_unexpected_failure_is_reported_by_type_only(
     assert reply.error.reason == (
         "[site canary-site] ValueError at the site during stats; see the site's log")
     assert str(CANARY_WEIGHT) not in caplog.text
+
+
+class _NewError(FedadaptError):
+    """An error fedadapt may add later: being a FedadaptError is all it takes to be sent."""
+
+
+@pytest.mark.parametrize(("err", "code", "reason"), [
+    (PolicyRefusal("phases", "no evaluate here"), protocol.REFUSED,
+     "refused by policy rule 'phases': no evaluate here"),
+    (DataError([Problem("/srv/site/data.csv", 4, 2, "weight", "not a number")]),
+     protocol.DATA_ERROR, "DataError: <data-file>:4:2 (column 'weight'): not a number"),
+    (SchemaMismatch("the site uses schema heart"), protocol.SCHEMA_MISMATCH,
+     "SchemaMismatch: the site uses schema heart"),
+    (SchemaError("/etc/fedadapt/s.toml:3:1: bad"), protocol.SCHEMA_MISMATCH,
+     "SchemaError: <site path>:3:1: bad"),
+    (ContractError("dp-epsilon must be positive"), protocol.SITE_ERROR,
+     "ContractError: dp-epsilon must be positive"),
+    (_NewError("the folder /srv/site/x is full"), protocol.SITE_ERROR,
+     "_NewError: the folder <site-dir>/x is full"),
+    (ValueError(f"could not convert {CANARY_WEIGHT}"), protocol.SITE_ERROR,
+     "ValueError at the site during train; see the site's log"),
+])
+def test_each_kind_of_error_has_its_code_and_only_fedadapt_s_messages_are_sent(
+    err: BaseException, code: int, reason: str, task_identity: None
+) -> None:
+    """A FedadaptError's message goes out with the site's paths replaced; others by type."""
+    site = SiteSettings("north", Path("/srv/site/data.csv"), (), Path("/srv/site"))
+    msg = Message(content=RecordDict(), dst_node_id=1, message_type=protocol.TRAIN)
+    reply = error_reply(msg, err, "train", site)
+    assert reply.error.code == code
+    assert reply.error.reason == f"[site north] {reason}"
 
 
 def _train_message(

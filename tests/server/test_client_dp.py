@@ -13,12 +13,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from client.client_app import app as client_app
 from client.jobs import clip_update
 from client.site import read_manifest
-from server.client_dp import ALPHAS, GuardedClientSideDP, epsilon_after, noise_multiplier
+from server.client_dp import GuardedClientSideDP
 from server.federation import run_federation
+from server.guarded import Release
 from server.progress import Progress
 from server.report.markdown import render_markdown
 from server.strategy import make_strategy
 from shared import protocol
+from shared.dp_accounting import ALPHAS, epsilon_spent, noise_multiplier
 from shared.settings import RunSettings, SettingsError
 from simulations.generator import generate
 from simulations.inprocess import InProcessGrid, manifest_contexts
@@ -84,7 +86,8 @@ def test_server_noise_has_std_z_clip_over_sites_and_weights_are_uniform(
     expected = 1.5 * 2.0 / 4
     assert abs(noise.mean()) < 4 * expected / math.sqrt(D)
     assert noise.std() == pytest.approx(expected, rel=0.05)  # sd of the sd estimate: 1 %
-    assert strategy.released[1] == {"sites": 4.0, "noise_std": expected}
+    assert strategy.outcome.released[1] == Release(sites=4, noise_std=expected)
+    assert strategy.outcome.noise_multiplier == 1.5
     assert seen == [[]]
     # Round 2: site 4 claims weight 10 (it would dominate the average): rejected, m = 3.
     replies = [_reply(i + 1, w) for i, w in enumerate(base[:3])] + [_reply(4, base[3], 10.0)]
@@ -111,8 +114,8 @@ def test_the_wrapper_sends_the_clipping_norm(task_identity: None) -> None:
 def test_epsilon_is_opacus_rdp_of_the_gaussian_mechanism() -> None:
     """Sample rate 1: RDP alpha T / (2 z^2), converted as Opacus does (Balle et al. 2020).
 
-    z = 1 over 50 rounds at delta 1e-5 is about 57 (FLOWER-NOTES' figure); calibration gives
-    a z whose epsilon is just below the target.
+    z = 1 over 50 rounds at delta 1e-5 is about 57; calibration gives a z whose epsilon is
+    just below the target.
     """
     def closed_form(z: float, rounds: int, delta: float) -> float:
         a = np.asarray(ALPHAS, dtype=float)
@@ -120,10 +123,13 @@ def test_epsilon_is_opacus_rdp_of_the_gaussian_mechanism() -> None:
             (a - 1) / a)
         return float(np.nanmin(eps))
 
+    def epsilon_after(z: float, rounds: int, delta: float) -> float:
+        return epsilon_spent([(z, 1.0, rounds)], delta)  # every site in every round
+
     for z, rounds in ((1.0, 50), (2.0, 30), (5.0, 100)):
         assert epsilon_after(z, rounds, 1e-5) == pytest.approx(closed_form(z, rounds, 1e-5))
     assert epsilon_after(1.0, 50, 1e-5) == pytest.approx(57, abs=1.0)
-    z = noise_multiplier(3.0, 1e-5, 30)
+    z = noise_multiplier(3.0, 1e-5, 1.0, 30)
     assert 2.9 <= epsilon_after(z, 30, 1e-5) <= 3.0
 
 
@@ -172,7 +178,7 @@ def test_a_client_dp_run_completes_with_clipped_replies_and_reports_epsilon(
     assert dp["mode"] == "client" and dp["clipping_norm"] == 0.05
     assert [r["round"] for r in dp["per_round"]] == [1, 2, 3]
     assert all(r["sites"] == 4 for r in dp["per_round"])
-    assert dp["epsilon"] == pytest.approx(epsilon_after(dp["noise_multiplier"], 3, 1e-5))
+    assert dp["epsilon"] == pytest.approx(epsilon_spent([(dp["noise_multiplier"], 1.0, 3)], 1e-5))
     assert 2.9 <= dp["epsilon"] <= 3.0
     assert dp["per_round"][0]["noise_std"] == pytest.approx(dp["noise_multiplier"] * 0.05 / 4)
     assert all(s["status"] == "ok" and "dp" not in s for s in report["sites"].values())

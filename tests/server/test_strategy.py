@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from server.strategy import GuardedFedAvg, reply_problem
+from server.guarded import GuardedFedAvg, reply_problem
 from shared import protocol
 
 SHAPES = {"net.weight": (1, 3), "net.bias": (1,)}

@@ -108,9 +108,7 @@ def test_invalid_toml_reports_line_and_column() -> None:
     text = '[schema]\nname = "x"\nversion = = 2\n'
     with pytest.raises(SchemaError) as info:
         parse_schema(text, source="bad.toml")
-    message = str(info.value)
-    assert message.startswith("bad.toml: invalid TOML")
-    assert re.search(r"line 3, column \d+", message)
+    assert re.match(r"bad.toml:3:\d+: invalid TOML: ", str(info.value))
 
 
 def test_invalid_toml_file_reports_line_and_column(tmp_path: Path) -> None:
@@ -119,9 +117,7 @@ def test_invalid_toml_file_reports_line_and_column(tmp_path: Path) -> None:
     path.write_text('[schema]\nname = "x"\n\n[[features]\nname = "a"\n', encoding="utf-8")
     with pytest.raises(SchemaError) as info:
         load_schema(path)
-    message = str(info.value)
-    assert str(path) in message
-    assert re.search(r"line 4, column \d+", message)
+    assert str(info.value).startswith(f"{path}:4:11: invalid TOML: ")
 
 
 def test_several_problems_raise_one_error_listing_all() -> None:
@@ -168,6 +164,11 @@ kind = "binary"
     assert "label column 'y' is also declared as a feature" in message
     assert "header = false needs 'columns'" in message
     assert message.count("\n  - ") == 5
+    # Each problem at the line and column of the key at fault (or of its table).
+    for where, words in [(":14:1:", "feature 'a': kind"), (":16:1:", "feature 'b': a categ"),
+                         (":25:1:", "feature 'c' is declared"), (":8:1:", "label column 'y'"),
+                         (":5:1:", "[file] header = false")]:
+        assert f"  - broken.toml{where} {words}" in message
 
 
 def test_unknown_feature_key_is_a_problem() -> None:
