@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ import typer
 from rich.markup import escape
 from rich.text import Text
 
+from bench.options import BenchOptions
 from fedadapt.console import (
     console,
     explain,
@@ -112,11 +112,13 @@ def deploy_local(
         show_default=False)] = None,
 ) -> None:
     """Run the federation for real on this machine: TLS, authenticated SuperNodes, report."""
+    from deploy.local import deploy_local as run
     from fedadapt.progress import RunProgress
-    from simulations.deploy import deploy_local as run
+    from simulations.datasets import sites_for_run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     n_sites = _sites(data, sites, DEPLOY_SITES)
+    out = _out_dir(out)
 
     def show_logs(logs: dict[str, Path]) -> None:
         say("logs: " + "; ".join(f"{k}: {v}" for k, v in logs.items())
@@ -126,7 +128,8 @@ def deploy_local(
     resume = ("the same command resumes it from its last round" if settings.resume else "")
     with stops_its_processes("the deployment", out / "checkpoint", resume), progress, \
             _quiet("client"):
-        report = run(data, _out_dir(out), settings, n_sites=n_sites, on_event=progress.update,
+        manifest = sites_for_run(data, out, n_sites, settings)
+        report = run(manifest, out, settings, data=data, on_event=progress.update,
                      on_logs=show_logs, timeout=timeout, site_policy=site_policy)
     _print_results(report, out)
     _print_kept_results(report, out / "sites")
@@ -224,7 +227,7 @@ def app_hash(
     project: Annotated[Path, typer.Argument(help="The Flower app's folder.")] = Path(),
 ) -> None:
     """Print the sha256 of the app bundle `flwr run PROJECT` sends (for approved-apps)."""
-    from client.approved_app import bundle_hash
+    from executor.approved_app import bundle_hash
 
     try:
         print(bundle_hash(project))
@@ -249,7 +252,7 @@ def site_exec(
 
     For a SuperNode started with --isolation process; replaces the executor it would start.
     """
-    from client.approved_app import site_exec as run
+    from executor.approved_app import site_exec as run
 
     run(policy, runtime_api_address, insecure=root_certificates is None,  # PolicyError: 1 line
         root_certificates=str(root_certificates) if root_certificates else None,
@@ -267,8 +270,8 @@ def drill(
     """Run reliability drills for real: faults and bad input, each with its figure."""
     from rich.table import Table
 
-    from simulations.drills.base import DRILLS
-    from simulations.drills.runner import load_drills, run_drills
+    from drills.base import DRILLS
+    from drills.runner import load_drills, run_drills
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     load_drills()
@@ -293,95 +296,173 @@ def drill(
         raise typer.Exit(1)
 
 
+def _numbers(option: str, text: str, kind: type[int] | type[float] = int) -> tuple[Any, ...]:
+    """A comma-separated option as numbers; a bad one ends the command with one line."""
+    try:
+        return tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        fail(f"{option} {text!r}: give {'whole ' if kind is int else ''}numbers separated by "
+             "commas, e.g. 10,100")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+PART_PANEL = "Part {}"
+BENCH = BenchOptions()  # the defaults of `fedadapt bench`'s options
+
+
+def _joined(values: tuple[Any, ...]) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
 @app.command()
 @user_command
+@with_run_settings(exclude=SET_BY_COMMAND | {"dp", "dp-epsilon", "repeats"},
+                   panel="Part privacy: the settings of its runs")
 def bench(
+    settings: RunSettings,
+    given: set[str],
     out: Annotated[Path, typer.Option(help="Output folder (bench.json, plots).")] = Path(
         "fedadapt-bench"),
+    parts: Annotated[str, typer.Option(help=(
+        "Comma-separated parts: rounds, overhead, scale, site, bytes (the default), choice, "
+        "deploy, privacy, nonlinear, bare. What each measures: docs/benchmarks.md."))] =
+        _joined(BENCH.parts),
     heart: Annotated[Path | None, typer.Option(
-        help="Folder of the UCI Heart Disease files: rounds to pooled on real data too.",
-        show_default=False)] = None,
-    parts: Annotated[str, typer.Option(
-        help="Comma-separated parts: rounds, overhead, scale, site, bytes.")] =
-        "rounds,overhead,scale,site,bytes",
+        help="Folder of the UCI Heart Disease files: the rounds, choice and nonlinear parts "
+             "run on the heart data too.", show_default=False)] = None,
     scale_sites: Annotated[str, typer.Option(
-        help="Comma-separated numbers of virtual sites for the scale part.")] = "10,100,1000",
-    scale_rounds: Annotated[int, typer.Option(help="Rounds of the scale part.")] = 10,
+        help="Comma-separated numbers of virtual sites.",
+        rich_help_panel=PART_PANEL.format("scale"))] = _joined(BENCH.scale_sites),
+    scale_rounds: Annotated[int, typer.Option(
+        help="Training rounds.", rich_help_panel=PART_PANEL.format("scale"))] =
+        BENCH.scale_rounds,
     fit_rows: Annotated[str, typer.Option(
-        help="Comma-separated training rows of the one big site.")] = "10000,100000,1000000",
+        help="Comma-separated training rows of the one big site.",
+        rich_help_panel=PART_PANEL.format("site"))] = _joined(BENCH.fit_rows),
+    predict_rows: Annotated[str, typer.Option(
+        help=escape("Comma-separated rows the site scores. [default: the largest --fit-rows, "
+                    "at most 100000]"), show_default=False,
+        rich_help_panel=PART_PANEL.format("site"))] = "",
+    site_measures: Annotated[str, typer.Option(
+        help="Comma-separated: fit (the model choice), local (the local-only model), "
+             "predict.", rich_help_panel=PART_PANEL.format("site"))] =
+        _joined(BENCH.site_measures),
+    site_features: Annotated[int, typer.Option(
+        help="Raw features: three quarters shared, a quarter the site's own.",
+        rich_help_panel=PART_PANEL.format("site"))] = BENCH.site_features,
+    site_seed: Annotated[int, typer.Option(
+        help="Seed of the site and of its folds.",
+        rich_help_panel=PART_PANEL.format("site"))] = BENCH.site_seed,
+    time_limit: Annotated[float, typer.Option(
+        help="Seconds a measured call may run before it is stopped.",
+        rich_help_panel=PART_PANEL.format("site"))] = BENCH.time_limit,
+    memory_limit: Annotated[float, typer.Option(
+        help="GiB of RSS at which a measurement is stopped.",
+        rich_help_panel=PART_PANEL.format("site"))] = BENCH.memory_limit,
+    choice_splits: Annotated[int, typer.Option(
+        help="Seeded splits on the heart data (--heart).",
+        rich_help_panel=PART_PANEL.format("choice"))] = BENCH.choice_splits,
+    choice_generated_splits: Annotated[int, typer.Option(
+        help="Seeded splits on the generated world.",
+        rich_help_panel=PART_PANEL.format("choice"))] = BENCH.choice_generated_splits,
+    deploy_sites: Annotated[int, typer.Option(
+        help="Generated sites, deployed and simulated.",
+        rich_help_panel=PART_PANEL.format("deploy"))] = BENCH.deploy_sites,
+    data: Annotated[str, typer.Option(
+        help=DATA_HELP + "; the run settings (below) apply to its runs.",
+        rich_help_panel=PART_PANEL.format("privacy"))] = BENCH.data,
+    splits: Annotated[int, typer.Option(
+        help="Seeded splits, each a run per level.",
+        rich_help_panel=PART_PANEL.format("privacy"))] = BENCH.splits,
+    epsilons: Annotated[str, typer.Option(
+        help="Per-run epsilons to compare with no DP, comma-separated.",
+        rich_help_panel=PART_PANEL.format("privacy"))] = _joined(BENCH.epsilons),
+    stats_dp: Annotated[bool, typer.Option(
+        "--stats-dp", help="Also run each epsilon at sites whose policy requires DP (the stats "
+        "released once with noise, as a deployed site's default policy has it).",
+        rich_help_panel=PART_PANEL.format("privacy"))] = False,
+    nonlinear_splits: Annotated[int, typer.Option(
+        help=escape("Seeded splits per data set (needs LightGBM: pip install -e \".[bench]\")."),
+        rich_help_panel=PART_PANEL.format("nonlinear"))] = BENCH.nonlinear_splits,
+    bare_deployed: Annotated[bool, typer.Option(
+        "--bare-deployed", help="Deployed as deploy-local starts it (TLS, authenticated "
+        "nodes) instead of in the simulation engine.",
+        rich_help_panel=PART_PANEL.format("bare"))] = False,
+    bare_nodes: Annotated[int, typer.Option(
+        help="Nodes.", rich_help_panel=PART_PANEL.format("bare"))] = BENCH.bare_nodes,
+    bare_rounds: Annotated[int, typer.Option(
+        help="Rounds.", rich_help_panel=PART_PANEL.format("bare"))] = BENCH.bare_rounds,
+    bare_inputs: Annotated[int, typer.Option(
+        help="Model inputs (the model has one weight more).",
+        rich_help_panel=PART_PANEL.format("bare"))] = BENCH.bare_inputs,
+    bare_rows: Annotated[int, typer.Option(
+        help="Random rows per node.", rich_help_panel=PART_PANEL.format("bare"))] =
+        BENCH.bare_rows,
+    bare_poll_interval: Annotated[float, typer.Option(
+        help="0: Flower's own polling; > 0: the ServerApp pulls replies this often, as "
+             "fedadapt's does.", rich_help_panel=PART_PANEL.format("bare"))] =
+        BENCH.bare_poll_interval,
+    bare_gateway: Annotated[bool, typer.Option(
+        "--bare-gateway", help="Deployed through fedadapt's Fleet gateway.",
+        rich_help_panel=PART_PANEL.format("bare"))] = False,
+    bare_timeout: Annotated[float, typer.Option(
+        help="Stop the bare run after this many seconds.",
+        rich_help_panel=PART_PANEL.format("bare"))] = BENCH.bare_timeout,
 ) -> None:
-    """Measure rounds to the pooled model, cost beside a bare Flower app, scale, a big site."""
+    """Measure fedadapt: rounds to pooled, cost beside bare Flower, scale, privacy, and more."""
+    options = BenchOptions(
+        parts=_names(parts), heart=heart, scale_sites=_numbers("--scale-sites", scale_sites),
+        scale_rounds=scale_rounds, fit_rows=_numbers("--fit-rows", fit_rows),
+        predict_rows=_numbers("--predict-rows", predict_rows),
+        site_measures=_names(site_measures), site_features=site_features,
+        site_seed=site_seed, time_limit=time_limit, memory_limit=memory_limit,
+        choice_splits=choice_splits, choice_generated_splits=choice_generated_splits,
+        deploy_sites=deploy_sites, data=data, splits=splits,
+        epsilons=_numbers("--epsilons", epsilons, float), stats_dp=stats_dp, settings=settings,
+        nonlinear_splits=nonlinear_splits, bare_deployed=bare_deployed, bare_nodes=bare_nodes,
+        bare_rounds=bare_rounds, bare_inputs=bare_inputs, bare_rows=bare_rows,
+        bare_poll_interval=bare_poll_interval, bare_gateway=bare_gateway,
+        bare_timeout=bare_timeout)
+    problems = options.problems()
+    if given and "privacy" not in options.parts:
+        problems.append(f"run settings ({', '.join('--' + k for k in sorted(given))}) apply to "
+                        "the privacy part's runs: add privacy to --parts, or leave them out")
+    if problems:
+        fail("; ".join(problems))
+    _bench(_out_dir(out), options)
+
+
+def _bench(out: Path, options: BenchOptions) -> None:
+    """Run the benchmark's parts and print what they measured."""
     from rich.table import Table
 
-    from simulations.bench import PARTS, run_bench
-    from simulations.bench_plots import bench_rows
+    from bench.nonlinear import MissingExtra
+    from bench.plots import bench_rows
+    from bench.run import run_bench
 
-    chosen = [p.strip() for p in parts.split(",") if p.strip()]
-    unknown = [p for p in chosen if p not in PARTS]
-    if unknown:
-        fail(f"unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
-    try:
-        sites = [int(v) for v in scale_sites.split(",") if v.strip()]
-        rows = [int(v) for v in fit_rows.split(",") if v.strip()]
-    except ValueError:
-        fail("--scale-sites and --fit-rows take comma-separated whole numbers, e.g. 10,100")
-    if any(n < 2 for n in sites) or any(n < 100 for n in rows) or scale_rounds < 1:
-        fail("--scale-sites needs at least 2 sites each, --fit-rows at least 100 rows, "
-             "--scale-rounds at least 1")
-    with stops_its_processes("the benchmark"), _quiet("client"):
-        result = run_bench(_out_dir(out), heart=heart, parts=chosen, scale_sites=sites,
-                           scale_rounds=scale_rounds, fit_rows=rows, say=say)
+    with stops_its_processes("the benchmark"), _quiet("client"), _quiet("shared"), \
+            _quiet("server"), _quiet("flwr"):
+        try:
+            result = run_bench(out, options, say=say)
+        except MissingExtra as err:  # before anything ran
+            fail(str(err))
     table = Table("figure", "measured", "target", width=100)
     for row in bench_rows(result):
         table.add_row(*(Text(c) for c in row))
     console.print(table)
-    say(f"wrote {out / 'bench.json'} and plots in {out / 'plots'}")
+    if result.get("privacy"):
+        from bench.privacy import table_rows
 
-
-@app.command("privacy-bench")
-@user_command
-@with_run_settings(exclude=SET_BY_COMMAND | {"dp", "dp-epsilon", "repeats"})
-def privacy_bench(
-    settings: RunSettings,
-    given: set[str],
-    data: Annotated[str, typer.Option(help=DATA_HELP)] = "synthetic",
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-privacy"),
-    splits: Annotated[int, typer.Option(help="Seeded splits, each a run per level.")] = 20,
-    epsilons: Annotated[str, typer.Option(
-        help="Per-run epsilons to compare with no DP, comma-separated.")] = "1,3,10",
-    stats_dp: Annotated[bool, typer.Option(
-        "--stats-dp", help="Also run each epsilon at sites whose policy requires DP (the stats "
-        "released once with noise, as a deployed site's default policy has it).")] = False,
-) -> None:
-    """Utility against privacy: adapted and source AUC per site at each epsilon, and without."""
-    from simulations.bench_privacy import markdown, plot, table_rows, utility_vs_privacy
-
-    try:
-        levels = [float(e) for e in epsilons.split(",") if e.strip()]
-    except ValueError:
-        fail(f"--epsilons {epsilons!r}: give numbers separated by commas, e.g. 1,3,10")
-    if splits < 1 or not levels or min(levels) <= 0:
-        fail("--splits must be at least 1 and every epsilon positive")
-    out = _out_dir(out)
-    with stops_its_processes("the privacy benchmark"), _quiet("client"), _quiet("shared"), \
-            _quiet("server"), _quiet("flwr"), console.status(
-            "running (one whole federated run per split and level)...") as status:
-        result = utility_vs_privacy(data, out, settings, splits=splits, epsilons=levels,
-                                    stats_dp=stats_dp, progress=status.update)
-    from rich.table import Table
-
-    from server.report import to_jsonable
-    from shared.files import write_atomically
-
-    write_atomically(out / "privacy.json", json.dumps(to_jsonable(result), indent=1).encode())
-    write_atomically(out / "privacy.md", markdown(result).encode())
-    png = plot(result, out / "plots" / "privacy.png")
-    header, rows = table_rows(result)
-    table = Table(*header)
-    for row in rows:
-        table.add_row(*[Text(c) for c in row])
-    console.print(table)
-    say(f"wrote {out / 'privacy.json'}, {out / 'privacy.md'} and {png}")
+        header, rows = table_rows(result["privacy"])
+        privacy = Table(*header)
+        for cells in rows:
+            privacy.add_row(*[Text(c) for c in cells])
+        console.print(privacy)
+    say(f"wrote {out / 'bench.json'} and plots in {out / 'plots'}"
+        + (f"; {out / 'privacy.md'}" if result.get("privacy") else ""))
 
 
 @app.command("init-site")

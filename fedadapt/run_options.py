@@ -33,21 +33,22 @@ def _help(f: Field[Any], default: Any) -> str:
     return escape(f"{text} [default: {shown}]")  # typer renders help as rich markup
 
 
-def _parameter(f: Field[Any], default: Any) -> inspect.Parameter:
+def _parameter(f: Field[Any], default: Any, panel: str) -> inspect.Parameter:
     name = key(f)
     kind = type(f.default)
     if kind is bool:
         option = typer.Option(f"--{name}/--no-{name}", help=_help(f, default),
-                              rich_help_panel=PANEL, show_default=False)
+                              rich_help_panel=panel, show_default=False)
     else:
         option = typer.Option(f"--{name}", *ALIASES.get(name, ()), help=_help(f, default),
-                              rich_help_panel=PANEL, show_default=False)
+                              rich_help_panel=panel, show_default=False)
     return inspect.Parameter(PREFIX + f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[kind | None, option])
 
 
 def with_run_settings(
     exclude: frozenset[str] = frozenset(), defaults: Mapping[str, Any] | None = None,
+    panel: str = PANEL,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command one option per run setting; it receives ``settings`` and ``given``.
 
@@ -57,6 +58,8 @@ def with_run_settings(
         Keys the command sets itself (``sites-manifest``, ``out``, ...): no option.
     defaults : mapping, optional
         This command's own defaults for some keys (shown in ``--help``).
+    panel : str
+        The title of the options' panel in ``--help``.
 
     Returns
     -------
@@ -70,7 +73,7 @@ def with_run_settings(
         signature = inspect.signature(fn, eval_str=True)
         kept = [p for p in signature.parameters.values() if p.name not in ("settings", "given")]
         declared = [f for f in RunSettings.declared() if key(f) not in exclude]
-        added = [_parameter(f, own_defaults.get(key(f), f.default)) for f in declared]
+        added = [_parameter(f, own_defaults.get(key(f), f.default), panel) for f in declared]
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from client.site import Manifest, read_manifest, write_manifest
+from shared.errors import FedadaptError
 from shared.settings import RunSettings
 from simulations.generator import generate
 
@@ -14,7 +15,7 @@ HEART_SITE_FEATURES = {"cleveland": ["slope", "ca", "thal"]}
 HEART_SOURCE = "https://archive.ics.uci.edu/dataset/45/heart+disease"
 
 
-class DatasetError(ValueError):
+class DatasetError(FedadaptError, ValueError):
     """A data specification that cannot be used; the message says what to give instead."""
 
 
@@ -89,3 +90,30 @@ def check_site_count(n_sites: int, settings: RunSettings) -> None:
             f"the data have {n_sites} site(s), fewer than min-sites = {settings.min_sites}: "
             f"give more sites (--sites N with generated data) or --min-sites {n_sites}"
         )
+
+
+def sites_for_run(spec: str, out: Path, n_sites: int, settings: RunSettings) -> Manifest:
+    """The sites of a run writing to ``out``: its ``--data`` as a manifest, checked to be enough.
+
+    Generated files go to ``out/data``; paths in the manifest are absolute, so processes
+    started elsewhere (SuperNodes, the simulation) find the files.
+
+    Parameters
+    ----------
+    spec : str
+        ``synthetic``, ``heart:DIR`` or a folder with a sites manifest.
+    out : Path
+        The run's output folder.
+    n_sites : int
+        Number of generated hospitals (``synthetic`` only).
+    settings : RunSettings
+        The run's settings (``seed``, ``min-sites``).
+
+    Raises
+    ------
+    DatasetError
+        If ``spec`` cannot be used, or it has fewer sites than ``min-sites``.
+    """
+    manifest = prepare_data(spec, out.resolve() / "data", n_sites, settings.seed)
+    check_site_count(len(manifest.sites), settings)
+    return manifest

@@ -34,8 +34,8 @@ def fit_central(
     """Fit the source model centrally to convergence on the federation's objective.
 
     The logistic model by Newton's method (``shared.newton``, the same sums the federation's
-    Newton training adds over sites; torch.optim's first use alone costs 2.5 s of imports),
-    the MLP by L-BFGS.
+    Newton training adds over sites, without torch.optim's slow first import), the MLP by
+    L-BFGS.
     """
     model = build_model(settings.model, x.shape[1], settings.hidden_units, seed=seed)
     if settings.model == "logreg":

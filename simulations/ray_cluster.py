@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from simulations.process_guard import die_with_parent
+from deploy.process_guard import die_with_parent
 from simulations.superlink import SimulationError
 
 PROBE_TIMEOUT = 60.0

@@ -8,15 +8,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from deploy.processes import EventHook
 from server.report import mark_incomplete, remove_report, write_report
 from server.summary import method_metrics, summarize_methods
 from shared.settings import RunSettings
-from simulations.datasets import check_site_count, prepare_data
+from simulations.datasets import sites_for_run
 from simulations.generator import ROLES
 from simulations.oracle import oracle_reference
 from simulations.pooled import pooled_reference
 from simulations.ray_cluster import RayCluster, attach
-from simulations.superlink import EventHook, run_app
+from simulations.superlink import run_app
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,7 @@ def simulate(
     # The cluster is where the simulation runs, not part of the federated run: not a run
     # setting (shared.settings.RunSettings), never sent to the ServerApp or the sites.
     cluster = attach(ray_address) if ray_address is not None else None
-    manifest = prepare_data(data, out / "data", n_sites, settings.seed)
-    check_site_count(len(manifest.sites), settings)
+    manifest = sites_for_run(data, out, n_sites, settings)
     settings = replace(
         settings, sites_manifest=str(manifest.path.resolve()), schema=manifest.schema,
         expected_sites=len(manifest.sites), out=str(out),
@@ -94,9 +94,8 @@ def simulate(
 
 # Messages out at once per CPU of the engine: its ClientApp actors (one per CPU) need a few
 # queued each; Flower's in-memory link state scans every waiting message for every virtual
-# site on each pass (0.1 s), so 1,000 messages out at once for 1,000 sites is a million
-# checks per pass (measured with py-spy: 92 % of the simulation process, the ClientApps
-# starved).
+# site on each pass, so with every message of 1,000 sites out at once the simulation process
+# does little else and the ClientApps starve (the scale part, docs/benchmarks.md).
 WINDOW_PER_CPU = 8
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.process_guard import marked
+from deploy.process_guard import marked
 
 REPO = Path(__file__).resolve().parent.parent
 HEART_DIR = REPO.parent / "shared" / "data" / "uci-heart-disease"

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from simulations.process_guard import marked
+from deploy.process_guard import marked
 
 MARK = "FEDADAPT_TEST_PROCESS"  # as in conftest.py
 

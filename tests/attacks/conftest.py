@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simulations.drills.curious import World, make_world
+from drills.curious import World, make_world
 
 
 @pytest.fixture(scope="module")

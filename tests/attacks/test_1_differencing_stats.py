@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 from client.audit_log import read_audit
-from shared import protocol
-from simulations.drills.curious import (
+from drills.curious import (
     World,
     base_config,
     deployed_site,
     differencing_stats,
     simulated_site,
 )
+from shared import protocol
 
 
 def test_a_deployed_site_answers_the_same_whatever_split_it_is_asked_for(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simulations.drills.curious import (
+from drills.curious import (
     World,
     crafted_weights,
     deployed_site,

@@ -10,8 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from client.egress import EgressViolation, build_reply
-from shared import protocol
-from simulations.drills.curious import (
+from drills.curious import (
     EPSILON,
     TARGET_AGE,
     World,
@@ -21,6 +20,7 @@ from simulations.drills.curious import (
     overflow_probe,
     within_bound,
 )
+from shared import protocol
 
 
 @pytest.mark.parametrize("scale", [1e-152, 1e-153, 1e-200])

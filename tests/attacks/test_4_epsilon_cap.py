@@ -9,14 +9,14 @@ import pytest
 
 from client.ledger import LEDGER
 from client.policy import PolicyError, read_policy
-from shared import protocol
-from simulations.drills.curious import (
+from drills.curious import (
     TARGET_AGE,
     World,
     _newton_config,
     _threshold_model,
     deployed_site,
 )
+from shared import protocol
 
 
 def test_an_epsilon_of_a_billion_is_refused_by_the_default_policy_and_nothing_charged(

@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 from client.ledger import LEDGER, reset
-from shared import protocol
-from simulations.drills.curious import (
+from drills.curious import (
     TARGET_AGE,
     Site,
     World,
@@ -16,6 +15,7 @@ from simulations.drills.curious import (
     _threshold_model,
     deployed_site,
 )
+from shared import protocol
 
 
 def _dp_round(site: Site, world: World, run_id: int) -> str:

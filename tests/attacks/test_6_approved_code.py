@@ -29,7 +29,7 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.run import Run
 from flwr.supernode.runtime import run_clientapp as flwr_runtime
 
-from client.approved_app import GateState, gate, installed_differences, read_bundle
+from executor.approved_app import GateState, gate, installed_differences, read_bundle
 from shared.protocol import REFUSED, STATS
 
 PUBLISHER, NAME, VERSION = "sitetest", "gate-test-app", "1.0.0"

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from client.audit_log import verify_chain
-from simulations.drills.curious import World, base_config, deployed_site
+from drills.curious import World, base_config, deployed_site
 
 
 def test_an_edited_or_deleted_entry_breaks_the_chain_at_its_line(

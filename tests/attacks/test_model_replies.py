@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simulations.drills.curious import World, deployed_site, model_replies_probe
+from drills.curious import World, deployed_site, model_replies_probe
 
 
 def test_under_require_dp_adapt_and_evaluate_replies_never_change(

@@ -19,10 +19,10 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
+from deploy.process_guard import marked
+from deploy.processes import flower_bin, free_port
 from fedadapt.cli import app
-from simulations.process_guard import marked
 from simulations.ray_cluster import RayClusterError, attach
-from simulations.superlink import flower_bin, free_port
 
 # Every process of the test's Ray cluster carries this variable with a token of its own: the
 # cluster is stopped by that token, never with `ray stop`, which stops every Ray instance of

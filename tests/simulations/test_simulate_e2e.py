@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.superlink import APP_DIR, flower_bin, simulation_superlink
+from deploy.processes import APP_DIR, flower_bin
+from simulations.superlink import simulation_superlink
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -85,8 +86,8 @@ def test_a_run_stopped_with_flwr_stop_leaves_no_checkpoint(
     """`flwr stop` mid-run: the ServerApp says "stopped", removes its checkpoint, no report."""
     import time
 
+    from deploy.processes import start_run, stop_process
     from simulations.generator import generate
-    from simulations.superlink import start_run, stop_process
 
     out = tmp_path / "out"
     manifest = generate(tmp_path / "data", n_sites=2, seed=3)
