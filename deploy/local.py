@@ -149,7 +149,7 @@ def start_gateway(dep: Deployment) -> None:
     federation's CA; it is ready when ``GET /health`` answers through it.
     """
     proc = _start(dep, "gateway", [
-        sys.executable, "-m", "server.gateway",
+        flower_bin("fedadapt"), "gateway",
         "--listen", f"{dep.site_host}:{dep.gateway_port}",
         "--superlink", f"127.0.0.1:{dep.port}",
         "--ca-cert", str(dep.certs.ca_cert),

@@ -178,15 +178,15 @@ def gateway(
     ca_cert: Annotated[Path, typer.Option(help="The federation's CA certificate.")],
     cert: Annotated[Path, typer.Option(help="TLS certificate for the sites (server.pem).")],
     key: Annotated[Path, typer.Option(help="Its private key (server.key).")],
+    max_body_mib: Annotated[int | None, typer.Option(
+        help="Largest request body forwarded, MiB (default: server.gateway's MAX_BODY_BYTES).",
+        show_default=False)] = None,
 ) -> None:
     """Serve the sites' only way in: Flower's Fleet API, never its Control API (TLS)."""
-    from server.gateway import main as run
+    from server.gateway import MAX_BODY_BYTES, serve
 
-    for path in (ca_cert, cert, key):
-        if not path.is_file():
-            fail(f"{path} not found: give the files `fedadapt certs` wrote")
-    raise typer.Exit(run(["--listen", listen, "--superlink", superlink, "--ca-cert",
-                          str(ca_cert), "--cert", str(cert), "--key", str(key)]))
+    serve(listen, superlink, ca_cert, cert, key,
+          max_body_mib if max_body_mib is not None else MAX_BODY_BYTES // 2**20)
 
 
 @app.command()

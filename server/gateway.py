@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import ssl
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -14,8 +11,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-# Named, not __name__: under ``python -m`` that would be "__main__".
-log = logging.getLogger("server.gateway")
+from shared.errors import FedadaptError
+
+log = logging.getLogger(__name__)
 
 # The calls a SuperNode makes (flwr 1.42: ``flwr/supernode/fleet_http_client.py``), all
 # ``POST /v1/fleet/<name>`` with a protobuf body. Nothing else is ever forwarded.
@@ -219,54 +217,53 @@ def run_gateway(listen_host: str, listen_port: int, superlink_address: str,
                 timeout_graceful_shutdown=10, log_level="info")
 
 
-def _host_port(value: str) -> tuple[str, int]:
+class GatewayError(FedadaptError, ValueError):
+    """The gateway cannot start as asked (an address, a missing file); the message says why."""
+
+
+def host_port(value: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as a host and a port number.
+
+    Raises
+    ------
+    GatewayError
+        Naming ``what`` when ``value`` is not ``HOST:PORT``.
+    """
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise GatewayError(f"{what}: expected HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m server.gateway --listen HOST:PORT --superlink HOST:PORT --ca-cert F ...``.
+def serve(listen: str, superlink: str, ca_cert: Path, cert: Path, key: Path,
+          max_body_mib: int = MAX_BODY_BYTES // 2**20) -> None:
+    """Run the gateway until stopped (``fedadapt gateway``).
 
     Parameters
     ----------
-    argv : sequence of str, optional
-        Command-line arguments (default: ``sys.argv[1:]``).
+    listen : str
+        ``HOST:PORT`` the sites connect to.
+    superlink : str
+        ``HOST:PORT`` of the SuperLink (its private address).
+    ca_cert, cert, key : Path
+        The federation's CA, the TLS certificate for the sites and its private key (PEM).
+    max_body_mib : int
+        Largest request body forwarded, MiB.
 
-    Returns
-    -------
-    int
-        Exit code (0 after a clean stop).
+    Raises
+    ------
+    GatewayError
+        For an address that is not ``HOST:PORT`` or a file that does not exist.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m server.gateway",
-        description="HTTPS gateway for the sites: forwards only Flower's Fleet API "
-                    "(POST /v1/fleet/...) and GET /health to the SuperLink.")
-    parser.add_argument("--listen", type=_host_port, required=True,
-                        help="HOST:PORT the sites connect to")
-    parser.add_argument("--superlink", type=_host_port, required=True,
-                        help="HOST:PORT of the SuperLink (its private address)")
-    parser.add_argument("--ca-cert", type=Path, required=True, help="the federation's CA")
-    parser.add_argument("--cert", type=Path, required=True, help="TLS certificate (PEM)")
-    parser.add_argument("--key", type=Path, required=True, help="its private key (PEM)")
-    parser.add_argument("--max-body-mib", type=int, default=MAX_BODY_BYTES // 2**20,
-                        help="largest request body forwarded, MiB (default %(default)s)")
-    args = parser.parse_args(argv)
-    for path in (args.ca_cert, args.cert, args.key):
-        if not path.is_file():
-            parser.error(f"no such file: {path}")
+    host, port = host_port(listen, "--listen")
+    up_host, up_port = host_port(superlink, "--superlink")
+    for path in (ca_cert, cert, key):
+        if not Path(path).is_file():
+            raise GatewayError(f"{path} not found: give the files `fedadapt certs` wrote")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every upstream request at INFO: a line per SuperNode poll.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    host, port = args.listen
-    up_host, up_port = args.superlink
-    superlink = f"[{up_host}]:{up_port}" if ":" in up_host else f"{up_host}:{up_port}"
-    run_gateway(host, port, superlink, args.ca_cert, args.cert, args.key,
-                max_body=args.max_body_mib * 2**20)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    address = f"[{up_host}]:{up_port}" if ":" in up_host else f"{up_host}:{up_port}"
+    run_gateway(host, port, address, Path(ca_cert), Path(cert), Path(key),
+                max_body=max_body_mib * 2**20)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-PACKAGES = ("shared", "client", "server", "simulations")
+PACKAGES = ("shared", "client", "server", "executor", "deploy", "simulations", "bench",
+            "drills")
 FORMAT = "%(asctime)s fedadapt %(levelname)s %(name)s: %(message)s"
 
 

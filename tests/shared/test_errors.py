@@ -10,8 +10,9 @@ import pytest
 
 from shared.errors import FedadaptError
 
-PACKAGES = ("shared", "client", "server", "fedadapt")
-# Modules that do something when imported (the command itself).
+PACKAGES = ("shared", "client", "server", "executor", "deploy", "simulations", "bench", "drills",
+            "fedadapt")
+# Modules that do something when imported (the command itself, the bare app's own package).
 SKIPPED = {"fedadapt.__main__"}
 
 
@@ -32,7 +33,7 @@ def _exception_classes() -> list[type[BaseException]]:
 def test_the_walk_finds_the_errors_of_every_package() -> None:
     """The walk sees classes in each package (so the test below is not vacuous)."""
     modules = {cls.__module__.partition(".")[0] for cls in _exception_classes()}
-    assert {"shared", "client", "server"} <= modules
+    assert {"shared", "client", "server", "executor", "deploy", "drills"} <= modules
 
 
 @pytest.mark.parametrize("cls", _exception_classes(), ids=lambda c: c.__qualname__)
