@@ -22,10 +22,17 @@ FLOWER = ("flower-superlink", "flower-supernode", "flwr")
 
 
 def _shown_commands() -> list[tuple[str, int, str]]:
-    """(page, line, command) for every indented command line, continuation lines joined."""
+    """(page, line, command) of every command shown.
+
+    Indented command lines (continuations joined), and every ``fedadapt ...`` or
+    ``flwr ...`` in inline code (the README's table of commands).
+    """
     found = []
     for page in PAGES:
         lines = page.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines, 1):
+            for inline in re.findall(r"`((?:fedadapt|flwr) [^`]+)`", line):
+                found.append((page.name, number, inline.replace("\\|", "|")))
         i = 0
         while i < len(lines):
             line = lines[i]
@@ -72,8 +79,9 @@ COMMANDS = _shown_commands()
 
 def test_the_pages_show_commands() -> None:
     """The README and the docs do show how to run things."""
-    assert len(COMMANDS) > 20
-    assert {page for page, _, _ in COMMANDS} >= {"README.md", "site-guide.md"}
+    assert len(COMMANDS) > 40
+    assert {page for page, _, _ in COMMANDS} >= {"README.md", "site-guide.md", "commands.md",
+                                                 "deployment.md"}
 
 
 @pytest.mark.parametrize(("page", "line", "command"), COMMANDS,
@@ -83,9 +91,11 @@ def test_a_shown_command_and_its_options_exist(page: str, line: int, command: st
     words = _words(command)
     options = [w.split("=", 1)[0] for w in words if w.startswith("--")]
     if words[0] == "fedadapt":
+        if words[1] == "COMMAND":  # "fedadapt COMMAND --help": the form, not a command
+            return
         cmd = _fedadapt_command(words)
         known = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)}
-        unknown = [o for o in options if o not in known and o != "--<run"]
+        unknown = [o for o in options if o not in known and o not in ("--<run", "--help")]
         assert not unknown, f"{page}:{line}: `fedadapt {words[1]}` has no {unknown}"
         return
     sub: list[str] = []  # flwr's sub-commands: `flwr supernode register ...`

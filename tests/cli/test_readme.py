@@ -45,13 +45,13 @@ def test_lint_and_types_are_clean(tool: list[str]) -> None:
 
 
 def test_the_coordinator_s_flwr_config_names_a_default_connection() -> None:
-    """The README's config.toml sets [superlink] default, so bare `flwr ls` works."""
+    """The deployment guide's config.toml sets [superlink] default: bare `flwr ls` works."""
     import re
     import tomllib
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "deployment.md").read_text()
     block = re.search(r"\n {7}\[superlink\]\n((?: {7}.*\n|\n)+)", text)
-    assert block is not None, "the README should show the [superlink] table of config.toml"
+    assert block is not None, "docs/deployment.md should show config.toml's [superlink] table"
     config = tomllib.loads("[superlink]\n" + "\n".join(
         line[7:] for line in block.group(1).splitlines()))
     default = config["superlink"]["default"]
