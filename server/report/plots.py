@@ -182,7 +182,7 @@ def _bar_panels(
     order = sorted(
         range(len(labels)), key=lambda i: ("chance" in labels[i], "majority" in labels[i])
     )
-    wide = figure.get_figwidth() >= 14
+    wide = figure.get_figwidth() >= 20  # one row of seven entries needs that width
     figure.legend(
         [handles[i] for i in order],
         [labels[i] for i in order],
