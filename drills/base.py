@@ -7,17 +7,27 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from client.site import read_manifest, write_manifest
 from deploy.processes import APP_DIR
 from shared.settings import RunSettings
 from simulations.generator import generate
+from simulations.inprocess import run_app_in_process
 from simulations.superlink import app_variant, run_app
 
 log = logging.getLogger(__name__)
 
 DRILLS: dict[str, Drill] = {}
+# Where a "simulation" drill runs its federations: Flower's simulation engine (what `fedadapt
+# drill` does), or the same ServerApp and ClientApps in this process (``InProcessGrid``: the
+# drill's logic without Flower's processes, which is how the default tests run it).
+Engine = Literal["simulation", "in-process"]
+# The log files a run leaves in its folder, per engine (in-process there is no SuperLink).
+RUN_LOGS: dict[Engine, tuple[str, ...]] = {
+    "simulation": ("logs/flwr-run.log", "logs/superlink.log"),
+    "in-process": ("logs/flwr-run.log",),
+}
 # A site that finished a run: evaluated, or evaluated with its results kept at the site (it
 # answers only under differential privacy, as a deployed site does by default).
 FINISHED = ("ok", "withheld")
@@ -54,15 +64,18 @@ class Drill:
     name: str
     expected: str
     run: Callable[[Path], DrillResult]
-    engine: str  # "simulation" or "processes": where it runs, for people
+    # "simulation", "processes" or "in-process": where `fedadapt drill` runs it, for people.
+    # A "simulation" drill's function also takes ``engine="in-process"`` (see ``Engine``).
+    engine: str
 
 
-def drill(name: str, expected: str, engine: str) -> Callable[
-    [Callable[[Path], DrillResult]], Callable[[Path], DrillResult]
-]:
-    """Register a drill function under ``name``."""
+DrillFunction = TypeVar("DrillFunction", bound=Callable[..., DrillResult])
 
-    def register(fn: Callable[[Path], DrillResult]) -> Callable[[Path], DrillResult]:
+
+def drill(name: str, expected: str, engine: str) -> Callable[[DrillFunction], DrillFunction]:
+    """Register a drill function under ``name`` (it is returned unchanged)."""
+
+    def register(fn: DrillFunction) -> DrillFunction:
         DRILLS[name] = Drill(name, expected, fn, engine)
         return fn
 
@@ -88,15 +101,43 @@ def federation(out: Path, n_sites: int = 4, seed: int = 42,
 
 def simulate_with_faults(
     out: Path, manifest: Path, settings: RunSettings, *, faulty: bool = True,
-    timeout: float = 900.0,
+    timeout: float = 900.0, engine: Engine = "simulation",
 ) -> dict[str, Any]:
-    """Run the real ServerApp in Flower's simulation engine; sites run the faulty ClientApp.
+    """Run the real ServerApp over the manifest's sites; they run the faulty ClientApp.
 
-    Returns the report; raises ``SimulationError`` if the run itself failed.
+    Parameters
+    ----------
+    out : Path
+        The run's folder.
+    manifest : Path
+        The sites manifest (a site's ``drill-fault`` is its fault).
+    settings : RunSettings
+        The run's settings (manifest, schema, expected sites and ``out`` are set here).
+    faulty : bool
+        Sites run ``drills.faulty_app`` (else fedadapt's own ClientApp).
+    timeout : float
+        Seconds before a run in Flower's engine is stopped and reported as failed.
+    engine : {"simulation", "in-process"}
+        Flower's simulation engine (a SuperLink, ``flwr run``, ray), or the same ServerApp and
+        ClientApps in this process (``simulations.inprocess.run_app_in_process``).
+
+    Returns
+    -------
+    dict
+        The report. In Flower's engine a failed run raises ``FlowerRunError``; in-process,
+        the ServerApp's own error is raised.
     """
     sites = read_manifest(manifest)
     settings = replace(settings, sites_manifest=str(manifest.resolve()), schema=sites.schema,
                        expected_sites=len(sites.sites), out=str(out.resolve()))
+    if engine == "in-process":
+        # Imported here: importing a ClientApp sets up logging (shared.logs), which the
+        # `fedadapt drill` command must not have (it prints its own table).
+        from client.client_app import app as real_app
+        from drills.faulty_app import app as faulty_app
+
+        return run_app_in_process(settings.to_run_config(), len(sites.sites), out,
+                                  client_app=faulty_app if faulty else real_app)
     app = app_variant(out / "app", clientapp="drills.faulty_app:app") if faulty \
         else APP_DIR
     return run_app(settings.to_run_config(), len(sites.sites), out, timeout=timeout,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from client.site import read_manifest, write_manifest
-from drills.base import DrillResult, drill, simulate_with_faults
+from drills.base import RUN_LOGS, DrillResult, Engine, drill, simulate_with_faults
 from shared.schema import BUILTIN_DIR
 from shared.settings import RunSettings
 from simulations.generator import LABEL, generate
@@ -31,9 +31,9 @@ SMOKER = (
     '\n[[features]]\nname = "smoker"\nkind = "categorical"\n'
     'categories = ["never", "former", "current"]\nscope = "shared"\nrequired = false\n'
 )
-# Everything a run writes that someone may read; a planted value must appear in none of them.
-OUTPUTS = ("report.json", "report.md", "events.jsonl", "replies.jsonl", "logs/flwr-run.log",
-           "logs/superlink.log")
+# Everything a run writes that someone may read (and its logs, drills.base.RUN_LOGS); a planted
+# value must appear in none of them.
+OUTPUTS = ("report.json", "report.md", "events.jsonl", "replies.jsonl")
 
 Breaker = Callable[[list[list[str]]], tuple[bytes, list[str]]]
 
@@ -133,7 +133,8 @@ def _schema_with_smoker(out: Path) -> Path:
     return path
 
 
-def canary_hits(out: Path, canaries: list[str]) -> tuple[int, list[str]]:
+def canary_hits(out: Path, canaries: list[str], outputs: tuple[str, ...]
+                ) -> tuple[int, list[str]]:
     """Occurrences of the canaries in a run's outputs (read as bytes), and files not found.
 
     Parameters
@@ -142,6 +143,8 @@ def canary_hits(out: Path, canaries: list[str]) -> tuple[int, list[str]]:
         The run's output folder.
     canaries : list of str
         Planted values.
+    outputs : tuple of str
+        The files to read, relative to ``out``.
 
     Returns
     -------
@@ -149,7 +152,7 @@ def canary_hits(out: Path, canaries: list[str]) -> tuple[int, list[str]]:
         Total occurrences, and the names of expected output files that were absent.
     """
     hits, absent = 0, []
-    for name in OUTPUTS:
+    for name in outputs:
         path = out / name
         if not path.is_file():
             absent.append(name)
@@ -160,13 +163,15 @@ def canary_hits(out: Path, canaries: list[str]) -> tuple[int, list[str]]:
 
 
 @drill("malformed-data", MALFORMED, "simulation")
-def malformed_data(out: Path) -> DrillResult:
+def malformed_data(out: Path, engine: Engine = "simulation") -> DrillResult:
     """Seven sites with one kind of broken file each, two healthy sites, one simulated run.
 
     Parameters
     ----------
     out : Path
         The drill's folder (data, schema, run outputs).
+    engine : {"simulation", "in-process"}
+        Where the runs happen (``drills.base.simulate_with_faults``).
 
     Returns
     -------
@@ -192,7 +197,7 @@ def malformed_data(out: Path) -> DrillResult:
         {"name": s.name, "data-file": s.data_file.name, "site-features": list(s.site_features)}
         for s in sites], comment="malformed-data drill")
     report = simulate_with_faults(run, manifest, RunSettings(num_server_rounds=2, min_sites=2),
-                                  faulty=False)
+                                  faulty=False, engine=engine)
     entries = report["sites"]
     failed = [n for n, e in entries.items() if e["status"] == "failed"]
     errors = [str(entries[n].get("error") or "") for n in failed]
@@ -205,7 +210,8 @@ def malformed_data(out: Path) -> DrillResult:
                for file, kind in broken.items()}
     paths_sent = sum(str(data) in e for e in errors)
     healthy_ok = sum(entries.get(n, {}).get("status") == "ok" for n in HEALTHY)
-    hits, absent = canary_hits(run, canaries)
+    outputs = OUTPUTS + RUN_LOGS[engine]
+    hits, absent = canary_hits(run, canaries, outputs)
     figure = {"broken_sites": len(broken), "reported_with_location": sum(located.values()),
               "reported_by_site_name": len(failed) if by_name else 0,
               "healthy_ok": healthy_ok, "canary_occurrences": hits,
@@ -216,7 +222,7 @@ def malformed_data(out: Path) -> DrillResult:
               and n_planted == len(canaries))
     observed = (f"{figure['reported_with_location']}/{len(broken)} broken sites failed with "
                 f"file:line:column ({len(errors)} failed in all), {healthy_ok}/{len(HEALTHY)} "
-                f"healthy sites ok, {hits} canary occurrence(s) in {len(OUTPUTS) - len(absent)} "
+                f"healthy sites ok, {hits} canary occurrence(s) in {len(outputs) - len(absent)} "
                 f"output files" + (f" (absent: {', '.join(absent)})" if absent else ""))
     return DrillResult("malformed-data", MALFORMED, observed, passed, figure, {
         "located": located, "errors": errors, "canaries": canaries,
@@ -242,13 +248,15 @@ def _auc(entry: dict[str, Any], method: str) -> float:
 
 
 @drill("label-noise", NOISE, "simulation")
-def label_noise(out: Path) -> DrillResult:
+def label_noise(out: Path, engine: Engine = "simulation") -> DrillResult:
     """Two runs on the same four hospitals (3 repeats, 10 rounds): clean, then noisy labels.
 
     Parameters
     ----------
     out : Path
         The drill's folder.
+    engine : {"simulation", "in-process"}
+        Where the runs happen (``drills.base.simulate_with_faults``).
 
     Returns
     -------
@@ -261,9 +269,10 @@ def label_noise(out: Path) -> DrillResult:
     manifest = generate(clean_data, n_sites=4, seed=42)
     shutil.copytree(clean_data, noisy_data)
     flipped = _flip_labels(noisy_data / f"{noisy_site}.csv", 0.2, seed=2024)
-    clean = simulate_with_faults(out / "clean", manifest, settings, faulty=False)["sites"]
+    clean = simulate_with_faults(out / "clean", manifest, settings, faulty=False,
+                                 engine=engine)["sites"]
     noisy = simulate_with_faults(out / "noisy", noisy_data / manifest.name, settings,
-                                 faulty=False)["sites"]
+                                 faulty=False, engine=engine)["sites"]
     others = sorted(n for n in clean if n != noisy_site)
     drops = {n: _auc(clean[n], "adapted") - _auc(noisy.get(n, {}), "adapted") for n in others}
     mean_drop = float(np.mean([_auc(clean[n], "adapted") for n in others])

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from client.site import read_manifest, write_manifest
-from drills.base import DrillResult, drill, simulate_with_faults
+from drills.base import DrillResult, Engine, drill, simulate_with_faults
 from shared.settings import RunSettings
 from simulations.generator import generate
 
@@ -26,13 +26,15 @@ def _rules(site: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 @drill("policy-refusal", REFUSAL, "simulation")
-def policy_refusal(out: Path) -> DrillResult:
+def policy_refusal(out: Path, engine: Engine = "simulation") -> DrillResult:
     """Four generated hospitals, two with a restrictive policy file in their manifest entry.
 
     Parameters
     ----------
     out : Path
         The drill's folder.
+    engine : {"simulation", "in-process"}
+        Where the runs happen (``drills.base.simulate_with_faults``).
 
     Returns
     -------
@@ -53,7 +55,7 @@ def policy_refusal(out: Path) -> DrillResult:
     path = write_manifest(manifest.path, manifest.schema, rows,
                           comment="policy-refusal drill: two sites with their own policy")
     report = simulate_with_faults(out / "run", path, RunSettings(num_server_rounds=5),
-                                  faulty=False)
+                                  faulty=False, engine=engine)
     sites = report["sites"]
     c, d = sites.get("hospital-c", {}), sites.get("hospital-d", {})
     ok = [n for n in ("hospital-a", "hospital-b")

@@ -9,7 +9,7 @@ from typing import Any
 
 from client.ledger import LEDGER
 from client.site import read_manifest, write_manifest
-from drills.base import DrillResult, drill, simulate_with_faults
+from drills.base import DrillResult, Engine, drill, simulate_with_faults
 from shared.settings import RunSettings
 from simulations.generator import generate
 
@@ -35,13 +35,15 @@ def _ledger(spent: float) -> dict[str, Any]:
 
 
 @drill("dp-budget", BUDGET, "simulation")
-def dp_budget(out: Path) -> DrillResult:
+def dp_budget(out: Path, engine: Engine = "simulation") -> DrillResult:
     """Four generated hospitals with record-level DP; one has little budget left.
 
     Parameters
     ----------
     out : Path
         The drill's folder (data, policy, run outputs, the sites' private folders).
+    engine : {"simulation", "in-process"}
+        Where the runs happen (``drills.base.simulate_with_faults``).
 
     Returns
     -------
@@ -70,7 +72,7 @@ def dp_budget(out: Path) -> DrillResult:
     (site_dir / LEDGER).write_text(json.dumps(_ledger(EARLIER)), encoding="utf-8")
     report = simulate_with_faults(
         out / "run", path, RunSettings(num_server_rounds=ROUNDS, dp="record",
-                                       dp_epsilon=EPSILON), faulty=False)
+                                       dp_epsilon=EPSILON), faulty=False, engine=engine)
     sites = report["sites"]
     dp = {name: s.get("dp") or {} for name, s in sites.items()}
     b = dp.get(STOPPER, {})

@@ -7,7 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
-from drills.base import DrillResult, drill, federation, simulate_with_faults
+from drills.base import DrillResult, Engine, drill, federation, simulate_with_faults
 from shared.settings import RunSettings
 
 POISONS = ("nan", "inf", "wrong-names", "wrong-shape", "negative-count", "absurd-count")
@@ -19,7 +19,7 @@ HONEST = ("hospital-a", "hospital-b")
        "each rejected and logged with the site's name; no NaN in the aggregate; every round "
        "completes with the others. One site sending weights x -20: trimmed mean keeps the AUC "
        "that plain FedAvg loses", "simulation")
-def poisoned_replies(out: Path) -> DrillResult:
+def poisoned_replies(out: Path, engine: Engine = "simulation") -> DrillResult:
     """Six poisoned sites among eight; then a well-formed but wildly wrong site."""
     if out.exists():
         shutil.rmtree(out)
@@ -27,7 +27,7 @@ def poisoned_replies(out: Path) -> DrillResult:
     faults = dict(zip(names[2:], POISONS, strict=True))
     rounds = 3
     report = simulate_with_faults(out / "poison", federation(out / "poison", 8, 42, faults),
-                                  RunSettings(num_server_rounds=rounds))
+                                  RunSettings(num_server_rounds=rounds), engine=engine)
     rejected = {f: [r["round"] for r in report["rounds"] if s in r["rejected"]]
                 for s, f in faults.items()}
     log = (out / "poison" / "logs" / "flwr-run.log").read_text(errors="replace")
@@ -43,7 +43,8 @@ def poisoned_replies(out: Path) -> DrillResult:
         run = out / f"scaled-{label}"
         faults_scaled = {"hospital-d": fault} if fault else {}
         r = simulate_with_faults(run, federation(run, 4, 42, faults_scaled),
-                                 RunSettings(num_server_rounds=10, strategy=strategy))
+                                 RunSettings(num_server_rounds=10, strategy=strategy),
+                                 engine=engine)
         aucs[label] = sum(r["sites"][n]["metrics"]["source"]["auc"]
                           for n in ("hospital-a", "hospital-b", "hospital-c")) / 3
     robust = aucs["trimmed"] > aucs["fedavg"] + 0.1 and aucs["trimmed"] > aucs["clean"] - 0.05
@@ -67,11 +68,13 @@ def poisoned_replies(out: Path) -> DrillResult:
        "a site slower than the round timeout: the round closes on time; its late reply is never "
        "mixed into a later round; the site sits out training and is reported lost in round 2",
        "simulation")
-def straggler(out: Path) -> DrillResult:
+def straggler(out: Path, engine: Engine = "simulation") -> DrillResult:
     """hospital-c sleeps 25 s in round 2; a training round's reply timeout is 10 s.
 
     The timeout applies to training rounds only: the stats phase (reading files, starting
-    the engine's workers) may take longer on a busy machine and has its own.
+    the engine's workers) may take longer on a busy machine and has its own. In-process
+    (``engine="in-process"``) the straggler sleeps in its own thread, as it would in its own
+    process: the round's reply timeout is real time there too.
     """
     if out.exists():
         shutil.rmtree(out)
@@ -79,7 +82,8 @@ def straggler(out: Path) -> DrillResult:
     manifest = federation(out, 4, 42, {"hospital-c": f"slow:2:{sleep:g}"})
     report = simulate_with_faults(out, manifest, RunSettings(
         num_server_rounds=4, reply_timeout=timeout, record_replies=True,
-        strategy="fedavg"))  # every round runs (Newton may stop early when converged)
+        strategy="fedavg"),  # every round runs (Newton may stop early when converged)
+        engine=engine)
     events = [json.loads(x) for x in (out / "events.jsonl").read_text().splitlines() if x]
     times = {e["round"]: e["t"] for e in events if e.get("event") == "round"}
     starts = [e["t"] for e in events if e.get("event") == "phase" and e.get("phase") == "train"]

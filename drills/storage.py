@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from client.site import read_manifest, write_manifest
-from drills.base import DrillResult, drill, federation, simulate_with_faults
+from drills.base import DrillResult, Engine, drill, federation, simulate_with_faults
 from shared import protocol
 from shared.settings import RunSettings
 
@@ -49,7 +49,7 @@ def _clear(*folders: Path) -> None:
 
 
 @drill("correction-tamper", TAMPER, "simulation")
-def correction_tamper(out: Path) -> DrillResult:
+def correction_tamper(out: Path, engine: Engine = "simulation") -> DrillResult:
     """Six sites, five of which tamper with their stored correction before evaluating.
 
     The control is a glucose site (its correction is normally applied), and so are two of
@@ -59,6 +59,8 @@ def correction_tamper(out: Path) -> DrillResult:
     ----------
     out : Path
         The drill's folder.
+    engine : {"simulation", "in-process"}
+        Where the runs happen (``drills.base.simulate_with_faults``).
 
     Returns
     -------
@@ -70,7 +72,7 @@ def correction_tamper(out: Path) -> DrillResult:
     _clear(out / "data", run)
     manifest = federation(out, n_sites=6, faults=FAULTS)
     settings = RunSettings(num_server_rounds=3, record_replies=True)
-    sites = simulate_with_faults(run, manifest, settings)["sites"]
+    sites = simulate_with_faults(run, manifest, settings, engine=engine)["sites"]
     before = _adapt_status(run / "replies.jsonl")
     seen: dict[str, dict[str, Any]] = {}
     for name, fault in FAULTS.items():
@@ -169,7 +171,7 @@ def _stats_failures(replies: Path) -> dict[int, str]:
 
 
 @drill("unwritable-site", UNWRITABLE, "simulation")
-def unwritable_site(out: Path) -> DrillResult:
+def unwritable_site(out: Path, engine: Engine = "simulation") -> DrillResult:
     """Four sites: one's folder sits under a regular file, one's on a full tmpfs, two healthy.
 
     Parameters
@@ -177,6 +179,8 @@ def unwritable_site(out: Path) -> DrillResult:
     out : Path
         The drill's folder (root is needed for the full-disk case; without it that case is
         reported as not run).
+    engine : {"simulation", "in-process"}
+        Where the runs happen (``drills.base.simulate_with_faults``).
 
     Returns
     -------
@@ -196,7 +200,7 @@ def unwritable_site(out: Path) -> DrillResult:
              "site-features": list(s.site_features), "site-dir": str(broken.get(s.name, ""))}
             for s in read_manifest(manifest).sites], comment="unwritable-site drill")
         report = simulate_with_faults(out / "run", manifest, RunSettings(num_server_rounds=2),
-                                      faulty=False)
+                                      faulty=False, engine=engine)
     stats_errors = _stats_failures(out / "run" / "replies.jsonl")
     trained = {int(json.loads(line)["node"]) for line in
                (out / "run" / "replies.jsonl").read_text(encoding="utf-8").splitlines()

@@ -10,9 +10,20 @@ from pathlib import Path
 import pytest
 
 from deploy.process_guard import marked
+from drills.base import Engine
 
 REPO = Path(__file__).resolve().parent.parent
 HEART_DIR = REPO.parent / "shared" / "data" / "uci-heart-disease"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``-m full`` is the full run: every test, not only those marked ``full``.
+
+    The default run leaves the ``full`` tests out (``addopts`` in pyproject.toml); any other
+    ``-m`` expression selects as usual.
+    """
+    if config.option.markexpr == "full":
+        config.option.markexpr = "full or not full"
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +72,20 @@ def no_leftovers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         time.sleep(0.5)
         left = marked(MARK, mark)
     assert not left, f"processes left running: {[(p.pid, p.name()) for p in left]}"
+
+
+@pytest.fixture(params=[
+    # The drill's logic over the real ServerApp and ClientApps in this process: seconds.
+    pytest.param("in-process", marks=pytest.mark.timeout(300)),
+    # As `fedadapt drill` runs it: a SuperLink, `flwr run`, ray (real processes, minutes).
+    pytest.param("simulation", marks=[pytest.mark.slow, pytest.mark.full,
+                                      pytest.mark.timeout(900)]),
+])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """Where a simulation drill's federations run (``drills.base.simulate_with_faults``).
+
+    Each such drill test runs twice: in-process in the default run, in Flower's engine in the
+    full run.
+    """
+    engine: Engine = request.param
+    return engine

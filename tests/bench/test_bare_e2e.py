@@ -10,7 +10,7 @@ import pytest
 
 from bench.bare import RESULT_FILE, run_bare_simulation
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.full, pytest.mark.timeout(600)]
 
 
 def test_bare_simulation_returns_sensible_numbers(tmp_path: Path, no_leftovers: None) -> None:

@@ -32,6 +32,8 @@ from simulations.datasets import sites_for_run
 from simulations.generator import generate
 from simulations.inprocess import InProcessGrid, manifest_contexts
 
+# In the default run: the TLS deployment smoke test (refusals, then one authenticated site's
+# run); the comparison with an in-process run only in the full run (-m full).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # The deployment and the in-process run use the same code on the same rows and split keys;
@@ -67,6 +69,7 @@ def _in_process(dep_out: Path, policy: Path, settings: RunSettings) -> dict[str,
                           Progress(copies / "out"), {})
 
 
+@pytest.mark.full
 def test_tls_run_matches_an_in_process_run_and_keeps_corrections_at_sites(
     tmp_path: Path, no_leftovers: None
 ) -> None:

@@ -25,7 +25,7 @@ from deploy.processes import APP_DIR, flower_bin
 from shared.settings import RunSettings
 from simulations.generator import generate
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.full, pytest.mark.timeout(300)]
 
 SITE_CONNECTION = "site"
 TRICKS = [

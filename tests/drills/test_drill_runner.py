@@ -75,3 +75,18 @@ def test_a_relative_out_folder_is_made_absolute(
     (result,) = run_drills(["fake"], Path("drills"))
     assert result.passed and seen == [tmp_path / "drills" / "fake"]
     assert (tmp_path / "drills" / "drills.json").is_file()
+
+
+def test_every_simulation_drill_also_runs_in_process() -> None:
+    """Each drill of Flower's simulation engine takes ``engine``; the default tests use it."""
+    import inspect
+
+    from drills.runner import load_drills
+
+    load_drills()
+    simulated = sorted(n for n, d in base.DRILLS.items() if d.engine == "simulation")
+    assert simulated == ["correction-tamper", "dp-budget", "label-noise", "malformed-data",
+                         "poisoned-replies", "policy-refusal", "straggler", "unwritable-site"]
+    for name in simulated:
+        engine = inspect.signature(base.DRILLS[name].run).parameters["engine"]
+        assert engine.default == "simulation", name  # `fedadapt drill` runs Flower's engine

@@ -1,4 +1,4 @@
-"""Drills on bad site data and on a site's storage, run for real in Flower's simulation engine."""
+"""Drills on bad site data and on a site's storage, in-process and in Flower's simulation engine."""
 
 from __future__ import annotations
 
@@ -6,44 +6,38 @@ from pathlib import Path
 
 import pytest
 
-from drills.base import DRILLS, DrillResult
-from drills.runner import load_drills
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _run(name: str, out: Path) -> DrillResult:
-    load_drills()
-    return DRILLS[name].run(out)
+from drills.base import Engine
+from drills.data import label_noise, malformed_data
+from drills.storage import correction_tamper, unwritable_site
 
 
-def test_malformed_data(tmp_path: Path, no_leftovers: None) -> None:
+def test_malformed_data(tmp_path: Path, engine: Engine, no_leftovers: None) -> None:
     """Nine broken files fail with file:line:column, two healthy sites finish, no canary leaks."""
-    result = _run("malformed-data", tmp_path)
+    result = malformed_data(tmp_path, engine=engine)
     assert result.passed, result.observed
     assert result.figure["reported_with_location"] == result.figure["broken_sites"] == 9
     assert result.figure["canary_occurrences"] == 0
 
 
-def test_label_noise(tmp_path: Path, no_leftovers: None) -> None:
+def test_label_noise(tmp_path: Path, engine: Engine, no_leftovers: None) -> None:
     """One site's flipped labels barely move the others, and its correction does no harm."""
-    result = _run("label-noise", tmp_path)
+    result = label_noise(tmp_path, engine=engine)
     assert result.passed, result.observed
     assert result.figure["others_mean_auc_drop"] <= 0.01
     assert result.figure["noisy_adapted_minus_source_auc"] >= 0.0
 
 
-def test_correction_tamper(tmp_path: Path, no_leftovers: None) -> None:
+def test_correction_tamper(tmp_path: Path, engine: Engine, no_leftovers: None) -> None:
     """Every tampered correction is refused with its reason and never partially applied."""
-    result = _run("correction-tamper", tmp_path)
+    result = correction_tamper(tmp_path, engine=engine)
     assert result.passed, result.observed
     assert result.figure["refused"] == result.figure["correct_reason"] == 5
     assert result.figure["partially_applied"] == 0
 
 
-def test_unwritable_site(tmp_path: Path, no_leftovers: None) -> None:
+def test_unwritable_site(tmp_path: Path, engine: Engine, no_leftovers: None) -> None:
     """Unwritable and full site folders fail in the stats phase, before any training."""
-    result = _run("unwritable-site", tmp_path)
+    result = unwritable_site(tmp_path, engine=engine)
     assert result.passed, result.observed
     assert result.figure["healthy_ok"] >= 2
     if not result.figure["full_disk_tested"]:

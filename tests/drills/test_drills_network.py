@@ -18,6 +18,7 @@ load_drills()
 
 
 @pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.timeout(900)
 def test_netns_dropout_drill(tmp_path: Path, no_leftovers: None) -> None:
     """Three sites in their own namespaces, one cut off: lost, the others finish, nothing left."""

@@ -189,7 +189,7 @@ def test_app_hash_command(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "no pyproject.toml" in result.output
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # in the default run: the approved app's real-process smoke test
 @pytest.mark.timeout(900)
 def test_deployed_sites_refuse_unapproved_bundle(tmp_path: Path, no_leftovers: None) -> None:
     """TLS deployment, 2 sites with --isolation process + fedadapt site-exec; one byte changed."""

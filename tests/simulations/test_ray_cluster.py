@@ -137,6 +137,7 @@ def _ran_actors(folder: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.timeout(int(2 * NODE_TIMEOUT + RUN_TIMEOUT + 120))
 def test_simulate_runs_on_a_two_node_ray_cluster(tmp_path: Path, no_leftovers: None) -> None:
     """The sites run on both nodes of a running cluster, which fedadapt leaves running."""

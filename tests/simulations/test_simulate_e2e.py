@@ -13,6 +13,8 @@ import pytest
 from deploy.processes import APP_DIR, flower_bin
 from simulations.superlink import simulation_superlink
 
+# In the default run: `fedadapt simulate` end to end, and a killed command leaving nothing
+# (one real-process smoke test each); the others only in the full run (-m full).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 def _fedadapt(*args: str, timeout: float = 360) -> subprocess.CompletedProcess[str]:
@@ -46,6 +48,7 @@ def test_simulate_synthetic_from_the_command_line(tmp_path: Path, no_leftovers: 
         "hospital-a", "hospital-b", "hospital-c"]
 
 
+@pytest.mark.full
 def test_flamby_protocol_reproduces_the_test_split(
     tmp_path: Path, heart_dir: Path, no_leftovers: None
 ) -> None:
@@ -63,6 +66,7 @@ def test_flamby_protocol_reproduces_the_test_split(
     assert report["sites"]["cleveland"]["site_features"] == ["slope", "ca", "thal"]
 
 
+@pytest.mark.full
 def test_flwr_run_uses_the_pyproject_settings(tmp_path: Path, no_leftovers: None) -> None:
     """`flwr run` of the project with [tool.flwr.app.config] defaults runs the demo sites."""
     out = tmp_path / "out"
@@ -80,6 +84,7 @@ def test_flwr_run_uses_the_pyproject_settings(tmp_path: Path, no_leftovers: None
     assert all(site["status"] == "ok" for site in report["sites"].values())
 
 
+@pytest.mark.full
 def test_a_run_stopped_with_flwr_stop_leaves_no_checkpoint(
     tmp_path: Path, no_leftovers: None
 ) -> None:
@@ -139,6 +144,7 @@ def _wait_for_rounds(out: Path, proc: subprocess.Popen[str], timeout: float = 24
     raise AssertionError("no training round within the time limit")
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_sigterm_and_ctrl_c_stop_everything_and_leave_no_complete_report(
     tmp_path: Path, no_leftovers: None, signal_name: str

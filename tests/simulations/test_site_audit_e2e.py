@@ -16,7 +16,7 @@ from flwr.app import Array
 
 from client.audit_log import read_audit
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.full, pytest.mark.timeout(300)]
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
