@@ -255,10 +255,12 @@ def _write(out: Path, bench: dict[str, Any]) -> None:
 def _machine() -> dict[str, Any]:
     import os
     import platform
+    from datetime import UTC, datetime
 
     import flwr
     import numpy
 
-    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "flwr": flwr.__version__,
             "numpy": numpy.__version__, "load_average": list(os.getloadavg())}

@@ -411,8 +411,21 @@ def bench(
     bare_timeout: Annotated[float, typer.Option(
         help="Stop the bare run after this many seconds.",
         rich_help_panel=PART_PANEL.format("bare"))] = BENCH.bare_timeout,
+    render: Annotated[Path | None, typer.Option(
+        help="Measure nothing: write the figures of this bench.json into --doc, dated.",
+        show_default=False)] = None,
+    doc: Annotated[Path, typer.Option(
+        help="The page --render writes into (its measured section).")] = Path(
+        "docs/benchmarks.md"),
 ) -> None:
     """Measure fedadapt: rounds to pooled, cost beside bare Flower, scale, privacy, and more."""
+    if render is not None:
+        from bench.report import render as write_figures
+
+        if not render.is_file() or not doc.is_file():
+            fail(f"{render if not render.is_file() else doc} not found")
+        say(f"wrote the figures of {render} into {write_figures(render, doc)}")
+        return
     options = BenchOptions(
         parts=_names(parts), heart=heart, scale_sites=_numbers("--scale-sites", scale_sites),
         scale_rounds=scale_rounds, fit_rows=_numbers("--fit-rows", fit_rows),
