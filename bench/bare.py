@@ -99,6 +99,18 @@ def read_result(workdir: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text(encoding="utf-8")))
 
 
+def _run_bare(env: dict[str, str], connection: str, config: dict[str, Any], workdir: Path,
+              timeout: float, extra: list[str] | None = None) -> Path:
+    """Submit the bare app with ``flwr run``, follow it to its end, stop it; its log's path."""
+    proc, run_log = start_run(env, connection, config, workdir, extra=extra,
+                              app_dir=BARE_APP_DIR)
+    try:
+        _wait_run(proc, timeout, workdir, run_log)
+    finally:
+        stop_process(proc, "flwr run")
+    return run_log
+
+
 def _summary(mode: str, n_nodes: int, rounds: int, n_inputs: int, rows: int,
              result: dict[str, Any], timings: dict[str, float], peak: PeakRss,
              run_log: Path) -> dict[str, Any]:
@@ -182,12 +194,8 @@ def run_bare_simulation(
     with (PeakRss(include_root=False) as peak,
           simulation_superlink(workdir / "logs") as (env, connection)):
         t1 = time.monotonic()
-        proc, run_log = start_run(env, connection, config, workdir,
-                                  extra=simulation_options(n_nodes), app_dir=BARE_APP_DIR)
-        try:
-            _wait_run(proc, timeout, workdir, run_log)
-        finally:
-            stop_process(proc, "flwr run")
+        run_log = _run_bare(env, connection, config, workdir, timeout,
+                            extra=simulation_options(n_nodes))
         t2 = time.monotonic()
     t3 = time.monotonic()
     timings = {"wall_s": t3 - t0, "startup_s": t1 - t0, "run_s": t2 - t1, "stop_s": t3 - t2}
@@ -250,12 +258,7 @@ def run_bare_deployed(
                     dep, name, data_file=Path(os.devnull), site_dir=node_dir, site_features=[],
                 ), node_dir)
             t1 = time.monotonic()
-            proc, run_log = start_run(dep.env, CONNECTION, config, workdir,
-                                      app_dir=BARE_APP_DIR)
-            try:
-                _wait_run(proc, timeout, workdir, run_log)
-            finally:
-                stop_process(proc, "flwr run")
+            run_log = _run_bare(dep.env, CONNECTION, config, workdir, timeout)
             t2 = time.monotonic()
     t3 = time.monotonic()
     timings = {"wall_s": t3 - t0, "startup_s": t1 - t0, "run_s": t2 - t1, "stop_s": t3 - t2}

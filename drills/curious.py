@@ -58,13 +58,10 @@ class Site:
     def ask(self, phase: str, config: dict[str, Any], arrays: ArrayRecord | None = None,
             run_id: int = 1) -> Message:
         """Send one message of ``phase`` and return the site's reply."""
-        from flwr.supercore.task_identity import TaskIdentity
-
         from client.client_app import app
+        from simulations.inprocess import adopt_task_identity
 
-        for key, value in (("task_id", 1), ("run_id", run_id), ("node_id", 1)):
-            if getattr(TaskIdentity, f"_{key}") is None:
-                setattr(TaskIdentity, key, value)
+        adopt_task_identity(run_id)
         mtype = {"stats": protocol.STATS, "train": protocol.TRAIN, "adapt": protocol.ADAPT,
                  "evaluate": protocol.EVALUATE}[phase]
         content = RecordDict({protocol.CONFIG: ConfigRecord(config)})

@@ -163,6 +163,8 @@ def parse_toml(text: str, label: str, error: ErrorType = TomlError) -> TomlFile:
     return TomlFile(label, text, data)
 
 
+# Written by hand: tomllib returns values without their places in the file, and a message
+# about a value must name its file:line:column; this scan finds where each key is written.
 _BARE = r"[A-Za-z0-9_-]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"|\'[^\']*\''
 _PART = re.compile(rf"{_BARE}|{_QUOTED}")

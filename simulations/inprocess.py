@@ -70,9 +70,7 @@ class InProcessGrid(Grid):
         self._replies: dict[str, Message] = {}
         self._pending: dict[str, Future[Message | None]] = {}
         self._workers: dict[int, ThreadPoolExecutor] = {}
-        for name, value in (("task_id", 1), ("run_id", run_id), ("node_id", 1)):
-            if getattr(TaskIdentity, f"_{name}") is None:
-                setattr(TaskIdentity, name, value)
+        adopt_task_identity(run_id)
 
     def set_run(self, run: Run) -> None:
         """Adopt ``run``."""
@@ -248,6 +246,17 @@ def run_app_in_process(
         server_app(grid, context)
     report: dict[str, Any] = json.loads((out / "report.json").read_text(encoding="utf-8"))
     return report
+
+
+def adopt_task_identity(run_id: int) -> None:
+    """Give this process a ServerApp's identity (run ``run_id``) unless it already has one.
+
+    Flower builds a message only in a process that has it; ``task_identity`` gives it for a
+    block and restores the earlier one.
+    """
+    for name, value in (("task_id", 1), ("run_id", run_id), ("node_id", 1)):
+        if getattr(TaskIdentity, f"_{name}") is None:
+            setattr(TaskIdentity, name, value)
 
 
 @contextmanager

@@ -38,12 +38,10 @@ def _flower_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPa
 @pytest.fixture
 def task_identity() -> Iterator[None]:
     """Give this process the identity Flower gives a ServerApp, so messages can be built."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from simulations.inprocess import task_identity as identity
 
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    with identity(7):
+        yield
 
 
 @pytest.fixture
