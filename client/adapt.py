@@ -8,7 +8,10 @@ The candidates, all of the form ``logit = s * logit_source + b + z . w`` over th
 - corrections of increasing strength ``C``: the source model plus a penalised logistic
   regression on ``z`` (shrunk towards the source model);
 - the site's local-only model at each ``C`` (``s = 0``: shrunk towards a constant);
-- blends of the source model and the best local-only model (``s`` = 3/4, 1/2, 1/4).
+- blends of the source model and the best local-only model (``s`` = 3/4, 1/2, 1/4);
+- at a member of a feature group (``shared.groups``): the group extension, trained by the
+  group's sites together (nothing fitted here), and the group extension plus a private
+  correction on top of it (``GROUP_STRENGTHS``).
 
 Each is scored by repeated stratified K-fold cross-validation inside the training rows (the
 site-local preprocessing refitted in every fold), which gives every training row an out-of-
@@ -44,6 +47,7 @@ import pandas as pd
 from sklearn.model_selection import RepeatedKFold, RepeatedStratifiedKFold
 
 from shared.correction import Correction, OffsetLogisticRegression, correction_inputs
+from shared.groups import Extension
 from shared.metrics import rank_auc
 from shared.preprocessing import TabularPreprocessor
 from shared.schema import Feature
@@ -53,6 +57,9 @@ log = logging.getLogger(__name__)
 CORRECTION_STRENGTHS = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 LOCAL_STRENGTHS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 BLEND_WEIGHTS = (0.75, 0.5, 0.25)  # the source model's share
+# A private correction on top of a group extension: the extension already holds the group's
+# effects, so a few strengths suffice.
+GROUP_STRENGTHS = (0.01, 0.1, 1.0)
 CV_REPEATS = 3
 MIN_CLASS_ROWS = 5
 # The local-only model's intercept is the site's whole base rate, not a shift: a weak prior.
@@ -73,9 +80,10 @@ SELECTION_MIN_CLASS = 1_000
 class Candidate:
     """One model a site may choose: its family and parameter."""
 
-    family: str  # source | recalibration | correction | local | blend
+    family: str  # source | recalibration | correction | local | blend | group | group-correction
     C: float = 0.0
     weight: float = 1.0  # the source model's share (blends)
+    group: str = ""  # the feature group (group families)
 
     @property
     def label(self) -> str:
@@ -84,7 +92,30 @@ class Candidate:
             return self.family
         if self.family == "blend":
             return f"blend {_fraction(self.weight)} source + local C={self.C:g}"
+        if self.family == "group":
+            return f"group {self.group}"
+        if self.family == "group-correction":
+            return f"group {self.group} + correction C={self.C:g}"
         return f"{self.family} C={self.C:g}"
+
+
+@dataclass(frozen=True)
+class GroupOffset:
+    """A group extension as one site's training rows see it.
+
+    Attributes
+    ----------
+    extension : Extension
+        The extension the group trained.
+    logit : numpy.ndarray
+        Its part of the logit for the training rows (the source logit not included).
+    bound : float
+        The input bound it was computed with (the site's), kept with the chosen model.
+    """
+
+    extension: Extension
+    logit: np.ndarray
+    bound: float
 
     @property
     def uses_features(self) -> bool:
@@ -104,6 +135,7 @@ def fit_correction(
     strengths: Sequence[float] = CORRECTION_STRENGTHS,
     local_strengths: Sequence[float] = LOCAL_STRENGTHS,
     blends: Sequence[float] = BLEND_WEIGHTS,
+    groups: Sequence[GroupOffset] = (),
 ) -> Correction:
     """Choose and fit the site's final model on its training rows (see the module's rule).
 
@@ -127,6 +159,9 @@ def fit_correction(
         Candidate values of ``C`` for corrections (0: the recalibration) and local models.
     blends : sequence of float
         The source model's shares in the blends.
+    groups : sequence of GroupOffset
+        The extensions of the feature groups the site belongs to (their logits on the
+        training rows); each adds two kinds of candidate.
 
     Returns
     -------
@@ -145,9 +180,10 @@ def fit_correction(
     y = np.asarray(y, dtype=int)
     n = len(y)
     pick = selection_rows(y, seed)
+    by_name = {g.extension.name: g for g in groups}
     if pick is None:
         choice = _choose(x_shared, site_rows, offset, y, site_features, folds, seed,
-                         strengths, local_strengths, blends, warm=False)
+                         strengths, local_strengths, blends, warm=False, groups=groups)
     else:
         # A large site: the candidates are compared on a stratified subsample of the training
         # rows (``fit_correction`` is only ever given training rows, so no held-out row is
@@ -156,7 +192,8 @@ def fit_correction(
         # previous one's weights, the final fit from the folds' mean) only save iterations.
         choice = _choose(x_shared[pick], site_rows.iloc[pick], offset[pick], y[pick],
                          site_features, folds, seed, strengths, local_strengths, blends,
-                         warm=True)
+                         warm=True, groups=[GroupOffset(g.extension, g.logit[pick], g.bound)
+                                            for g in groups])
         choice.cv.update(selection_rows=float(len(pick)), training_rows=float(n))
         choice.reason += (f" (cross-validated on a stratified subsample of {len(pick)} of the "
                           f"{n} training rows; the model is fitted on all of them)")
@@ -166,7 +203,7 @@ def fit_correction(
                               choice.evidence)
     log.info("chose %s", choice.reason)
     model = _fit_final(choice.chosen, x_shared, site_rows, offset, y, site_features,
-                       choice.starts.get(choice.chosen))
+                       choice.starts.get(choice.chosen), by_name.get(choice.chosen.group))
     model.cv = choice.cv
     model.reason = choice.reason
     return _with_evidence(model, choice.evidence)
@@ -223,6 +260,7 @@ def _choose(
     x_shared: np.ndarray, site_rows: pd.DataFrame, offset: np.ndarray, y: np.ndarray,
     site_features: Sequence[Feature], folds: int, seed: int, strengths: Sequence[float],
     local_strengths: Sequence[float], blends: Sequence[float], warm: bool,
+    groups: Sequence[GroupOffset] = (),
 ) -> _Choice:
     """Apply the module's rule to these rows (all training rows, or a large site's subsample)."""
     n = len(y)
@@ -241,9 +279,14 @@ def _choose(
     if features_ok:
         candidates += [Candidate("correction", c) for c in strengths if c > 0]
         candidates += [Candidate("local", c) for c in local_strengths]
+        for g in groups:
+            name = g.extension.name
+            candidates += [Candidate("group", group=name)]
+            candidates += [Candidate("group-correction", c, group=name) for c in GROUP_STRENGTHS]
+    bases = {g.extension.name: offset + g.logit for g in groups}
 
     oof, starts = _out_of_fold(candidates, splitter, k, x_shared, site_rows, offset, y,
-                               site_features, warm)
+                               site_features, warm, bases)
     losses = {c: np.mean([_row_loss(y, oof[c][r]) for r in range(CV_REPEATS)], axis=0)
               for c in candidates}
     if features_ok and blends:
@@ -312,13 +355,16 @@ def _out_of_fold(
     candidates: Sequence[Candidate], splitter: Any, k: int, x_shared: np.ndarray,
     site_rows: pd.DataFrame, offset: np.ndarray, y: np.ndarray,
     site_features: Sequence[Feature], warm: bool = False,
+    bases: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[Candidate, np.ndarray], dict[Candidate, np.ndarray]]:
     """Out-of-fold logits ``[repeat, row]`` of every fitted candidate, and warm starts.
 
     With ``warm``, each fit in a fold starts from the previous candidate's weights of the same
     kind (corrections from the recalibration and from each other, in the given order of
     ``C``; local models from each other), and the second result holds every candidate's
-    weights ``[b, w]`` averaged over the folds (empty without ``warm``).
+    weights ``[b, w]`` averaged over the folds (empty without ``warm``). ``bases`` holds, per
+    feature group, the source logit plus the group extension's: the offset of the group
+    candidates (a group extension alone is fitted by the group, not here).
     """
     n = len(y)
     oof = {c: np.zeros((CV_REPEATS, n)) for c in candidates}
@@ -329,10 +375,15 @@ def _out_of_fold(
         prep = _site_prep(site_features, site_rows.iloc[tr])
         z_tr = correction_inputs(x_shared[tr], site_rows.iloc[tr], prep)
         z_te = correction_inputs(x_shared[te], site_rows.iloc[te], prep)
-        previous: dict[bool, OffsetLogisticRegression] = {}
+        previous: dict[str, OffsetLogisticRegression] = {}
         for c in candidates:
-            model, base = _model(c), (zeros if c.family == "local" else offset)
-            start = previous.get(c.family == "local") if warm else None
+            base = (zeros if c.family == "local" else (bases or {})[c.group] if c.group
+                    else offset)
+            if c.family == "group":
+                oof[c][fold // k, te] = base[te]
+                continue
+            model, kind = _model(c), c.group or str(c.family == "local")
+            start = previous.get(kind) if warm else None
             if start is None:
                 model.fit(z_tr, y[tr], base[tr])
             else:
@@ -340,7 +391,7 @@ def _out_of_fold(
                           intercept_init=start.intercept_)
             oof[c][fold // k, te] = model.decision_function(z_te, base[te])
             if warm:
-                previous[c.family == "local"] = model
+                previous[kind] = model
                 theta = np.r_[model.intercept_, model.coef_]
                 sums[c] = theta if fold == 0 else sums[c] + theta
         fits = fold + 1
@@ -358,17 +409,24 @@ def _model(c: Candidate) -> OffsetLogisticRegression:
 def _fit_final(
     chosen: Candidate, x_shared: np.ndarray, site_rows: pd.DataFrame, offset: np.ndarray,
     y: np.ndarray, site_features: Sequence[Feature], start: np.ndarray | None = None,
+    group: GroupOffset | None = None,
 ) -> Correction:
-    """Fit the chosen candidate on all training rows (L-BFGS from ``start`` ``[b, w]``)."""
+    """Fit the chosen candidate on all training rows (L-BFGS from ``start`` ``[b, w]``).
+
+    A group candidate keeps its group's extension (and the bound its inputs were clipped
+    to) beside the private part, which is zero for the extension alone.
+    """
     prep = _site_prep(site_features, site_rows)
     z = correction_inputs(x_shared, site_rows, prep)
     local = chosen.family in ("local", "blend")
+    base = np.zeros(len(y)) if local else offset if group is None else offset + group.logit
     fitted = _model(Candidate("local", chosen.C) if local else chosen)
-    if start is None:
-        fitted.fit(z, y, np.zeros(len(y)) if local else offset)
+    if chosen.family == "group":
+        fitted.intercept_, fitted.coef_ = 0.0, np.zeros(z.shape[1])
+    elif start is None:
+        fitted.fit(z, y, base)
     else:
-        fitted.fit(z, y, np.zeros(len(y)) if local else offset, coef_init=start[1:],
-                   intercept_init=float(start[0]))
+        fitted.fit(z, y, base, coef_init=start[1:], intercept_init=float(start[0]))
     share = chosen.weight if chosen.family == "blend" else (0.0 if local else 1.0)
     scale = 1.0 - share if local else 1.0
     site_names = list(prep.feature_names_out_) if prep is not None else []
@@ -383,6 +441,8 @@ def _fit_final(
         cv={},
         source_weight=share,
         choice=chosen.label,
+        extension=(None if group is None
+                   else {**group.extension.to_dict(), "input_bound": group.bound}),
     )
 
 

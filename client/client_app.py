@@ -80,7 +80,9 @@ def _stats(msg: Message, rows: SiteRows, request: Request) -> tuple[Message, boo
     metrics, repeated = stats_job(rows)
     return build_reply(
         msg, shared_features=rows.schema.shared_features, metrics=metrics,
-        site={protocol.SITE_NAME: rows.site.name, protocol.SCHEMA_DIGEST: rows.schema.digest()},
+        site={protocol.SITE_NAME: rows.site.name, protocol.SCHEMA_DIGEST: rows.schema.digest(),
+              protocol.SITE_FEATURES: ",".join(f.name for f in rows.site_feature_defs)},
+        site_features=rows.site_feature_defs,
     ), repeated
 
 

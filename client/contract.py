@@ -31,7 +31,8 @@ from flwr.app import ArrayRecord, Message
 from client.site import SiteSettings
 from shared import protocol
 from shared.preprocessing import TabularPreprocessor
-from shared.schema import BUILTINS, Schema, load_schema
+from shared.groups import GROUP, GROUPS, SOURCE_ARRAYS, Extension
+from shared.schema import BUILTINS, Feature, Schema, load_schema
 from shared.settings import MODELS, PROTOCOLS, SettingsError
 
 # Largest absolute weight a site computes with: far above any model fitted on standardised
@@ -124,8 +125,33 @@ class DPRequest:
 
 
 @dataclass(frozen=True)
+class GroupRound:
+    """A group extension's Newton round (``shared.groups``): its features and weights, checked.
+
+    Attributes
+    ----------
+    features : tuple of Feature
+        The group's features, all measured by this site.
+    preprocessing : dict
+        Their preprocessing (from the group's merged stats), checked like the shared one's.
+    arrays : ArrayRecord
+        The extension's weights: ``net.weight`` over the source model's inputs then the
+        group's, ``net.bias``.
+    """
+
+    features: tuple[Feature, ...]
+    preprocessing: dict[str, Any]
+    arrays: ArrayRecord
+
+    @property
+    def name(self) -> str:
+        """The group's name."""
+        return "+".join(f.name for f in self.features)
+
+
+@dataclass(frozen=True)
 class TrainRequest(Request):
-    """One training round."""
+    """One training round (of the source model, or of a group extension when ``group``)."""
 
     source: SourceModel
     newton: bool
@@ -136,19 +162,23 @@ class TrainRequest(Request):
     proximal_mu: float
     round: int | None
     dp: DPRequest | None
+    group: GroupRound | None = None
 
     @property
     def round_key(self) -> str:
-        """The round's name in the ledger: repeat and absolute round."""
-        return f"{self.repeat}/{self.round or 0}"
+        """The round's name in the ledger: repeat and absolute round (and group)."""
+        key = f"{self.repeat}/{self.round or 0}"
+        return key if self.group is None else f"{key}/group {self.group.name}"
 
 
 @dataclass(frozen=True)
 class ModelRequest(Request):
-    """The adapt or evaluate phase: the final source model, and the folds of the site's CV."""
+    """The adapt or evaluate phase: the final source model, the folds of the site's CV and the
+    extensions of the groups this site belongs to (``shared.groups``)."""
 
     source: SourceModel
     cv_folds: int
+    extensions: tuple[Extension, ...] = ()
 
 
 class _Reader:
@@ -225,15 +255,20 @@ def parse(phase: str, msg: Message, site: SiteSettings, input_bound: float) -> R
     if phase == "stats":
         read.done(phase)
         return Request(**common)
-    source = _source(read, msg, schema, input_bound)
+    grouped = phase == "train" and config is not None and GROUP in config
+    source = _source(read, msg, schema, input_bound, SOURCE_ARRAYS if grouped else protocol.ARRAYS)
     if phase in ("adapt", "evaluate"):
         folds = read.get("cv-folds", int, 5, low=2, high=20)
+        extensions = _extensions(read, schema, site, source)
         read.done(phase)
-        return ModelRequest(**common, source=source, cv_folds=folds)
+        return ModelRequest(**common, source=source, cv_folds=folds, extensions=extensions)
     if phase != "train":
         raise ContractError(f"no message of phase {phase!r} is answered")
     newton = read.get(protocol.STRATEGY, str, "fedavg") == "newton"
-    if newton and source.kind != "logreg":
+    group = _group_round(read, msg, schema, site, source) if grouped else None
+    if group is not None and not newton:
+        read.problems.append("a group extension is trained by Newton rounds only")
+    if newton and source.kind != "logreg" and group is None:
         read.problems.append("a Newton round needs the logistic model (model = logreg)")
     request = TrainRequest(
         **common, source=source, newton=newton,
@@ -244,9 +279,114 @@ def parse(phase: str, msg: Message, site: SiteSettings, input_bound: float) -> R
         proximal_mu=read.get("proximal-mu", float, 0.0, low=0.0, high=1e3),
         round=protocol.absolute_round(config),
         dp=_dp(read),
+        group=group,
     )
     read.done(phase)
     return request
+
+
+def _site_defs(read: _Reader, schema: Schema, site: SiteSettings, names: Any,
+               what: str) -> tuple[Feature, ...] | None:
+    """A group's features: names of site-only features this site measures, or a problem."""
+    if (not isinstance(names, list) or not names or len(names) > 64
+            or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names)):
+        read.problems.append(f"{what}: features must be a list of distinct names")
+        return None
+    unknown = [n for n in names if n not in site.site_features]
+    if unknown:
+        # Only names the site itself declared are ever repeated back.
+        read.problems.append(f"{what}: the group names {len(unknown)} feature(s) this site "
+                             "does not measure")
+        return None
+    return tuple(schema.resolve_site_features(list(names)))
+
+
+def _group_prep(state: Any, defs: tuple[Feature, ...]) -> list[str]:
+    """A group preprocessing's output names, after the checks of the shared one."""
+    if not isinstance(state, dict):
+        raise ValueError("not a JSON object")
+    prep = TabularPreprocessor.from_dict(state, list(defs))
+    numeric = [f for f in defs if f.kind != "categorical"]
+    if prep.mean_.shape != (len(numeric),) or prep.scale_.shape != (len(numeric),):
+        raise ValueError(f"mean and scale need {len(numeric)} values each")
+    if not (np.isfinite(prep.mean_).all() and np.isfinite(prep.scale_).all()
+            and (prep.scale_ > 0).all()):
+        raise ValueError("means must be finite and scales finite and positive")
+    if not set(prep.indicator_features_) <= {f.name for f in defs}:
+        raise ValueError("indicators of unknown features")
+    return list(prep.feature_names_out_)
+
+
+def _source_inputs(source: SourceModel, schema: Schema) -> int:
+    """How many inputs the source model has (0 when its preprocessing was refused)."""
+    try:
+        return len(source.preprocessor(schema).feature_names_out_)
+    except (ValueError, TypeError, KeyError):
+        return 0
+
+
+def _group_round(read: _Reader, msg: Message, schema: Schema, site: SiteSettings,
+                 source: SourceModel) -> GroupRound | None:
+    """A group round's features, preprocessing and extension weights, all checked."""
+    try:
+        state = json.loads(read.get(GROUP, str, "{}"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        defs = _site_defs(read, schema, site, state.get("features"), "group")
+        if defs is None:
+            return None
+        names_out = _group_prep(state.get("preprocessing"), defs)
+    except (ValueError, TypeError, KeyError) as err:
+        read.problems.append(f"group is not usable ({err})")
+        return None
+    arrays = msg.content.array_records.get(protocol.ARRAYS) if msg.has_content() else None
+    d = _source_inputs(source, schema)
+    if arrays is None:
+        read.problems.append("the group round carries no extension weights")
+        return None
+    if d:
+        read.problems += _check_arrays(arrays, {"net.weight": (1, d + len(names_out)),
+                                                "net.bias": (1,)})
+    return GroupRound(defs, state["preprocessing"], arrays)
+
+
+def _extensions(read: _Reader, schema: Schema, site: SiteSettings,
+                source: SourceModel) -> tuple[Extension, ...]:
+    """The adapt message's group extensions this site belongs to, checked; others ignored.
+
+    An extension of features this site does not measure is none of its business and is
+    skipped (the message goes to every site alike).
+    """
+    raw = read.config.get(GROUPS)
+    if raw is None:
+        return ()
+    d = _source_inputs(source, schema)
+    out = []
+    try:
+        states = json.loads(raw) if isinstance(raw, str) else None
+        if not isinstance(states, list) or len(states) > 64:
+            raise ValueError("not a list of at most 64 groups")
+        for state in states:
+            if not isinstance(state, dict):
+                raise ValueError("a group is not a JSON object")
+            names = state.get("features")
+            if not isinstance(names, list) or not set(map(str, names)) <= set(site.site_features):
+                continue
+            defs = _site_defs(read, schema, site, names, "groups")
+            if defs is None:
+                continue
+            names_out = _group_prep(state.get("preprocessing"), defs)
+            ext = Extension.from_dict(state)
+            if ext.theta.shape != (d + len(names_out) + 1,) or not d:
+                raise ValueError(f"group {ext.name}: {d + len(names_out) + 1} weights needed")
+            if not np.isfinite(ext.theta).all() or np.abs(ext.theta).max() > MAX_WEIGHT:
+                raise ValueError(f"group {ext.name}: weights must be finite and at most "
+                                 f"{MAX_WEIGHT:g} in size")
+            out.append(ext)
+    except (ValueError, TypeError, KeyError) as err:
+        read.problems.append(f"groups are not usable ({err})")
+        return ()
+    return tuple(out)
 
 
 def _schema(read: _Reader, site: SiteSettings) -> Schema:
@@ -287,8 +427,13 @@ def _split(read: _Reader, site: SiteSettings) -> SplitPlan:
     )
 
 
-def _source(read: _Reader, msg: Message, schema: Schema, input_bound: float) -> SourceModel:
-    """The model a message sends, checked: kind, size, preprocessing, finite bounded weights."""
+def _source(read: _Reader, msg: Message, schema: Schema, input_bound: float,
+            key: str = protocol.ARRAYS) -> SourceModel:
+    """The model a message sends, checked: kind, size, preprocessing, finite bounded weights.
+
+    ``key`` names its arrays' record (``source`` in a group round, whose ``arrays`` are the
+    extension's).
+    """
     kind = read.get("model", str, "logreg", choices=MODELS)
     hidden = read.get("hidden-units", int, 16, low=1, high=MAX_HIDDEN_UNITS)
     prep_state: dict[str, Any] = {}
@@ -298,7 +443,7 @@ def _source(read: _Reader, msg: Message, schema: Schema, input_bound: float) -> 
         names_out = _check_preprocessing(prep_state, schema)
     except (ValueError, TypeError, KeyError) as err:
         read.problems.append(f"preprocessing is not usable ({err})")
-    arrays = (msg.content.array_records.get(protocol.ARRAYS) if msg.has_content() else None)
+    arrays = (msg.content.array_records.get(key) if msg.has_content() else None)
     if arrays is None:
         read.problems.append("the message carries no model weights")
         arrays = ArrayRecord()

@@ -42,11 +42,17 @@ class EgressViolation(FedadaptError, RuntimeError):
 
 
 def allowed_metric_keys(
-    message_type: str, shared_features: Sequence[Feature], newton: bool = False
+    message_type: str, shared_features: Sequence[Feature], newton: bool = False,
+    site_features: Sequence[Feature] = (),
 ) -> set[str]:
-    """The metric keys a reply to ``message_type`` may carry (a Newton round's if ``newton``)."""
+    """The metric keys a reply to ``message_type`` may carry (a Newton round's if ``newton``).
+
+    A stats reply carries the summaries of the shared features and of the site's own features
+    (the group preprocessing of ``shared.groups`` is fitted from them).
+    """
     if message_type == protocol.STATS:
-        return set(summary_keys(shared_features)) | set(protocol.STATS_EXTRA)
+        return (set(summary_keys([*shared_features, *site_features]))
+                | set(protocol.STATS_EXTRA))
     if message_type == protocol.TRAIN:
         return set(protocol.NEWTON_METRICS if newton else protocol.TRAIN_METRICS) | set(
             protocol.DP_METRICS) | set(protocol.CLIENT_DP_METRICS)
@@ -58,7 +64,7 @@ def allowed_metric_keys(
 
 
 ALLOWED_SITE_KEYS = {
-    protocol.STATS: {protocol.SITE_NAME, protocol.SCHEMA_DIGEST},
+    protocol.STATS: {protocol.SITE_NAME, protocol.SCHEMA_DIGEST, protocol.SITE_FEATURES},
     protocol.TRAIN: set(),
     protocol.ADAPT: {protocol.SITE_NAME, protocol.CORRECTION_STATUS, protocol.SITE_FEATURES,
                      protocol.MODEL_CHOICE, protocol.MODEL_REASON},
@@ -74,6 +80,7 @@ def build_reply(
     metrics: Mapping[str, MetricValue],
     arrays: ArrayRecord | None = None,
     site: Mapping[str, str] | None = None,
+    site_features: Sequence[Feature] = (),
 ) -> Message:
     """Build the reply to ``msg`` after checking that it holds only allowed aggregates.
 
@@ -91,6 +98,8 @@ def build_reply(
         The locally trained source model weights (train phase only).
     site : mapping, optional
         The site's name and status strings.
+    site_features : sequence of Feature
+        The site's own features (a stats reply may carry their summaries).
 
     Returns
     -------
@@ -105,7 +114,7 @@ def build_reply(
     mtype = msg.metadata.message_type
     config = msg.content.config_records.get(protocol.CONFIG)
     newton = config is not None and config.get(protocol.STRATEGY) == "newton"
-    allowed = allowed_metric_keys(mtype, shared_features, newton)
+    allowed = allowed_metric_keys(mtype, shared_features, newton, site_features)
     extra = sorted(set(metrics) - allowed)
     if extra:
         raise EgressViolation(f"reply to {mtype} carries keys that are not allowed: {extra}")

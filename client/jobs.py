@@ -134,7 +134,7 @@ def _cached_split(data: SiteData, plan: SplitPlan, key: bytes, state: RecordDict
 
 
 def stats_job(rows: SiteRows) -> tuple[Metrics, bool]:
-    """Phase 1: counts and sums of the shared features over the training rows.
+    """Phase 1: counts and sums of the shared and site-only features over the training rows.
 
     A fixed answer (``client.answers``): computed once per version of the data, split,
     schema and privacy setting, then repeated verbatim. Under the policy's ``require-dp``
@@ -155,8 +155,10 @@ def _stats_answer(rows: SiteRows) -> tuple[Metrics, bool]:
 
     train = rows.split.train
     p = rows.policy
+    features = [*rows.schema.shared_features, *rows.site_feature_defs]
     key = answer_key(
         phase="stats", data=rows.data.digest, schema=rows.schema.digest(),
+        site_features=[f.name for f in rows.site_feature_defs],
         train=hashlib.sha256(np.asarray(train, dtype=np.int64).tobytes()).hexdigest(),
         test=len(rows.split.test), private=p.require_dp,
         epsilon=p.stats_epsilon if p.require_dp else None,
@@ -164,8 +166,9 @@ def _stats_answer(rows: SiteRows) -> tuple[Metrics, bool]:
 
     def compute() -> dict[str, Any]:
         y = rows.data.label[train]
-        summary: dict[str, Any] = dict(summarize(rows.shared.iloc[train],
-                                                 rows.schema.shared_features))
+        # The site's own features too: their sums give a feature group its preprocessing.
+        summary: dict[str, Any] = dict(summarize(
+            rows.data.features[[f.name for f in features]].iloc[train], features))
         exact = {"label-negative": [float(len(y) - y.sum())],
                  "label-positive": [float(y.sum())], "n-test": [float(len(rows.split.test))]}
         if not p.require_dp:
@@ -176,7 +179,7 @@ def _stats_answer(rows: SiteRows) -> tuple[Metrics, bool]:
         from client import privacy
 
         released, sigma = privacy.release_summary(
-            {**summary, **exact}, rows.schema.shared_features, p.stats_epsilon, p.delta,
+            {**summary, **exact}, features, p.stats_epsilon, p.delta,
             np.random.default_rng(secrets.randbits(128)))
         privacy.charge_release(rows.site.site_dir, rows.site.name, key, p.stats_epsilon,
                                p.delta, p.max_epsilon_total, "the stats")
@@ -276,12 +279,19 @@ def newton_job(rows: SiteRows, request: TrainRequest) -> tuple[ArrayRecord, Metr
     if request.dp is not None and request.dp.mode == "client":
         raise ContractError("client-level DP clips FedAvg / FedProx updates; a Newton round "
                             "has none")
-    theta = newton.parameters(request.source.arrays)
     x = request.source.inputs(rows.schema, rows.shared)
     train = rows.split.train
+    offset = None
+    if request.group is not None:  # a group extension: the source model's logit is fixed
+        theta = newton.parameters(request.group.arrays)
+        offset = source_logit(rows, request.source, x)[train]
+        x = group_inputs(rows, request.source, x, request.group.features,
+                         request.group.preprocessing)
+    else:
+        theta = newton.parameters(request.source.arrays)
     if request.dp is not None:
-        return _newton_job_dp(rows, x[train], theta, request)
-    sums = newton.site_sums(x[train], rows.data.label[train], theta)
+        return _newton_job_dp(rows, x[train], theta, request, offset)
+    sums = newton.site_sums(x[train], rows.data.label[train], theta, offset)
     reply = ArrayRecord({newton.GRAD: Array(sums.grad), newton.HESS: Array(newton.pack(sums.hess))})
     return reply, {"num-examples": examples(rows), "loss-sum": sums.loss}
 
@@ -315,8 +325,31 @@ def _train_job_dp(rows: SiteRows, request: TrainRequest) -> tuple[ArrayRecord, M
     return to_arrays(model), metrics
 
 
-def _newton_job_dp(rows: SiteRows, x: np.ndarray, theta: np.ndarray, request: TrainRequest
-                   ) -> tuple[ArrayRecord, Metrics]:
+def source_logit(rows: SiteRows, source: SourceModel, x: np.ndarray) -> np.ndarray:
+    """The source model's logit of every row (numpy for the logistic model, else torch)."""
+    if source.kind == "logreg":
+        from shared import newton
+
+        theta = newton.parameters(source.arrays)
+        return np.asarray(x @ theta[:-1] + theta[-1], dtype=np.float64)
+    from shared.source_model import predict_logit
+
+    model, _ = _source(rows, source)
+    return predict_logit(model, x)
+
+
+def group_inputs(rows: SiteRows, source: SourceModel, x: np.ndarray, features: Any,
+                 preprocessing: dict[str, Any]) -> np.ndarray:
+    """A group extension's inputs for every row: the source model's, then the group's."""
+    from shared.groups import inputs
+    from shared.preprocessing import TabularPreprocessor
+
+    prep = TabularPreprocessor.from_dict(preprocessing, list(features))
+    return inputs(x, rows.data.features, prep, source.input_bound)
+
+
+def _newton_job_dp(rows: SiteRows, x: np.ndarray, theta: np.ndarray, request: TrainRequest,
+                   offset: np.ndarray | None = None) -> tuple[ArrayRecord, Metrics]:
     """A Newton round under record-level DP: bounded rows, then one Gaussian mechanism.
 
     The loss, gradient and Hessian sums are noised together (sample rate 1, one step per
@@ -331,7 +364,8 @@ def _newton_job_dp(rows: SiteRows, x: np.ndarray, theta: np.ndarray, request: Tr
 
     dp, plan, spend = privacy.prepare_round(rows.site, rows.policy, request, 1.0, 1)
     bounds = (dp.clip, privacy.HESS_FACTOR * dp.clip ** 2, privacy.LOSS_BOUND)
-    sums = newton.clipped_site_sums(x, rows.data.label[rows.split.train], theta, *bounds)
+    sums = newton.clipped_site_sums(x, rows.data.label[rows.split.train], theta, *bounds,
+                                    offset=offset)
     loss, grad, hess = newton.noised_sums(sums, plan.noise_multiplier, bounds,
                                           np.random.default_rng(secrets.randbits(128)))
     reply = ArrayRecord({newton.GRAD: Array(grad), newton.HESS: Array(hess)})
@@ -394,6 +428,7 @@ def _adapt(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str, st
     correction = fit_correction(
         x[train], rows.own.iloc[train], offset[train], rows.data.label[train],
         rows.site_feature_defs, folds=request.cv_folds, seed=rows.seed,
+        groups=group_offsets(rows, request, x, train),
     )
     document = _model_document(rows, request)
     digest = model_digest(document)
@@ -423,6 +458,21 @@ def _adapt(rows: SiteRows, request: ModelRequest) -> tuple[Metrics, dict[str, st
         "test-log-loss": held_out["log_loss"],
     }
     return metrics, _model_texts(correction)
+
+
+def group_offsets(rows: SiteRows, request: ModelRequest, x: np.ndarray,
+                  train: np.ndarray) -> list[Any]:
+    """The extensions of the site's feature groups, as its training rows see them."""
+    from client.adapt import GroupOffset
+
+    defs = {f.name: f for f in rows.site_feature_defs}
+    out = []
+    for ext in request.extensions:
+        z = group_inputs(rows, request.source, x, [defs[n] for n in ext.features],
+                         ext.preprocessing)
+        logit = z[train] @ ext.theta[:-1] + float(ext.theta[-1])
+        out.append(GroupOffset(ext, logit, request.source.input_bound))
+    return out
 
 
 def _model_texts(correction: Any, status: str | None = None) -> dict[str, str]:

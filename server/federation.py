@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from server.audit import ReplyLog
 from server.checkpoint import Checkpoint, fingerprint
+from server.groups import group_phase
 from server.phases import Repeat, RunFailed, site_phases, stats_phase, train_phase
 from server.progress import Progress
 from server.sites import wait_for_sites
@@ -92,7 +93,7 @@ def run_federation(
                                  "arrays": arrays_to_json(arrays), "rounds": rep.result.rounds})
 
         model = train_phase(rep, prep, start, done, save)
-        site_phases(rep, prep, model)
+        site_phases(rep, prep, model, group_phase(rep, prep, model))
         results.append(rep.result)
         if checkpoint is not None:
             checkpoint.save({"completed": [asdict(r) for r in results], "repeat": repeat + 1,

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from server.audit import ReplyLog
+from server.groups import groups_of
 from server.guarded import TrainingOutcome
 from server.progress import Progress
 from server.sites import SiteGrid, TrainingRefused, query_sites
@@ -23,6 +24,7 @@ from shared import protocol
 from shared.arrays import arrays_digest
 from shared.dp_accounting import epsilon_spent
 from shared.errors import FedadaptError
+from shared.groups import GROUPS, Extension, extensions_json
 from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
 from shared.schema import Schema
 from shared.settings import RunSettings
@@ -50,6 +52,21 @@ class Repeat:
     result: RepeatResult
     names: dict[int, str] = field(default_factory=dict)  # node id -> site name
     run_id: int = 0
+    # Per site name: its site-only features' names and its summary of them (stats phase).
+    site_features: dict[str, list[str]] = field(default_factory=dict)
+    site_summaries: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    group_rounds: int = 0  # the most group rounds one site may be asked for (DP's plan)
+
+    @property
+    def dp_config(self) -> dict[str, Any]:
+        """What a site needs for record-level DP: its budget over every planned round.
+
+        The planned rounds are the source model's and those of the groups a site may be in.
+        """
+        s = self.settings
+        return {"dp": s.dp, "dp-epsilon": s.dp_epsilon, "dp-delta": s.dp_delta,
+                "dp-clip": s.dp_clip, "num-server-rounds": s.num_server_rounds
+                + self.group_rounds, "repeats": s.repeats}
 
     @property
     def base(self) -> dict[str, Any]:
@@ -109,6 +126,13 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
         rep.names[node] = name
         rep.result.nodes[name] = node
         summaries.append(summary)
+        site = reply.content.config_records[protocol.SITE]
+        own = [f for f in str(site.get(protocol.SITE_FEATURES, "")).split(",") if f]
+        rep.site_features[name] = own
+        rep.result.site_features[name] = own
+        rep.site_summaries[name] = {
+            k: _as_list(metrics[k]) for k in summary_keys(_known(rep.schema, own))
+            if k in metrics}
     for node, name in rep.names.items():  # key failures by name where the site told it
         if f"node-{node}" in rep.result.failures:
             rep.result.failures[name] = rep.result.failures.pop(f"node-{node}")
@@ -127,6 +151,11 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
         merge_summaries(summaries)
     )
     rep.result.timing["stats"] = time.monotonic() - t
+    groups = groups_of(rep)
+    rep.group_rounds = rep.settings.group_rounds * max(
+        (sum(name in g.members for g in groups) for name in rep.names.values()), default=0)
+    for g in groups:
+        log.info("feature group %s: %d sites (%s)", g.name, len(g.members), ", ".join(g.members))
     log.info("repeat %d: %d site(s) in the federation, %d model inputs", rep.result.repeat,
              len(rep.names), len(prep.feature_names_out_))
     return prep
@@ -197,11 +226,7 @@ def train_phase(
                     "local-epochs": s.local_epochs, "learning-rate": s.learning_rate,
                     "batch-size": s.batch_size, "weight-decay": s.weight_decay,
                     "round-offset": done_rounds, protocol.STRATEGY: s.training,
-                    # What a site needs for record-level DP: its budget over the planned
-                    # rounds.
-                    "dp": s.dp, "dp-epsilon": s.dp_epsilon, "dp-delta": s.dp_delta,
-                    "dp-clip": s.dp_clip, "num-server-rounds": s.num_server_rounds,
-                    "repeats": s.repeats,
+                    **rep.dp_config,
                 }),
             )
         except TrainingRefused as err:
@@ -265,8 +290,11 @@ def client_dp_entry(settings: RunSettings, outcome: TrainingOutcome, rnd: int, n
     }
 
 
-def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> None:
+def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord,
+                extensions: Sequence[Extension] = ()) -> None:
     """Phases 3 and 4 at every connected site of the federation: corrections, evaluation.
+
+    The messages carry the feature groups' ``extensions``; each site uses those of its groups.
 
     A site lost during training (it missed rounds) answers these phases too when it is back:
     the final source model is as good for it as for the others. A site that is not connected
@@ -274,6 +302,7 @@ def site_phases(rep: Repeat, prep: TabularPreprocessor, model: ArrayRecord) -> N
     """
     content = RecordDict({protocol.ARRAYS: model, protocol.CONFIG: ConfigRecord({
         **rep.base, "preprocessing": json.dumps(prep.to_dict()),
+        **({GROUPS: extensions_json(extensions)} if extensions else {}),
     })})
     for phase, mtype in (("adapt", protocol.ADAPT), ("evaluate", protocol.EVALUATE)):
         rep.emit("phase", phase=phase)
@@ -331,6 +360,12 @@ def _record(result: RepeatResult, phase: str, name: str, reply: Message) -> None
         result.texts[name] = texts
     if site is not None and protocol.SITE_FEATURES in site:
         result.site_features[name] = [f for f in str(site[protocol.SITE_FEATURES]).split(",") if f]
+
+
+def _known(schema: Schema, names: list[str]) -> list[Any]:
+    """The schema's site features among ``names`` (a name it lacks is not a group's)."""
+    known = {f.name: f for f in schema.site_features}
+    return [known[n] for n in names if n in known]
 
 
 def _scalar(metrics: MetricRecord | None, key: str) -> float | None:

@@ -54,6 +54,8 @@ class RepeatResult:
     timing: dict[str, float] = field(default_factory=dict)
     source_digest: str = ""
     notes: list[str] = field(default_factory=list)  # for people: e.g. training ended early
+    # Per feature group: features, members, rows, rounds, the effects learned (server.groups).
+    groups: list[dict[str, Any]] = field(default_factory=list)
 
 
 # How a site's refusal reads (client.egress.error_reply): the rule, then why.

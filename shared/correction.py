@@ -172,6 +172,9 @@ class Correction:
     evidence : list of dict
         Every candidate's cross-validated scores (``candidate``, ``cv_log_loss``, ``cv_auc``,
         ``gain`` over the source model and its paired standard error ``se``).
+    extension : dict or None
+        The feature group's extension the model builds on (``shared.groups.Extension``'s
+        state and the ``input_bound`` its inputs are clipped to), or None.
     """
 
     applied: bool
@@ -186,6 +189,7 @@ class Correction:
     source_weight: float = 1.0
     choice: str = "source"
     evidence: list[dict[str, Any]] = field(default_factory=list)
+    extension: dict[str, Any] | None = None
 
     @classmethod
     def none(
@@ -198,7 +202,7 @@ class Correction:
         self, x_shared: np.ndarray, site_rows: pd.DataFrame, site_feature_defs: list[Feature],
         source_logit: np.ndarray,
     ) -> np.ndarray:
-        """``alpha_site`` for rows: ``(s - 1) * logit_source + b + z . w``.
+        """``alpha_site`` for rows: ``(s - 1) * logit_source + b + z . w`` (+ the group's part).
 
         Parameters
         ----------
@@ -219,8 +223,16 @@ class Correction:
             raise ValueError(
                 f"correction has {len(self.coef)} weights but the rows give {z.shape[1]} inputs"
             )
-        return ((self.source_weight - 1.0) * np.asarray(source_logit, dtype=float)
-                + self.intercept + z @ np.asarray(self.coef, dtype=float))
+        alpha = ((self.source_weight - 1.0) * np.asarray(source_logit, dtype=float)
+                 + self.intercept + z @ np.asarray(self.coef, dtype=float))
+        if self.extension is not None:
+            from shared.groups import Extension
+
+            ext = Extension.from_dict(self.extension)
+            defs = {f.name: f for f in site_feature_defs}
+            alpha = alpha + ext.logit(x_shared, site_rows, [defs[n] for n in ext.features],
+                                      float(self.extension.get("input_bound", np.inf)))
+        return alpha
 
     def site_prep(self, site_feature_defs: list[Feature]) -> TabularPreprocessor | None:
         """The fitted site-local preprocessing, or None without site features."""
@@ -239,6 +251,7 @@ class Correction:
             "cv": {k: (v if math.isfinite(v) else None) for k, v in self.cv.items()},
             "reason": self.reason,
             "source_weight": self.source_weight, "choice": self.choice,
+            "extension": self.extension,
             "evidence": [{k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                           for k, v in e.items()} for e in self.evidence],
         }
@@ -257,6 +270,7 @@ class Correction:
             source_weight=float(state.get("source_weight", 1.0)),
             choice=str(state.get("choice", "correction" if state["applied"] else "source")),
             evidence=list(state.get("evidence", [])),
+            extension=state.get("extension"),
         )
 
 

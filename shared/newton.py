@@ -82,7 +82,8 @@ class Sums:
                     self.n + other.n)
 
 
-def site_sums(x: np.ndarray, y: np.ndarray, theta: np.ndarray) -> Sums:
+def site_sums(x: np.ndarray, y: np.ndarray, theta: np.ndarray,
+              offset: np.ndarray | None = None) -> Sums:
     """The sums of one site's rows at parameters ``theta`` (no penalty: the coordinator adds it).
 
     Parameters
@@ -93,9 +94,12 @@ def site_sums(x: np.ndarray, y: np.ndarray, theta: np.ndarray) -> Sums:
         Their 0/1 labels.
     theta : numpy.ndarray
         Input weights then bias, shape ``(d,)``.
+    offset : numpy.ndarray, optional
+        A fixed logit per row added to the model's (a group extension's: the frozen source
+        model's logit).
     """
     x1 = np.hstack([np.asarray(x, dtype=np.float64), np.ones((len(x), 1))])
-    z = x1 @ theta
+    z = x1 @ theta if offset is None else x1 @ theta + np.asarray(offset, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     loss = float(np.sum(np.logaddexp(0.0, z) - y * z))
     p = 0.5 * (1.0 + np.tanh(0.5 * z))  # the logistic function, without overflow
@@ -106,17 +110,18 @@ def site_sums(x: np.ndarray, y: np.ndarray, theta: np.ndarray) -> Sums:
 
 def clipped_site_sums(
     x: np.ndarray, y: np.ndarray, theta: np.ndarray, clip: float, hess_clip: float,
-    loss_bound: float,
+    loss_bound: float, offset: np.ndarray | None = None,
 ) -> Sums:
     """The sums of :func:`site_sums` with every row's contribution bounded (record-level DP).
 
     Row ``i`` adds its gradient ``(p_i - y_i) x_i`` scaled to L2 norm at most ``clip``, its
     Hessian ``p_i (1 - p_i) x_i x_i^T`` scaled to Frobenius norm at most ``hess_clip`` (so its
     packed upper triangle too) and its log-loss clipped to ``[0, loss_bound]``: removing a row
-    changes each sum by at most its bound. Neither is ever formed per row.
+    changes each sum by at most its bound. Neither is ever formed per row. ``offset`` as in
+    :func:`site_sums`.
     """
     x1 = np.hstack([np.asarray(x, dtype=np.float64), np.ones((len(x), 1))])
-    z = x1 @ theta
+    z = x1 @ theta if offset is None else x1 @ theta + np.asarray(offset, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     loss = np.minimum(np.logaddexp(0.0, z) - y * z, loss_bound)
     p = 0.5 * (1.0 + np.tanh(0.5 * z))

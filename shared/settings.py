@@ -88,6 +88,11 @@ class RunSettings:
     batch_size: int = _setting(0, "local mini-batch size (0: full batch)")
     weight_decay: float = _setting(0.001, "L2 penalty on the source model's weights")
     cv_folds: int = _setting(5, "cross-validation folds for choosing each site's correction")
+    min_group_sites: int = _setting(
+        2, "fewest sites measuring the same site-only feature that train a group extension "
+        "together (Newton over those sites, the source model frozen); 0: no groups")
+    group_rounds: int = _setting(
+        10, "most Newton rounds of each group extension (it stops earlier once converged)")
     min_sites: int = _setting(
         2, "fewest sites to start (and go on) with; fewer is a clear error, never an endless "
         "wait")
@@ -163,7 +168,8 @@ class RunSettings:
             choices = f.metadata["choices"]
             if choices and getattr(self, f.name) not in choices:
                 problems.append(f"{key(f)} must be one of {', '.join(choices)}")
-        for name in ("repeats", "num_server_rounds", "local_epochs", "hidden_units", "min_sites"):
+        for name in ("repeats", "num_server_rounds", "local_epochs", "hidden_units", "min_sites",
+                     "group_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         if self.strategy == "newton" and self.model != "logreg":
@@ -191,7 +197,8 @@ class RunSettings:
             problems.append("dp-epsilon and dp-clip must be positive")
         if not 0.0 < self.dp_delta < 1.0:
             problems.append("dp-delta must be between 0 and 1")
-        for name in ("proximal_mu", "weight_decay", "batch_size", "max_in_flight"):
+        for name in ("proximal_mu", "weight_decay", "batch_size", "max_in_flight",
+                     "min_group_sites"):
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', '-')} must not be negative")
         return problems
@@ -209,6 +216,12 @@ class RunSettings:
         if self.strategy != "auto":
             return self.strategy
         return "newton" if self.model == "logreg" and self.dp == "off" else "fedavg"
+
+    @property
+    def groups(self) -> bool:
+        """Whether feature groups train extensions: not under client-level DP (whose replies
+        are clipped model updates, not Newton sums) and not with ``min-group-sites = 0``."""
+        return self.min_group_sites > 0 and self.dp != "client"
 
     @property
     def sites_to_wait_for(self) -> int:

@@ -1,0 +1,138 @@
+"""The group phase: each feature group trains its extension by Newton over its own sites.
+
+Between training and adapt. A group (``shared.groups``) is formed from the feature names the
+sites gave in the stats phase; its preprocessing comes from its members' summaries of the
+group's features, merged as the shared ones are. Its extension starts at zero (the source
+model itself) and is trained with the same strategy, checks, audit and site policy as a
+Newton training round; each message also carries the frozen source model, whose logit is
+the offset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from server.guarded import GuardedNewton
+from server.sites import SiteGrid, TrainingRefused
+from shared import newton, protocol
+from shared.groups import GROUP, SOURCE_ARRAYS, Extension, Group, form_groups
+from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
+
+log = logging.getLogger(__name__)
+
+
+class GroupNewton(GuardedNewton):
+    """Newton steps of a group extension: each message also carries the frozen source model."""
+
+    def __init__(self, *args: object, source: ArrayRecord, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Newton's messages, each with the source model beside the extension's weights."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            message.content.array_records[SOURCE_ARRAYS] = self.source
+        return messages
+
+
+def groups_of(rep: Any) -> list[Group]:
+    """The repeat's feature groups: from the sites' declared features, over healthy sites."""
+    if not rep.settings.groups:
+        return []
+    healthy = {name: features for name, features in rep.site_features.items()
+               if name in rep.names.values() and name not in rep.result.lost}
+    order = [f.name for f in rep.schema.site_features]
+    return form_groups(healthy, rep.settings.min_group_sites, order)
+
+
+def group_phase(rep: Any, prep: TabularPreprocessor, source: ArrayRecord) -> list[Extension]:
+    """Train every feature group's extension; return those trained (None is lost silently).
+
+    A group whose members' summaries are missing, or whose training is refused or loses its
+    sites, is left out with a note in the report; its members keep the other candidates.
+    """
+    groups = groups_of(rep)
+    if not groups:
+        return []
+    rep.emit("phase", phase="groups")
+    t = time.monotonic()
+    out = []
+    for group in groups:
+        try:
+            ext = _train_group(rep, prep, source, group)
+        except TrainingRefused as err:
+            ext = None
+            rep.result.notes.append(f"group {group.name}: training refused: {err}")
+        if ext is not None:
+            out.append(ext)
+    rep.result.timing["groups"] = time.monotonic() - t
+    return out
+
+
+def _train_group(rep: Any, prep: TabularPreprocessor, source: ArrayRecord,
+                 group: Group) -> Extension | None:
+    s = rep.settings
+    defs = rep.schema.resolve_site_features(list(group.features))
+    keys = summary_keys(defs)
+    nodes = {node: name for node, name in rep.names.items() if name in group.members}
+    summaries = [rep.site_summaries[name] for name in group.members
+                 if all(k in rep.site_summaries.get(name, {}) for k in keys)]
+    record: dict[str, Any] = {"group": group.name, "features": list(group.features),
+                              "members": list(group.members)}
+    if len(summaries) < len(group.members):
+        record["skipped"] = "a member's stats lack the group's features"
+        rep.result.groups.append(record)
+        return None
+    group_prep = TabularPreprocessor(features=list(defs)).fit_summary(
+        merge_summaries([{k: v for k, v in m.items() if k in keys} for m in summaries]))
+    d = len(prep.feature_names_out_) + len(group_prep.feature_names_out_) + 1
+    start = newton.to_arrays(np.zeros(d))
+    grid = SiteGrid(rep.grid, nodes, rep.audit, min_sites=len(nodes), wait=s.node_wait_timeout,
+                    names=nodes, first_reply_timeout=s.phase_timeout, window=s.max_in_flight)
+    strategy = GroupNewton(
+        source=source, shapes={newton.GRAD: (d,), newton.HESS: (d * (d + 1) // 2,)},
+        site_names=nodes, weight_decay=s.weight_decay, tolerance=s.newton_tolerance,
+        noisy=s.dp == "record", fraction_train=1.0, fraction_evaluate=0.0,
+        min_train_nodes=len(nodes), min_available_nodes=len(nodes),
+        weighted_by_key=protocol.NUM_EXAMPLES, arrayrecord_key=protocol.ARRAYS,
+        configrecord_key=protocol.CONFIG,
+    )
+    strategy.start(grid=grid, initial_arrays=start, num_rounds=s.group_rounds,
+                   timeout=s.reply_timeout, train_config=ConfigRecord({
+                       **rep.base, "preprocessing": json.dumps(prep.to_dict()),
+                       GROUP: json.dumps({"features": list(group.features),
+                                          "preprocessing": group_prep.to_dict()}),
+                       protocol.STRATEGY: "newton", "weight-decay": s.weight_decay,
+                       **rep.dp_config,
+                   }))
+    lost = sorted(nodes[n] for n in grid.dropped)
+    if lost:
+        record["lost"] = lost
+    if strategy.best is None or len(nodes) - len(lost) < 2:
+        record["skipped"] = (f"too few sites answered its rounds (lost: {', '.join(lost)})"
+                             if lost else "no round was accepted")
+        rep.result.groups.append(record)
+        return None
+    theta = newton.parameters(strategy.best)
+    rows = int(sum(sum(m["rows"]) for m in summaries))
+    steps = strategy.steps
+    record.update(rows=rows, rounds=len(steps), converged=strategy.converged_round is not None,
+                  loss=float(steps[-1]["loss"]) if steps else None,
+                  effects={name: float(w) for name, w in zip(
+                      group_prep.feature_names_out_, theta[len(prep.feature_names_out_):-1],
+                      strict=True)})
+    rep.result.groups.append(record)
+    log.info("group %s (%d sites, %d rows): %d Newton round(s)", group.name, len(nodes), rows,
+             len(steps))
+    return Extension(group.features, group_prep.to_dict(), theta, len(nodes), rows)
