@@ -23,7 +23,13 @@ fold log-loss per candidate. The rule:
    (a recalibration keeps the ranking);
 3. it must beat the source model's cross-validated log-loss by more than one paired standard
    error (paired over the training rows): a departure from the shared model needs the site's
-   own evidence;
+   own evidence. A group extension alone may add its group's evidence (``shared.groups``:
+   the members' mean gain over the source model and its spread between them, from loss sums
+   they sent in its training): the site's gain is shrunk towards the group's mean, weighted
+   by the inverse squares of its standard error and of the spread (at least
+   ``PRIOR_SD_FLOOR``), and the shrunk gain must exceed its own standard error. A site whose
+   own evidence is thin then leans on the group's; a site whose rows clearly disagree is
+   not pulled over (its own evidence weighs more);
 4. among those, the lowest cross-validated log-loss wins; with none, the source model.
 
 Log-loss is the criterion because it is a proper score: it rewards calibrated risks, which is
@@ -60,6 +66,9 @@ BLEND_WEIGHTS = (0.75, 0.5, 0.25)  # the source model's share
 # A private correction on top of a group extension: the extension already holds the group's
 # effects, so a few strengths suffice.
 GROUP_STRENGTHS = (0.01, 0.1, 1.0)
+# The group's evidence never weighs more than a gain measured to this standard error: a
+# coordinator cannot make a site take its extension on a claimed certainty.
+PRIOR_SD_FLOOR = 0.01
 CV_REPEATS = 3
 MIN_CLASS_ROWS = 5
 # The local-only model's intercept is the site's whole base rate, not a shift: a weak prior.
@@ -284,6 +293,8 @@ def _choose(
             candidates += [Candidate("group", group=name)]
             candidates += [Candidate("group-correction", c, group=name) for c in GROUP_STRENGTHS]
     bases = {g.extension.name: offset + g.logit for g in groups}
+    priors = {g.extension.name: (g.extension.prior_gain, g.extension.prior_sd) for g in groups
+              if g.extension.prior_gain is not None and g.extension.prior_sd is not None}
 
     oof, starts = _out_of_fold(candidates, splitter, k, x_shared, site_rows, offset, y,
                                site_features, warm, bases)
@@ -314,11 +325,18 @@ def _choose(
         diff = source_loss - losses[c]
         gain = float(diff.mean())
         se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
-        evidence.append({"candidate": c.label, "cv_log_loss": float(losses[c].mean()),
-                         "cv_auc": auc, "gain": gain, "se": se})
+        row = {"candidate": c.label, "cv_log_loss": float(losses[c].mean()),
+               "cv_auc": auc, "gain": gain, "se": se}
+        clears = gain > se
+        if c.family == "group" and c.group in priors and 0 < se < math.inf:
+            shrunk, shrunk_se = shrink(gain, se, *priors[c.group])
+            row.update(group_gain=priors[c.group][0], group_sd=priors[c.group][1],
+                       shrunk_gain=shrunk, shrunk_se=shrunk_se)
+            clears = shrunk > shrunk_se
+        evidence.append(row)
         ranks_ok = c.family == "recalibration" or (
             not math.isnan(auc) and not math.isnan(source_auc) and auc >= source_auc)
-        if ranks_ok and gain > se:
+        if ranks_ok and clears:
             eligible.append(c)
     cv_info = {"cv_log_loss_source": float(source_loss.mean()), "cv_auc_source": source_auc,
                "folds": float(k), "candidates": float(len(candidates))}
@@ -339,11 +357,38 @@ def _choose(
     row = next(e for e in evidence if e["candidate"] == chosen.label)
     cv_info.update(cv_log_loss=float(row["cv_log_loss"]), cv_auc=float(row["cv_auc"]),
                    cv_log_loss_se=float(row["se"]))
+    if "shrunk_gain" in row:
+        why = (f"gain {row['gain']:.4f} ± {row['se']:.4f}; with the group's evidence (mean "
+               f"gain {row['group_gain']:.4f}, spread {row['group_sd']:.4f}) "
+               f"{row['shrunk_gain']:.4f}, more than its standard error {row['shrunk_se']:.4f}")
+    else:
+        why = f"gain {row['gain']:.4f}, more than its standard error {row['se']:.4f}"
     reason = (f"{chosen.label}: cross-validated log-loss {row['cv_log_loss']:.4f} against the "
-              f"source model's {cv_info['cv_log_loss_source']:.4f} (gain {row['gain']:.4f}, "
-              f"more than its standard error {row['se']:.4f}), the lowest of "
+              f"source model's {cv_info['cv_log_loss_source']:.4f} ({why}), the lowest of "
               f"{len(eligible)} candidate(s) that beat the source model clearly")
     return _Choice(chosen, cv_info, reason, evidence, starts)
+
+
+def shrink(gain: float, se: float, prior_gain: float, prior_sd: float) -> tuple[float, float]:
+    """A site's gain shrunk towards its group's: the precision-weighted mean and its error.
+
+    Parameters
+    ----------
+    gain, se : float
+        The site's cross-validated gain over the source model and its standard error (> 0).
+    prior_gain, prior_sd : float
+        The group's mean gain and the spread of its members' gains (floored at
+        ``PRIOR_SD_FLOOR``).
+
+    Returns
+    -------
+    float, float
+        The shrunk gain and its standard error.
+    """
+    w_site = 1.0 / se ** 2
+    w_group = 1.0 / max(prior_sd, PRIOR_SD_FLOOR) ** 2
+    total = w_site + w_group
+    return (w_site * gain + w_group * prior_gain) / total, 1.0 / math.sqrt(total)
 
 
 def _with_evidence(model: Correction, evidence: list[dict[str, Any]]) -> Correction:

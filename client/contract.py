@@ -41,6 +41,8 @@ MAX_WEIGHT = 1e6
 MAX_HIDDEN_UNITS = 1024
 MAX_EPOCHS = 1000
 MAX_ROUNDS = 100_000
+# Largest group evidence (a mean log-loss gain per row, and its spread) a site accepts.
+MAX_PRIOR = 10.0
 
 
 class ContractError(SettingsError):
@@ -382,6 +384,12 @@ def _extensions(read: _Reader, schema: Schema, site: SiteSettings,
             if not np.isfinite(ext.theta).all() or np.abs(ext.theta).max() > MAX_WEIGHT:
                 raise ValueError(f"group {ext.name}: weights must be finite and at most "
                                  f"{MAX_WEIGHT:g} in size")
+            if (ext.prior_gain is None) != (ext.prior_sd is None) or (
+                    ext.prior_gain is not None and ext.prior_sd is not None and not (
+                        abs(ext.prior_gain) <= MAX_PRIOR and 0 < ext.prior_sd <= MAX_PRIOR)):
+                raise ValueError(f"group {ext.name}: prior_gain must be within "
+                                 f"{MAX_PRIOR:g} and prior_sd in (0, {MAX_PRIOR:g}], or both "
+                                 "null")
             out.append(ext)
     except (ValueError, TypeError, KeyError) as err:
         read.problems.append(f"groups are not usable ({err})")

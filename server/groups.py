@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from server.guarded import GuardedNewton
 from server.sites import SiteGrid, TrainingRefused
 from shared import newton, protocol
-from shared.groups import GROUP, SOURCE_ARRAYS, Extension, Group, form_groups
+from shared.groups import GROUP, SOURCE_ARRAYS, Extension, Group, form_groups, group_prior
 from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,9 @@ def _train_group(rep: Any, prep: TabularPreprocessor, source: ArrayRecord,
     theta = newton.parameters(strategy.best)
     rows = int(sum(sum(m["rows"]) for m in summaries))
     steps = strategy.steps
+    gain, spread = group_prior(strategy.initial_losses, strategy.accepted_losses, d)
     record.update(rows=rows, rounds=len(steps), converged=strategy.converged_round is not None,
+                  prior_gain=gain, prior_sd=spread,
                   loss=float(steps[-1]["loss"]) if steps else None,
                   effects={name: float(w) for name, w in zip(
                       group_prep.feature_names_out_, theta[len(prep.feature_names_out_):-1],
@@ -135,4 +137,6 @@ def _train_group(rep: Any, prep: TabularPreprocessor, source: ArrayRecord,
     rep.result.groups.append(record)
     log.info("group %s (%d sites, %d rows): %d Newton round(s)", group.name, len(nodes), rows,
              len(steps))
-    return Extension(group.features, group_prep.to_dict(), theta, len(nodes), rows)
+    return Extension(group.features, group_prep.to_dict(), theta, len(nodes), rows,
+                     gain if rep.settings.borrow_strength else None,
+                     spread if rep.settings.borrow_strength else None)

@@ -58,6 +58,7 @@ class NewtonSteps(FedAvg):
         self.sent: np.ndarray | None = None  # the weights the current round was asked at
         self.accepted: np.ndarray | None = None
         self.accepted_losses: dict[int, tuple[float, int]] = {}  # node -> (loss sum, rows)
+        self.initial_losses: dict[int, tuple[float, int]] = {}  # the same at the start
         self.direction: np.ndarray | None = None  # Newton's step from the accepted weights
         self.scale = 1.0
         self.converged_round: int | None = None
@@ -109,6 +110,8 @@ class NewtonSteps(FedAvg):
                     self.sent)) * (self.sent ** 2 - self.accepted ** 2)))
                 accept = new + pen <= old + 1e-12 * max(1.0, abs(old))
         if accept:
+            if self.accepted is None:
+                self.initial_losses = {n: (s.loss, s.n) for n, s in sums.items()}
             self.accepted = self.sent
             self.accepted_losses = {n: (s.loss, s.n) for n, s in sums.items()}
             self.direction = newton.newton_direction(total, self.sent, self.weight_decay,

@@ -335,7 +335,7 @@ def build_report(
         if dp is not None:
             entry["dp"] = dp
     timing = {"total": total_seconds}
-    for phase in ("stats", "train", "adapt", "evaluate"):
+    for phase in ("stats", "train", "groups", "adapt", "evaluate"):
         timing[phase] = float(sum(r.timing.get(phase, 0.0) for r in results))
     client_dp = client_dp_entry(results)
     return {
@@ -352,7 +352,33 @@ def build_report(
         "timing_s": timing,
         "source_models": [r.source_digest for r in results],
         "notes": list(dict.fromkeys(n for r in results for n in r.notes)),
+        "groups": groups_entry(results),
     }
+
+
+def groups_entry(results: Sequence[RepeatResult]) -> dict[str, Any]:
+    """Per feature group: its features and members, rows, rounds and effects (mean over the
+    repeats that trained it), how often it was skipped, and the sites that chose it."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(g["group"] for r in results for g in r.groups):
+        trained = [g for r in results for g in r.groups if g["group"] == name
+                   and "skipped" not in g]
+        every = [g for r in results for g in r.groups if g["group"] == name]
+        effects = {k: _mean([g["effects"].get(k) for g in trained])
+                   for k in (trained[0]["effects"] if trained else {})}
+        chose: dict[str, int] = {}
+        for r in results:
+            for site, texts in r.texts.items():
+                if str(texts.get(protocol.MODEL_CHOICE, "")).startswith(f"group {name}"):
+                    chose[site] = chose.get(site, 0) + 1
+        out[name] = {
+            "features": every[-1]["features"], "members": every[-1]["members"],
+            "trained": len(trained), "skipped": [g["skipped"] for g in every if "skipped" in g],
+            "rows": _mean([g["rows"] for g in trained]),
+            "rounds": _mean([g["rounds"] for g in trained]),
+            "effects": effects, "chosen_by": chose,
+        }
+    return out
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

@@ -108,6 +108,11 @@ class Extension:
         How many sites trained it.
     rows : int
         Their training rows (as the sites reported them).
+    prior_gain, prior_sd : float or None
+        The group's evidence for the extension: the mean log-loss gain over the source model
+        across its members' training rows (less the fit's expected optimism) and the spread
+        of that gain between members (``client.adapt`` shrinks a site's own estimate
+        towards it). None when the group has no such evidence.
     """
 
     features: tuple[str, ...]
@@ -115,6 +120,8 @@ class Extension:
     theta: np.ndarray
     members: int = 0
     rows: int = 0
+    prior_gain: float | None = None
+    prior_sd: float | None = None
 
     @property
     def name(self) -> str:
@@ -147,14 +154,47 @@ class Extension:
         """Plain JSON-able state (sent in the adapt message, sealed with a site's model)."""
         return {"features": list(self.features), "preprocessing": self.preprocessing,
                 "theta": [float(v) for v in self.theta], "members": self.members,
-                "rows": self.rows}
+                "rows": self.rows, "prior_gain": self.prior_gain, "prior_sd": self.prior_sd}
 
     @classmethod
     def from_dict(cls, state: Mapping[str, Any]) -> Extension:
         """Rebuild from :meth:`to_dict` (the caller checks the numbers)."""
         return cls(tuple(str(f) for f in state["features"]), dict(state["preprocessing"]),
                    np.asarray(state["theta"], dtype=np.float64), int(state.get("members", 0)),
-                   int(state.get("rows", 0)))
+                   int(state.get("rows", 0)), _number(state.get("prior_gain")),
+                   _number(state.get("prior_sd")))
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def group_prior(initial: Mapping[Any, tuple[float, int]], final: Mapping[Any, tuple[float, int]],
+                parameters: int) -> tuple[float | None, float | None]:
+    """The group's evidence for its extension, from the loss sums its members already sent.
+
+    Parameters
+    ----------
+    initial, final : mapping
+        Per member, its loss sum and rows at the start (the source model itself) and at the
+        extension's final weights (Newton's replies).
+    parameters : int
+        The extension's parameters: its fit's expected optimism over all the group's rows is
+        half of them (in nats, as in Akaike's criterion), taken off the mean gain.
+
+    Returns
+    -------
+    float or None, float or None
+        The mean gain per row and the standard deviation of the members' gains (None with
+        fewer than two members answering both).
+    """
+    both = [k for k in initial if k in final and initial[k][1] > 0]
+    if len(both) < 2:
+        return None, None
+    gains = np.array([(initial[k][0] - final[k][0]) / initial[k][1] for k in both])
+    rows = float(sum(initial[k][1] for k in both))
+    mean = (sum(initial[k][0] - final[k][0] for k in both) - 0.5 * parameters) / rows
+    return float(mean), float(np.std(gains, ddof=1))
 
 
 def inputs(x_shared: np.ndarray, rows: pd.DataFrame, prep: TabularPreprocessor,

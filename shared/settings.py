@@ -91,6 +91,9 @@ class RunSettings:
     min_group_sites: int = _setting(
         2, "fewest sites measuring the same site-only feature that train a group extension "
         "together (Newton over those sites, the source model frozen); 0: no groups")
+    borrow_strength: bool = _setting(
+        True, "a site may choose its group's extension on the group's evidence as well as its "
+        "own: its cross-validated gain is shrunk towards the members' mean gain")
     group_rounds: int = _setting(
         10, "most Newton rounds of each group extension (it stops earlier once converged)")
     min_sites: int = _setting(

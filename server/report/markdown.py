@@ -181,6 +181,29 @@ def _calibration_section(shown: Sequence[tuple[str, dict[str, Any]]]) -> list[st
             "figure shows the reliability curves.", "", *_md_table(header, rows, "lrrr"), ""]
 
 
+def _groups_section(report: dict[str, Any]) -> list[str]:
+    """Each feature group: members, rows, rounds, the effects learned, who chose it."""
+    groups = report.get("groups") or {}
+    if not groups:
+        return []
+    lines = ["## Feature groups", "",
+             "Sites measuring the same site-only features trained a group extension together "
+             "(Newton over their rows, the source model fixed); each member could choose it, "
+             "or it plus a private correction.", "",
+             "| group | members | rows | rounds | effects (per standardised unit) | chosen by |",
+             "|---|---|---|---|---|---|"]
+    for name, g in groups.items():
+        rows = "—" if g.get("rows") is None else f"{g['rows']:.0f}"
+        rounds = "—" if g.get("rounds") is None else f"{g['rounds']:.1f}"
+        effects = ", ".join(f"{_md(k)} {v:+.3f}" for k, v in (g.get("effects") or {}).items()
+                            if v is not None) or "—"
+        chosen = ", ".join(f"{_md(k)} ({n})" for k, n in (g.get("chosen_by") or {}).items())
+        skipped = f"; skipped: {_md('; '.join(g['skipped']))}" if g.get("skipped") else ""
+        lines.append(f"| {_md(name)} | {_md(', '.join(g['members']))} | {rows} | {rounds} | "
+                     f"{effects} | {chosen or 'none'}{skipped} |")
+    return [*lines, ""]
+
+
 def _glossary(methods: Sequence[str]) -> list[str]:
     """How to read the report: the methods present, the choices, the statuses, the flags."""
     words = ("- **local**: the site's own model, trained on its own rows alone (what it could "
@@ -468,6 +491,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path] | None = None
 
     if sites:
         lines += _models_section(shown, repeats)
+        lines += _groups_section(report)
         lines += _calibration_section(shown)
     lines += _summary_section(report, methods)
     lines += _failed_section(sites)
