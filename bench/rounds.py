@@ -27,6 +27,7 @@ from client.split import split_site
 from server.federation import run_federation
 from server.progress import Progress
 from shared import protocol
+from shared.groups import GROUP
 from shared.metrics import sigmoid
 from shared.preprocessing import TabularPreprocessor
 from shared.schema import load_schema
@@ -46,7 +47,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 
 
 class _Recorder:
-    """Wrap a node's ClientApp to keep the model each training round was sent, and the final."""
+    """Wrap a node's ClientApp to keep the model each training round was sent, and the final.
+
+    A group extension's rounds (``shared.groups``) are not the source model's: skipped.
+    """
 
     def __init__(self) -> None:
         self.sent: dict[int, ArrayRecord] = {}
@@ -58,7 +62,7 @@ class _Recorder:
         arrays = msg.content.array_records.get(protocol.ARRAYS)
         if config is not None and arrays is not None and "preprocessing" in config:
             self.preprocessing = json.loads(str(config["preprocessing"]))
-            if msg.metadata.message_type == protocol.TRAIN:
+            if msg.metadata.message_type == protocol.TRAIN and GROUP not in config:
                 rnd = int(str(config["server-round"])) + int(str(config.get("round-offset", 0)))
                 self.sent[rnd] = arrays
             elif msg.metadata.message_type == protocol.ADAPT:

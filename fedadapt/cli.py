@@ -665,13 +665,16 @@ def generate(
     seed: Annotated[int, typer.Option(help="Seed.")] = 42,
     force: Annotated[bool, typer.Option(
         help="Replace files of the same names that fedadapt did not write.")] = False,
+    hba1c: Annotated[bool, typer.Option(
+        help="A second site-only feature, HbA1c, with its own effect, measured by other "
+             "sites than glucose.")] = False,
 ) -> None:
     """Write generated hospitals (one CSV each), their sites.toml and the ground truth."""
     from simulations.generator import generate as gen
 
     if sites < 1:
         fail(f"--sites {sites}: generate at least 1 site")
-    manifest = gen(_out_dir(out), n_sites=sites, seed=seed, force=force)
+    manifest = gen(_out_dir(out), n_sites=sites, seed=seed, force=force, hba1c=hba1c)
     say(f"wrote {sites} site files and {manifest}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,19 @@ BP_BMI = 0.9
 BP_SD = 14.0
 BP_CLIP = (85.0, 220.0)
 
+# HbA1c (the second site-only feature, in the ``hba1c`` world only): it follows glucose, and
+# has an effect of its own on the true logit: HBA1C_BASE + HBA1C_GLU*(glucose-105)
+# + N(0, HBA1C_SD), clipped; effect BETA_HBA1C*(hba1c-CENTER_HBA1C).
+HBA1C_BASE = 5.5
+HBA1C_GLU = 0.012
+HBA1C_SD = 0.45
+HBA1C_CLIP = (4.0, 14.0)
+BETA_HBA1C = 0.8
+CENTER_HBA1C = 5.5
+# The role sites that measure HbA1c in that world (two of them also measure glucose).
+HBA1C_ROLES = ("hospital-b", "hospital-c", "hospital-f", "hospital-h")
+HBA1C_SHARE = 0.4  # chance that a site beyond the roles measures it
+
 AGE_CLIP = (18.0, 95.0)
 HEIGHT_CLIP = (140.0, 205.0)
 BMI_CLIP = (16.0, 55.0)
@@ -57,6 +70,7 @@ ERROR_VALUES: dict[str, tuple[str, ...]] = {
     "height": ("0", "1.75"),
     "systolic_bp": ("0", "999"),
     "glucose": ("0", "9999"),
+    "hba1c": ("0", "99"),
 }
 
 
@@ -101,6 +115,10 @@ class HospitalSpec:
     error_rate : float
         Fraction of rows with one data-entry error outside the valid range (at least one
         per site).
+    hba1c_effect : bool
+        The world has HbA1c, with its own effect on the true logit (``generate(hba1c=True)``).
+    hba1c_measured : bool
+        Whether the site's file has an ``hba1c`` column (a site feature).
     """
 
     name: str
@@ -121,6 +139,8 @@ class HospitalSpec:
     slopes: tuple[float, float, float] = (1.0, 1.0, 1.0)
     extra_bp_effect: float = 0.0
     error_rate: float = ERROR_RATE
+    hba1c_effect: bool = False
+    hba1c_measured: bool = False
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -128,14 +148,14 @@ class HospitalSpec:
         cols = ["age", "weight", "height"]
         if self.has_bp:
             cols.append("systolic_bp")
-        if self.glucose_measured:
-            cols.append("glucose")
+        cols += list(self.site_features)
         return (*cols, LABEL)
 
     @property
     def site_features(self) -> tuple[str, ...]:
         """Site-only features the manifest lists for this site."""
-        return ("glucose",) if self.glucose_measured else ()
+        return tuple(name for name, measured in (("glucose", self.glucose_measured),
+                                                 ("hba1c", self.hba1c_measured)) if measured)
 
 
 def site_name(index: int) -> str:
@@ -270,7 +290,8 @@ def _seeds(n_sites: int, seed: int) -> list[tuple[np.random.SeedSequence, np.ran
     ]
 
 
-def hospital_specs(n_sites: int = ROLES, seed: int = 42) -> list[HospitalSpec]:
+def hospital_specs(n_sites: int = ROLES, seed: int = 42, hba1c: bool = False
+                   ) -> list[HospitalSpec]:
     """Return the specs of ``n_sites`` generated hospitals.
 
     Parameters
@@ -280,6 +301,10 @@ def hospital_specs(n_sites: int = ROLES, seed: int = 42) -> list[HospitalSpec]:
         (see ``_role_spec``); later sites draw their sizes and shifts from ``seed``.
     seed : int
         Seed of the random shifts of sites 4 and later.
+    hba1c : bool
+        The world with HbA1c (``HBA1C_ROLES`` and a share ``HBA1C_SHARE`` of the later
+        sites measure it, drawn after every other draw of the spec, so that every other
+        field is the same as without it).
 
     Returns
     -------
@@ -291,10 +316,20 @@ def hospital_specs(n_sites: int = ROLES, seed: int = 42) -> list[HospitalSpec]:
     specs = []
     for k, (spec_seed, _) in enumerate(_seeds(n_sites, seed)):
         if k < ROLES:
-            specs.append(_role_spec(k))
+            spec = _role_spec(k)
+            measured = spec.name in HBA1C_ROLES
         else:
-            specs.append(_random_spec(k, np.random.default_rng(spec_seed)))
+            rng = np.random.default_rng(spec_seed)
+            spec = _random_spec(k, rng)
+            measured = bool(rng.random() < HBA1C_SHARE)
+        specs.append(replace(spec, hba1c_effect=True, hba1c_measured=measured) if hba1c
+                     else spec)
     return specs
+
+
+def hba1c_mean(glucose: np.ndarray) -> np.ndarray:
+    """Conditional mean of HbA1c given glucose (before clipping)."""
+    return HBA1C_BASE + HBA1C_GLU * (glucose - CENTER_GLUCOSE)
 
 
 def glucose_mean(age: np.ndarray, bmi: np.ndarray) -> np.ndarray:
@@ -303,17 +338,22 @@ def glucose_mean(age: np.ndarray, bmi: np.ndarray) -> np.ndarray:
 
 
 def true_logit(
-    spec: HospitalSpec, age: np.ndarray, bmi: np.ndarray, sbp: np.ndarray, glucose: np.ndarray
+    spec: HospitalSpec, age: np.ndarray, bmi: np.ndarray, sbp: np.ndarray, glucose: np.ndarray,
+    hba1c: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Return the true log-odds of diabetes at the site of ``spec``."""
+    """Return the true log-odds of diabetes at the site of ``spec`` (HbA1c's part in the
+    ``hba1c`` world)."""
     f_age, f_bmi, f_bp = spec.slopes
-    return (
+    logit = (
         spec.intercept
         + f_age * BETA_AGE * (age - CENTER_AGE)
         + f_bmi * BETA_BMI * (bmi - CENTER_BMI)
         + (f_bp * BETA_BP + spec.extra_bp_effect) * (sbp - CENTER_BP)
         + BETA_GLUCOSE * (glucose - CENTER_GLUCOSE)
     )
+    if spec.hba1c_effect and hba1c is not None:
+        logit = logit + BETA_HBA1C * (hba1c - CENTER_HBA1C)
+    return logit
 
 
 @dataclass
@@ -366,6 +406,7 @@ class _Patients:
     logit: np.ndarray
     label: np.ndarray
     flipped: np.ndarray
+    hba1c: np.ndarray | None = None
 
     def best_score(self, spec: HospitalSpec) -> np.ndarray:
         """The best risk score from what the site records (the true logit).
@@ -376,7 +417,8 @@ class _Patients:
             BP_BASE + spec.bp_offset + BP_AGE * (self.age - CENTER_AGE)
             + BP_BMI * (self.bmi - CENTER_BMI))
         glucose = self.glucose if spec.glucose_measured else glucose_mean(self.age, self.bmi)
-        return true_logit(spec, self.age, self.bmi, sbp, glucose)
+        hba1c = self.hba1c if spec.hba1c_measured else hba1c_mean(glucose)
+        return true_logit(spec, self.age, self.bmi, sbp, glucose, hba1c)
 
 
 def _draw(spec: HospitalSpec, rng: np.random.Generator, n: int) -> _Patients:
@@ -392,11 +434,15 @@ def _draw(spec: HospitalSpec, rng: np.random.Generator, n: int) -> _Patients:
         *BP_CLIP,
     ))
     glucose = np.rint(np.clip(glucose_mean(age, bmi) + rng.normal(0.0, GLU_SD, n), *GLU_CLIP))
-    logit = true_logit(spec, age, bmi, sbp, glucose)
+    hba1c = None
+    if spec.hba1c_effect:  # only in that world: every other world draws as before
+        hba1c = np.round(np.clip(hba1c_mean(glucose) + rng.normal(0.0, HBA1C_SD, n),
+                                 *HBA1C_CLIP), 1)
+    logit = true_logit(spec, age, bmi, sbp, glucose, hba1c)
     label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
     flipped = rng.random(n) < spec.label_noise
     label = np.where(flipped, 1 - label, label)
-    return _Patients(age, height, weight, bmi, sbp, glucose, logit, label, flipped)
+    return _Patients(age, height, weight, bmi, sbp, glucose, logit, label, flipped, hba1c)
 
 
 # Patients drawn to compute a site's best achievable AUC (its population value; the
@@ -416,7 +462,7 @@ def best_auc(spec: HospitalSpec, seed: np.random.SeedSequence) -> float:
     return float(auc) if auc is not None else math.nan
 
 
-def true_scores(n_sites: int, seed: int) -> dict[str, np.ndarray]:
+def true_scores(n_sites: int, seed: int, hba1c: bool = False) -> dict[str, np.ndarray]:
     """Per site, each generated patient's best score (``_Patients.best_score``), in file order.
 
     The same draws as :func:`generate` with these arguments: row ``i`` of a site's file is
@@ -424,8 +470,8 @@ def true_scores(n_sites: int, seed: int) -> dict[str, np.ndarray]:
     """
     return {
         spec.name: _draw(spec, np.random.default_rng(data_seed), spec.n).best_score(spec)
-        for spec, (_, data_seed) in zip(hospital_specs(n_sites, seed), _seeds(n_sites, seed),
-                                        strict=True)
+        for spec, (_, data_seed) in zip(hospital_specs(n_sites, seed, hba1c),
+                                        _seeds(n_sites, seed), strict=True)
     }
 
 
@@ -436,7 +482,8 @@ def _generate_site(spec: HospitalSpec, rng: np.random.Generator) -> _Site:
     age, height, weight, sbp, glucose = (drawn.age, drawn.height, drawn.weight, drawn.sbp,
                                          drawn.glucose)
     label, flipped, logit = drawn.label, drawn.flipped, drawn.logit
-    logit_no_glucose = true_logit(spec, age, drawn.bmi, sbp, glucose_mean(age, drawn.bmi))
+    logit_no_glucose = true_logit(spec, age, drawn.bmi, sbp, glucose_mean(age, drawn.bmi),
+                                  drawn.hba1c)
 
     columns: dict[str, list[str]] = {"age": _format(age, 0), "weight": _format(weight, 1),
                                      "height": _format(height, 0)}
@@ -444,10 +491,12 @@ def _generate_site(spec: HospitalSpec, rng: np.random.Generator) -> _Site:
         columns["systolic_bp"] = _format(sbp, 0)
     if spec.glucose_measured:
         columns["glucose"] = _format(glucose, 0)
+    if spec.hba1c_measured and drawn.hba1c is not None:
+        columns["hba1c"] = _format(drawn.hba1c, 1)
     columns[LABEL] = _format(label, 0)
 
     # Missing at random: each measurable cell is left empty with the site's rate.
-    holes = [c for c in ("weight", "height", "systolic_bp", "glucose") if c in columns]
+    holes = [c for c in ("weight", "height", "systolic_bp", "glucose", "hba1c") if c in columns]
     missing = rng.random((len(holes), n)) < spec.missing_rate
     # Data-entry errors outside the valid range, on at least one row per site.
     n_errors = min(n, max(1, int(rng.binomial(n, spec.error_rate))))
@@ -485,6 +534,7 @@ def _truth(specs: list[HospitalSpec], sites: list[_Site], seed: int) -> dict[str
         "generator": "fedadapt simulations.generator",
         "seed": seed,
         "n_sites": len(specs),
+        "hba1c": any(spec.hba1c_effect for spec in specs),
         "schema": SCHEMA_NAME,
         "model": {
             "logit": (
@@ -540,7 +590,8 @@ GENERATED_BY = "written by fedadapt's generator"
 
 
 def generate(
-    out_dir: str | Path, n_sites: int = ROLES, seed: int = 42, force: bool = False
+    out_dir: str | Path, n_sites: int = ROLES, seed: int = 42, force: bool = False,
+    hba1c: bool = False,
 ) -> Path:
     """Write one CSV per site, `sites.toml` and `truth.json` into out_dir; return sites.toml.
 
@@ -555,6 +606,9 @@ def generate(
         and site k's file does not depend on how many sites follow it.
     force : bool
         Replace files of the same names even if this generator did not write them.
+    hba1c : bool
+        The world with a second site-only feature, HbA1c, with its own effect, measured by
+        other sites than glucose (:func:`hospital_specs`).
 
     Returns
     -------
@@ -573,7 +627,7 @@ def generate(
         raise ValueError(f"the generator makes at least 1 site, not {n_sites}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specs = hospital_specs(n_sites, seed)
+    specs = hospital_specs(n_sites, seed, hba1c)
     if not force:
         _refuse_foreign_files(out, [f"{s.name}.csv" for s in specs])
     sites: list[_Site] = []

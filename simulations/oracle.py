@@ -37,7 +37,7 @@ def oracle_reference(
     if not truth_path.is_file():
         return {}
     truth = json.loads(truth_path.read_text(encoding="utf-8"))
-    scores = true_scores(int(truth["n_sites"]), int(truth["seed"]))
+    scores = true_scores(int(truth["n_sites"]), int(truth["seed"]), bool(truth.get("hba1c")))
     schema = load_schema(settings.schema)
     out: dict[str, list[dict[str, Any]]] = {}
     for site in manifest.sites:
