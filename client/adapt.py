@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import RepeatedKFold, RepeatedStratifiedKFold
 
+from client.batch_fit import fit_many
 from shared.correction import Correction, OffsetLogisticRegression, correction_inputs
 from shared.groups import Extension
 from shared.metrics import rank_auc
@@ -108,6 +109,11 @@ class Candidate:
             return f"group {self.group} + correction C={self.C:g}"
         return f"{self.family} C={self.C:g}"
 
+    @property
+    def uses_features(self) -> bool:
+        """Whether it fits weights on the site's features."""
+        return self.family not in ("source", "recalibration")
+
 
 @dataclass(frozen=True)
 class GroupOffset:
@@ -126,11 +132,6 @@ class GroupOffset:
     extension: Extension
     logit: np.ndarray
     bound: float
-
-    @property
-    def uses_features(self) -> bool:
-        """Whether it fits weights on the site's features."""
-        return self.family not in ("source", "recalibration")
 
 
 def fit_correction(
@@ -294,7 +295,8 @@ def _choose(
             candidates += [Candidate("group", group=name)]
             candidates += [Candidate("group-correction", c, group=name) for c in GROUP_STRENGTHS]
     bases = {g.extension.name: offset + g.logit for g in groups}
-    priors = {g.extension.name: (g.extension.prior_gain, g.extension.prior_sd) for g in groups
+    priors = {g.extension.name: (float(g.extension.prior_gain), float(g.extension.prior_sd))
+              for g in groups
               if g.extension.prior_gain is not None and g.extension.prior_sd is not None}
 
     oof, starts = _out_of_fold(candidates, splitter, k, x_shared, site_rows, offset, y,
@@ -326,15 +328,15 @@ def _choose(
         diff = source_loss - losses[c]
         gain = float(diff.mean())
         se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
-        row = {"candidate": c.label, "cv_log_loss": float(losses[c].mean()),
-               "cv_auc": auc, "gain": gain, "se": se}
+        entry: dict[str, Any] = {"candidate": c.label, "cv_log_loss": float(losses[c].mean()),
+                                 "cv_auc": auc, "gain": gain, "se": se}
         clears = gain > se
         if c.family == "group" and c.group in priors and 0 < se < math.inf:
             shrunk, shrunk_se = shrink(gain, se, *priors[c.group])
-            row.update(group_gain=priors[c.group][0], group_sd=priors[c.group][1],
-                       shrunk_gain=shrunk, shrunk_se=shrunk_se)
+            entry.update(group_gain=priors[c.group][0], group_sd=priors[c.group][1],
+                         shrunk_gain=shrunk, shrunk_se=shrunk_se)
             clears = shrunk > shrunk_se and gain > -se  # never against the site's own rows
-        evidence.append(row)
+        evidence.append(entry)
         ranks_ok = c.family == "recalibration" or (
             not math.isnan(auc) and not math.isnan(source_auc) and auc >= source_auc)
         if ranks_ok and clears:
@@ -405,43 +407,48 @@ def _out_of_fold(
 ) -> tuple[dict[Candidate, np.ndarray], dict[Candidate, np.ndarray]]:
     """Out-of-fold logits ``[repeat, row]`` of every fitted candidate, and warm starts.
 
-    With ``warm``, each fit in a fold starts from the previous candidate's weights of the same
-    kind (corrections from the recalibration and from each other, in the given order of
-    ``C``; local models from each other), and the second result holds every candidate's
-    weights ``[b, w]`` averaged over the folds (empty without ``warm``). ``bases`` holds, per
-    feature group, the source logit plus the group extension's: the offset of the group
-    candidates (a group extension alone is fitted by the group, not here).
+    In each fold every candidate is fitted at once (``client.batch_fit.fit_many``: the same
+    inputs, an offset and a penalty each). With ``warm``, a fold's fits start from the
+    previous fold's, and the second result holds every candidate's weights ``[b, w]``
+    averaged over the folds (empty without ``warm``). ``bases`` holds, per feature group, the
+    source logit plus the group extension's: the offset of the group candidates (a group
+    extension alone is fitted by the group, not here).
     """
     n = len(y)
     oof = {c: np.zeros((CV_REPEATS, n)) for c in candidates}
-    sums = {c: np.zeros(0) for c in candidates}
-    zeros = np.zeros(n)
+    fitted = [c for c in candidates if c.family != "group"]
+    base = np.stack([np.zeros(n) if c.family == "local" else (bases or {})[c.group] if c.group
+                     else offset for c in candidates]) if candidates else np.zeros((0, n))
+    rows = {c: i for i, c in enumerate(candidates)}
+    idx = np.array([rows[c] for c in fitted], dtype=int)
+    strengths = np.array([c.C if c.family != "recalibration" else 0.0 for c in fitted])
+    sds = np.array([_model(c).intercept_sd for c in fitted])
+    total = np.zeros((len(fitted), 0))
+    theta: np.ndarray | None = None
     fits = 0
     for fold, (tr, te) in enumerate(splitter.split(np.zeros(n), y)):
         prep = _site_prep(site_features, site_rows.iloc[tr])
         z_tr = correction_inputs(x_shared[tr], site_rows.iloc[tr], prep)
         z_te = correction_inputs(x_shared[te], site_rows.iloc[te], prep)
-        previous: dict[str, OffsetLogisticRegression] = {}
         for c in candidates:
-            base = (zeros if c.family == "local" else (bases or {})[c.group] if c.group
-                    else offset)
             if c.family == "group":
-                oof[c][fold // k, te] = base[te]
-                continue
-            model, kind = _model(c), c.group or str(c.family == "local")
-            start = previous.get(kind) if warm else None
-            if start is None:
-                model.fit(z_tr, y[tr], base[tr])
-            else:
-                model.fit(z_tr, y[tr], base[tr], coef_init=start.coef_,
-                          intercept_init=start.intercept_)
-            oof[c][fold // k, te] = model.decision_function(z_te, base[te])
-            if warm:
-                previous[kind] = model
-                theta = np.r_[model.intercept_, model.coef_]
-                sums[c] = theta if fold == 0 else sums[c] + theta
-        fits = fold + 1
-    return oof, ({c: v / fits for c, v in sums.items()} if warm else {})
+                oof[c][fold // k, te] = base[rows[c], te]
+        if not fitted:
+            continue
+        # A fold may lack a missing-value indicator another fold has: no warm start then.
+        same = theta is not None and theta.shape[1] == z_tr.shape[1] + 1
+        theta = fit_many(z_tr, y[tr], base[idx][:, tr], strengths, sds,
+                         start=theta if warm and same else None)
+        logits = base[idx][:, te] + theta[:, :1] + theta[:, 1:] @ z_te.T
+        for i, c in enumerate(fitted):
+            oof[c][fold // k, te] = logits[i]
+        if warm and (fold == 0 or total.shape != theta.shape):
+            total, fits = theta.copy(), 1
+        elif warm:
+            total, fits = total + theta, fits + 1
+    if not warm or not fits:
+        return oof, {}
+    return oof, {c: total[i] / fits for i, c in enumerate(fitted)}
 
 
 def _model(c: Candidate) -> OffsetLogisticRegression:

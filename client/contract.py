@@ -30,8 +30,8 @@ from flwr.app import ArrayRecord, Message
 
 from client.site import SiteSettings
 from shared import protocol
+from shared.groups import GROUP, GROUPS, MAX_PRIOR, SOURCE_ARRAYS, Extension
 from shared.preprocessing import TabularPreprocessor
-from shared.groups import GROUP, GROUPS, SOURCE_ARRAYS, Extension
 from shared.schema import BUILTINS, Feature, Schema, load_schema
 from shared.settings import MODELS, PROTOCOLS, SettingsError
 
@@ -41,8 +41,6 @@ MAX_WEIGHT = 1e6
 MAX_HIDDEN_UNITS = 1024
 MAX_EPOCHS = 1000
 MAX_ROUNDS = 100_000
-# Largest group evidence (a mean log-loss gain per row, and its spread) a site accepts.
-MAX_PRIOR = 10.0
 
 
 class ContractError(SettingsError):
@@ -175,8 +173,10 @@ class TrainRequest(Request):
 
 @dataclass(frozen=True)
 class ModelRequest(Request):
-    """The adapt or evaluate phase: the final source model, the folds of the site's CV and the
-    extensions of the groups this site belongs to (``shared.groups``)."""
+    """The adapt or evaluate phase: the final source model, CV folds, the site's groups.
+
+    The extensions are those of the feature groups this site belongs to (``shared.groups``).
+    """
 
     source: SourceModel
     cv_folds: int

@@ -195,6 +195,9 @@ def _fallback_notes(correction: Correction, data: SiteData) -> tuple[list[str], 
     notes: list[list[str]] = [[] for _ in range(data.n_rows)]
     fallback = [False] * data.n_rows
     learned = set((correction.site_preprocessing or {}).get("indicator_features", []))
+    if correction.extension is not None:  # a group extension's inputs know "missing" too
+        extension = set(correction.extension["preprocessing"].get("indicator_features", []))
+        learned = (learned & extension) if correction.site_preprocessing else extension
     for name in _needed_site_features(correction):
         if name not in data.summary or not data.summary[name].present:
             rows: list[int] = list(range(data.n_rows))
@@ -211,10 +214,15 @@ def _fallback_notes(correction: Correction, data: SiteData) -> tuple[list[str], 
 
 
 def _needed_site_features(correction: Correction) -> list[str]:
-    """Site features an applied correction's weights depend on (none for intercept only)."""
-    if not correction.applied or not correction.site_preprocessing:
+    """Site features an applied model's weights depend on.
+
+    Its group extension's, and its correction's (none for an intercept only).
+    """
+    if not correction.applied:
         return []
+    needed = list(correction.extension["features"]) if correction.extension else []
     strength = correction.strength
-    if strength is None or not math.isfinite(strength) or strength <= 0:
-        return []  # an intercept-only recalibration uses no feature
-    return list(correction.site_features)
+    if (correction.site_preprocessing and strength is not None and math.isfinite(strength)
+            and strength > 0):  # an intercept-only recalibration uses no feature
+        needed += [f for f in correction.site_features if f not in needed]
+    return needed

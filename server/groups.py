@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class GroupNewton(GuardedNewton):
     """Newton steps of a group extension: each message also carries the frozen source model."""
 
-    def __init__(self, *args: object, source: ArrayRecord, **kwargs: object) -> None:
+    def __init__(self, *args: Any, source: ArrayRecord, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.source = source
 

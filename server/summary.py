@@ -357,8 +357,10 @@ def build_report(
 
 
 def groups_entry(results: Sequence[RepeatResult]) -> dict[str, Any]:
-    """Per feature group: its features and members, rows, rounds and effects (mean over the
-    repeats that trained it), how often it was skipped, and the sites that chose it."""
+    """Per feature group: features, members, rows, rounds, effects, skips, who chose it.
+
+    Rows, rounds and effects are means over the repeats that trained it.
+    """
     out: dict[str, Any] = {}
     for name in dict.fromkeys(g["group"] for r in results for g in r.groups):
         trained = [g for r in results for g in r.groups if g["group"] == name

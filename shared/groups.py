@@ -34,6 +34,8 @@ GROUP = "group"
 GROUPS = "groups"
 # The key of the frozen source model's arrays in a group training message.
 SOURCE_ARRAYS = "source"
+# Largest group evidence (a mean log-loss gain per row, and its spread) that is sent and used.
+MAX_PRIOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -186,15 +188,18 @@ def group_prior(initial: Mapping[Any, tuple[float, int]], final: Mapping[Any, tu
     -------
     float or None, float or None
         The mean gain per row and the standard deviation of the members' gains (None with
-        fewer than two members answering both).
+        fewer than two members answering both, or numbers outside ``MAX_PRIOR``).
     """
     both = [k for k in initial if k in final and initial[k][1] > 0]
     if len(both) < 2:
         return None, None
     gains = np.array([(initial[k][0] - final[k][0]) / initial[k][1] for k in both])
     rows = float(sum(initial[k][1] for k in both))
-    mean = (sum(initial[k][0] - final[k][0] for k in both) - 0.5 * parameters) / rows
-    return float(mean), float(np.std(gains, ddof=1))
+    mean = float((sum(initial[k][0] - final[k][0] for k in both) - 0.5 * parameters) / rows)
+    spread = float(np.std(gains, ddof=1))
+    if not (abs(mean) <= MAX_PRIOR and 0.0 < spread <= MAX_PRIOR):  # noisy or absurd sums
+        return None, None
+    return mean, spread
 
 
 def inputs(x_shared: np.ndarray, rows: pd.DataFrame, prep: TabularPreprocessor,

@@ -222,8 +222,11 @@ class RunSettings:
 
     @property
     def groups(self) -> bool:
-        """Whether feature groups train extensions: not under client-level DP (whose replies
-        are clipped model updates, not Newton sums) and not with ``min-group-sites = 0``."""
+        """Whether feature groups train extensions.
+
+        Not under client-level DP (whose replies are clipped model updates, not Newton sums)
+        and not with ``min-group-sites = 0``.
+        """
         return self.min_group_sites > 0 and self.dp != "client"
 
     @property

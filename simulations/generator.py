@@ -341,8 +341,10 @@ def true_logit(
     spec: HospitalSpec, age: np.ndarray, bmi: np.ndarray, sbp: np.ndarray, glucose: np.ndarray,
     hba1c: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Return the true log-odds of diabetes at the site of ``spec`` (HbA1c's part in the
-    ``hba1c`` world)."""
+    """Return the true log-odds of diabetes at the site of ``spec``.
+
+    HbA1c has its part in the ``hba1c`` world only.
+    """
     f_age, f_bmi, f_bp = spec.slopes
     logit = (
         spec.intercept

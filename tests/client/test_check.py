@@ -27,13 +27,14 @@ def test_good_file_summary(tmp_path: Path) -> None:
     assert (result.rows, result.negatives, result.positives) == (3, 2, 1)
     assert result.rows_without_label == 1
     by_name = {f["feature"]: f for f in result.features}
-    assert list(by_name) == ["age", "weight", "height", "systolic_bp", "glucose"]
+    assert list(by_name) == ["age", "weight", "height", "systolic_bp", "glucose", "hba1c"]
     assert by_name["weight"]["missing"] == 1
     assert by_name["glucose"]["missing"] == 2
     assert by_name["age"]["missing"] == 0
     bp = by_name["systolic_bp"]
     assert (bp["missing"], bp["out_of_range"], bp["missing_coded"]) == (1, 1, 0)
-    assert all(f["used"] and f["present"] for f in result.features)
+    assert all(f["used"] and f["present"] for f in result.features if f["feature"] != "hba1c")
+    assert not by_name["hba1c"]["used"] and not by_name["hba1c"]["present"]  # not requested
     assert any("without a label" in w for w in result.warnings)
 
 

@@ -331,7 +331,7 @@ def test_unknown_extra_column(
     p = _only(err)
     assert (p.line, p.column, p.column_name) == (1, 3, "")
     assert "1 column name(s)" in p.message and "position 3" in p.message
-    assert "age, weight, height, systolic_bp, glucose, diabetes" in p.message
+    assert "age, weight, height, systolic_bp, glucose, hba1c, diabetes" in p.message
     _assert_no_leak(CANARY, path, caplog, err=err)
 
 

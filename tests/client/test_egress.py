@@ -23,6 +23,7 @@ from client.site import SchemaMismatch, SiteSettings
 from client.source_model_store import list_models, load_source_model
 from shared import newton, protocol
 from shared.errors import FedadaptError
+from shared.groups import GROUP, GROUPS, SOURCE_ARRAYS, Extension, extensions_json
 from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
 from shared.schema import SchemaError, load_schema
 from shared.source_model import build_model, to_arrays
@@ -121,6 +122,19 @@ def _run_phases(tmp_path: Path) -> tuple[dict[str, Message], Path]:
         protocol.ARRAYS: to_arrays(model),
         protocol.CONFIG: ConfigRecord({**config, protocol.STRATEGY: "newton"})}), ctx)
     final = replies["train"].content.array_records[protocol.ARRAYS]
+    # A feature group's round: the extension's weights, the frozen source model beside them.
+    glucose = SCHEMA.resolve_site_features(["glucose"])
+    group_prep = TabularPreprocessor(features=list(glucose)).fit_summary(merge_summaries([{
+        k: [float(v) for v in _as_list(metrics[k])] for k in summary_keys(glucose)}]))
+    d = len(prep.feature_names_out_) + len(group_prep.feature_names_out_) + 1
+    group_config = {**config, protocol.STRATEGY: "newton", GROUP: json.dumps(
+        {"features": ["glucose"], "preprocessing": group_prep.to_dict()})}
+    replies["group"] = _send(protocol.TRAIN, RecordDict({
+        protocol.ARRAYS: newton.to_arrays(np.zeros(d)), SOURCE_ARRAYS: final,
+        protocol.CONFIG: ConfigRecord(group_config)}), ctx)
+    extension = Extension(("glucose",), group_prep.to_dict(), np.full(d, 0.1), 2, 100, 0.05,
+                          0.02)
+    config = {**config, GROUPS: extensions_json([extension])}
     content = RecordDict({protocol.ARRAYS: final, protocol.CONFIG: ConfigRecord(config)})
     replies["adapt"] = _send(protocol.ADAPT, content, ctx)
     replies["evaluate"] = _send(protocol.EVALUATE, content, ctx)
@@ -135,15 +149,21 @@ def test_replies_hold_only_model_arrays_and_aggregates(
     caplog.set_level(logging.DEBUG)
     replies, site_dir = _run_phases(tmp_path)
     allowed = {
-        "stats": set(summary_keys(SCHEMA.shared_features)) | set(protocol.STATS_EXTRA),
+        # The site's own features' sums too: a feature group's preprocessing is fitted on them.
+        "stats": set(summary_keys([*SCHEMA.shared_features,
+                                   *SCHEMA.resolve_site_features(["glucose"])]))
+        | set(protocol.STATS_EXTRA),
         "train": set(protocol.TRAIN_METRICS),
         "newton": set(protocol.NEWTON_METRICS),
+        "group": set(protocol.NEWTON_METRICS),
         "adapt": set(protocol.ADAPT_METRICS),
         "evaluate": set(protocol.EVALUATE_METRICS),
     }
     shapes = {"train": {"net.weight": (1, 7), "net.bias": (1,)},
               # 8 parameters: the gradient sum and the Hessian sum's upper triangle.
-              "newton": {newton.GRAD: (8,), newton.HESS: (36,)}}
+              "newton": {newton.GRAD: (8,), newton.HESS: (36,)},
+              # 10: the source model's 7 inputs, glucose and its missing indicator, the bias.
+              "group": {newton.GRAD: (10,), newton.HESS: (55,)}}
     for phase, reply in replies.items():
         assert not reply.has_error(), (phase, reply.error.reason if reply.has_error() else "")
         content = reply.content

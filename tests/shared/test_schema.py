@@ -53,12 +53,12 @@ def _names(features: tuple) -> list[str]:
 
 
 def test_synthetic_builtin_features() -> None:
-    """The synthetic built-in has four shared features, glucose as site feature, a header."""
+    """The synthetic built-in has four shared features, glucose and HbA1c as site features."""
     schema = load_schema("synthetic")
     assert schema.name == "synthetic"
     assert schema.source == "builtin:synthetic"
     assert _names(schema.shared_features) == ["age", "weight", "height", "systolic_bp"]
-    assert _names(schema.site_features) == ["glucose"]
+    assert _names(schema.site_features) == ["glucose", "hba1c"]
     assert schema.feature("systolic_bp").required is False
     assert schema.feature("age").valid_range == (18.0, 100.0)
     assert schema.label.column == "diabetes"

@@ -88,8 +88,10 @@ def test_the_chosen_extension_is_applied_and_kept() -> None:
 
 
 def test_thin_evidence_leans_on_the_group() -> None:
-    """A small site whose own gain does not clear one standard error takes the extension
-    when its group's members gained clearly; without their evidence it does not."""
+    """Thin evidence at a site, clear gains at its group's members: the extension is taken.
+
+    Without the group's evidence the site does not take it.
+    """
     found = None
     for seed in range(40):  # a seeded small site whose own evidence is thin
         x, rows, offset, y = _site(60, 1.0, seed=100 + seed)
@@ -135,7 +137,8 @@ def _adapt_message(groups: list[dict[str, Any]]) -> tuple[Message, SiteSettings]
          for f in shared}))
     d = len(prep.feature_names_out_)
     arrays = newton.to_arrays(np.zeros(d + 1))
-    config = {"schema": "synthetic", "schema-digest": schema.digest(), "protocol": "default",
+    config: dict[str, Any] = {
+              "schema": "synthetic", "schema-digest": schema.digest(), "protocol": "default",
               "split-seed": 1, "test-fraction": 0.3, "repeat": 0, "model": "logreg",
               "hidden-units": 16, "cv-folds": 5, "preprocessing": json.dumps(prep.to_dict()),
               GROUPS: json.dumps(groups)}

@@ -53,8 +53,10 @@ def _mean_loss(z: np.ndarray, y: np.ndarray, offset: np.ndarray, theta: np.ndarr
 
 def test_group_extension_is_the_pooled_fit_of_the_group_rows(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Newton over the group's two sites reaches the central fit on their pooled training rows
-    (same source logit as offset, same objective): mean log-loss within 1e-4."""
+    """Newton over the group's two sites reaches the central fit of their pooled rows.
+
+    Same source logit as offset, same objective: mean log-loss within 1e-4.
+    """
     report, seen, settings, manifest = _run(tmp_path, monkeypatch)
     (ext,) = seen["extensions"]
     assert ext.features == ("glucose",) and ext.members == 2

@@ -20,7 +20,7 @@ def test_a_group_of_one_is_no_group() -> None:
 
 
 def test_a_site_with_two_features_is_in_two_groups() -> None:
-    """glucose at a, b, c and hba1c at c, d: c belongs to both groups."""
+    """Glucose at a, b, c and hba1c at c, d: c belongs to both groups."""
     sites = {"a": ["glucose"], "b": ["glucose"], "c": ["glucose", "hba1c"], "d": ["hba1c"]}
     groups = form_groups(sites, 2, order=["glucose", "hba1c"])
     assert groups == [Group(("glucose",), ("a", "b", "c")), Group(("hba1c",), ("c", "d"))]
@@ -44,8 +44,7 @@ def test_min_group_sites_is_respected() -> None:
 
 
 def test_group_prior_is_the_mean_gain_less_the_fits_optimism() -> None:
-    """Mean gain per row over the members (minus half the parameters over the rows), and the
-    spread of the members' gains."""
+    """Mean gain per row less half the parameters over the rows; the gains' spread."""
     initial = {1: (70.0, 100), 2: (140.0, 200)}
     final = {1: (60.0, 100), 2: (130.0, 200)}
     gain, sd = group_prior(initial, final, parameters=4)
