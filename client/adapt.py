@@ -28,9 +28,9 @@ fold log-loss per candidate. The rule:
    they sent in its training): the site's gain is shrunk towards the group's mean, weighted
    by the inverse squares of its standard error and of the spread (at least
    ``PRIOR_SD_FLOOR``), and the shrunk gain must exceed its own standard error, while the
-   site's own gain must not fall below minus its standard error. A site whose own evidence
-   is thin then leans on the group's; a site whose rows say the extension is worse is never
-   pulled over, whatever evidence the coordinator claims;
+   site's own gain must be positive. A site whose own evidence is thin then leans on the
+   group's; a site whose rows say the extension is no better is never pulled over, whatever
+   evidence the coordinator claims;
 4. among those, the lowest cross-validated log-loss wins; with none, the source model.
 
 Log-loss is the criterion because it is a proper score: it rewards calibrated risks, which is
@@ -335,7 +335,7 @@ def _choose(
             shrunk, shrunk_se = shrink(gain, se, *priors[c.group])
             entry.update(group_gain=priors[c.group][0], group_sd=priors[c.group][1],
                          shrunk_gain=shrunk, shrunk_se=shrunk_se)
-            clears = shrunk > shrunk_se and gain > -se  # never against the site's own rows
+            clears = shrunk > shrunk_se and gain > 0.0  # never against the site's own rows
         evidence.append(entry)
         ranks_ok = c.family == "recalibration" or (
             not math.isnan(auc) and not math.isnan(source_auc) and auc >= source_auc)

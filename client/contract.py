@@ -280,7 +280,7 @@ def parse(phase: str, msg: Message, site: SiteSettings, input_bound: float) -> R
         weight_decay=read.get("weight-decay", float, 0.0, low=0.0, high=1e3),
         proximal_mu=read.get("proximal-mu", float, 0.0, low=0.0, high=1e3),
         round=protocol.absolute_round(config),
-        dp=_dp(read),
+        dp=_dp(read, site),
         group=group,
     )
     read.done(phase)
@@ -504,13 +504,32 @@ def _check_arrays(arrays: ArrayRecord, want: dict[str, tuple[int, ...]]) -> list
     return []
 
 
-def _dp(read: _Reader) -> DPRequest | None:
-    """The train message's DP request; None when it asks for none."""
+def _planned_groups(read: _Reader, site: SiteSettings) -> int:
+    """How many of the run's feature groups (``group-plan``) this site measures."""
+    try:
+        plan = json.loads(read.get("group-plan", str, "[]"))
+    except ValueError:
+        plan = None
+    if not isinstance(plan, list) or not all(
+            isinstance(g, list) and all(isinstance(f, str) for f in g) for g in plan):
+        read.problems.append("group-plan must be a JSON list of lists of feature names")
+        return 0
+    return sum(bool(g) and set(g) <= set(site.site_features) for g in plan)
+
+
+def _dp(read: _Reader, site: SiteSettings) -> DPRequest | None:
+    """The train message's DP request; None when it asks for none.
+
+    The run's planned rounds at this site: the source model's, and ``group-rounds`` for each
+    group of ``group-plan`` the site belongs to, every repeat.
+    """
     mode = read.get("dp", str, "off", choices=("off", "record", "client"))
     if mode == "off":
         return None
-    rounds = (read.get("num-server-rounds", int, 1, low=1, high=MAX_ROUNDS)
-              * read.get("repeats", int, 1, low=1, high=MAX_ROUNDS))
+    per_repeat = read.get("num-server-rounds", int, 1, low=1, high=MAX_ROUNDS) + (
+        read.get("group-rounds", int, 0, low=0, high=MAX_ROUNDS)
+        * _planned_groups(read, site))
+    rounds = per_repeat * read.get("repeats", int, 1, low=1, high=MAX_ROUNDS)
     clip = read.get("dp-clip", float, 1.0, low=1e-6, high=1e3)
     flower_clip = read.config.get("clipping_norm")  # Flower's client-side wrapper sends it
     if flower_clip is not None and flower_clip != clip:

@@ -21,12 +21,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from server.guarded import GuardedNewton
-from server.sites import SiteGrid, TrainingRefused
+from server.sites import NotEnoughSites, SiteGrid
 from shared import newton, protocol
 from shared.groups import GROUP, SOURCE_ARRAYS, Extension, Group, form_groups, group_prior
 from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
 
 log = logging.getLogger(__name__)
+
+
+# An extension's weight beyond this (on standardised inputs) is a diverging fit, not an
+# effect: its training stops at the last accepted weights instead of sending it.
+MAX_EXTENSION_WEIGHT = 1e3
 
 
 class GroupNewton(GuardedNewton):
@@ -39,7 +44,16 @@ class GroupNewton(GuardedNewton):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Newton's messages, each with the source model beside the extension's weights."""
+        """Newton's messages, each with the source model beside the extension's weights.
+
+        None when the weights to send diverge (a source model whose logits saturate): the
+        extension stays at its last accepted weights.
+        """
+        if np.max(np.abs(newton.parameters(arrays))) > MAX_EXTENSION_WEIGHT:
+            log.warning("group round %d: the extension's weights diverge; it keeps its last "
+                        "accepted ones", server_round)
+            self.converged_round = server_round - 1
+            return []
         messages = list(super().configure_train(server_round, arrays, config, grid))
         for message in messages:
             message.content.array_records[SOURCE_ARRAYS] = self.source
@@ -71,9 +85,12 @@ def group_phase(rep: Any, prep: TabularPreprocessor, source: ArrayRecord) -> lis
     for group in groups:
         try:
             ext = _train_group(rep, prep, source, group)
-        except TrainingRefused as err:
+        except NotEnoughSites as err:  # refused, or too few members left: the run goes on
             ext = None
-            rep.result.notes.append(f"group {group.name}: training refused: {err}")
+            rep.result.notes.append(f"group {group.name}: not trained: {err}")
+            rep.result.groups.append({"group": group.name, "features": list(group.features),
+                                      "members": list(group.members), "skipped": str(err)})
+            log.warning("group %s not trained: %s", group.name, err)
         if ext is not None:
             out.append(ext)
     rep.result.timing["groups"] = time.monotonic() - t
@@ -98,13 +115,14 @@ def _train_group(rep: Any, prep: TabularPreprocessor, source: ArrayRecord,
         merge_summaries([{k: v for k, v in m.items() if k in keys} for m in summaries]))
     d = len(prep.feature_names_out_) + len(group_prep.feature_names_out_) + 1
     start = newton.to_arrays(np.zeros(d))
-    grid = SiteGrid(rep.grid, nodes, rep.audit, min_sites=len(nodes), wait=s.node_wait_timeout,
+    # Two members are a group: training goes on without a member that is lost.
+    grid = SiteGrid(rep.grid, nodes, rep.audit, min_sites=2, wait=s.node_wait_timeout,
                     names=nodes, first_reply_timeout=s.phase_timeout, window=s.max_in_flight)
     strategy = GroupNewton(
         source=source, shapes={newton.GRAD: (d,), newton.HESS: (d * (d + 1) // 2,)},
         site_names=nodes, weight_decay=s.weight_decay, tolerance=s.newton_tolerance,
         noisy=s.dp == "record", fraction_train=1.0, fraction_evaluate=0.0,
-        min_train_nodes=len(nodes), min_available_nodes=len(nodes),
+        min_train_nodes=2, min_available_nodes=2,
         weighted_by_key=protocol.NUM_EXAMPLES, arrayrecord_key=protocol.ARRAYS,
         configrecord_key=protocol.CONFIG,
     )
@@ -116,6 +134,10 @@ def _train_group(rep: Any, prep: TabularPreprocessor, source: ArrayRecord,
                        protocol.STRATEGY: "newton", "weight-decay": s.weight_decay,
                        **rep.dp_config,
                    }))
+    if strategy.outcome.dp_spent:  # dp = "record": each member's epsilon after each round
+        record["dp"] = {str(rnd): {site: {"epsilon": e, "delta": d}
+                                   for site, (e, d) in spent.items()}
+                        for rnd, spent in strategy.outcome.dp_spent.items()}
     lost = sorted(nodes[n] for n in grid.dropped)
     if lost:
         record["lost"] = lost

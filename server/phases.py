@@ -55,18 +55,20 @@ class Repeat:
     # Per site name: its site-only features' names and its summary of them (stats phase).
     site_features: dict[str, list[str]] = field(default_factory=dict)
     site_summaries: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    group_rounds: int = 0  # the most group rounds one site may be asked for (DP's plan)
+    group_plan: list[list[str]] = field(default_factory=list)  # each group's features
 
     @property
     def dp_config(self) -> dict[str, Any]:
         """What a site needs for record-level DP: its budget over every planned round.
 
-        The planned rounds are the source model's and those of the groups a site may be in.
+        The planned rounds are the source model's and ``group-rounds`` for each group in
+        ``group-plan`` whose features the site measures (it counts them itself).
         """
         s = self.settings
         return {"dp": s.dp, "dp-epsilon": s.dp_epsilon, "dp-delta": s.dp_delta,
-                "dp-clip": s.dp_clip, "num-server-rounds": s.num_server_rounds
-                + self.group_rounds, "repeats": s.repeats}
+                "dp-clip": s.dp_clip, "num-server-rounds": s.num_server_rounds,
+                "repeats": s.repeats, "group-rounds": s.group_rounds,
+                "group-plan": json.dumps(self.group_plan)}
 
     @property
     def base(self) -> dict[str, Any]:
@@ -152,8 +154,7 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
     )
     rep.result.timing["stats"] = time.monotonic() - t
     groups = groups_of(rep)
-    rep.group_rounds = rep.settings.group_rounds * max(
-        (sum(name in g.members for g in groups) for name in rep.names.values()), default=0)
+    rep.group_plan = [list(g.features) for g in groups]
     for g in groups:
         log.info("feature group %s: %d sites (%s)", g.name, len(g.members), ", ".join(g.members))
     log.info("repeat %d: %d site(s) in the federation, %d model inputs", rep.result.repeat,

@@ -284,11 +284,17 @@ def dp_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any] | Non
     """A site's record-level DP spend in this run, from its train replies; None without DP.
 
     ``epsilon`` is the latest the site reported (its accountant's total for the run),
-    ``per_round`` each round's, and ``stopped`` the round from which the site refused to
+    ``per_round`` each round's (a feature group's rounds name their ``group``), and ``stopped`` the round from which the site refused to
     train because its privacy budget would be exceeded (with its reason), else None.
     """
-    per_round = [{"repeat": r.repeat, "round": int(e["round"]), **e["dp"][name]}
-                 for r in results for e in r.rounds if name in e.get("dp", {})]
+    per_round = []
+    for r in results:  # the source model's rounds, then each group's (server.groups)
+        per_round += [{"repeat": r.repeat, "round": int(e["round"]), **e["dp"][name]}
+                      for e in r.rounds if name in e.get("dp", {})]
+        per_round += [{"repeat": r.repeat, "round": int(rnd), "group": g["group"],
+                       **spent[name]} for g in r.groups
+                      for rnd, spent in sorted(g.get("dp", {}).items(), key=lambda i: int(i[0]))
+                      if name in spent]
     stopped = next(({"repeat": r.repeat, "round": r.lost[name]["round"],
                      "reason": r.lost[name]["reason"]} for r in results
                     if name in r.lost and "epsilon" in str(r.lost[name]["reason"])), None)

@@ -182,12 +182,14 @@ def group_prior(initial: Mapping[Any, tuple[float, int]], final: Mapping[Any, tu
         extension's final weights (Newton's replies).
     parameters : int
         The extension's parameters: its fit's expected optimism over all the group's rows is
-        half of them (in nats, as in Akaike's criterion), taken off the mean gain.
+        half of them (in nats, as in Akaike's criterion), taken off each member's gain in
+        proportion to its rows.
 
     Returns
     -------
     float or None, float or None
-        The mean gain per row and the standard deviation of the members' gains (None with
+        The members' mean gain per row (each member counted once) and the standard deviation
+        of their gains (None with
         fewer than two members answering both, or numbers outside ``MAX_PRIOR``).
     """
     both = [k for k in initial if k in final and initial[k][1] > 0]
@@ -195,7 +197,10 @@ def group_prior(initial: Mapping[Any, tuple[float, int]], final: Mapping[Any, tu
         return None, None
     gains = np.array([(initial[k][0] - final[k][0]) / initial[k][1] for k in both])
     rows = float(sum(initial[k][1] for k in both))
-    mean = float((sum(initial[k][0] - final[k][0] for k in both) - 0.5 * parameters) / rows)
+    # A typical member's gain: every site counts once, so a large member, to whose rows the
+    # extension is fitted most closely, does not speak for the small ones. Each member's
+    # rows carry about their share of the fit's optimism: half the parameters over all rows.
+    mean = float(np.mean(gains) - 0.5 * parameters / rows)
     spread = float(np.std(gains, ddof=1))
     if not (abs(mean) <= MAX_PRIOR and 0.0 < spread <= MAX_PRIOR):  # noisy or absurd sums
         return None, None

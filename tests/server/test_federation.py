@@ -35,7 +35,7 @@ def test_report_follows_the_contract(tmp_path: Path) -> None:
     """Every documented key is present, for every site and method, with sane values."""
     report = _run(_grid(tmp_path), tmp_path, repeats=2)
     assert set(report) >= {"config", "sites", "rounds", "timing_s", "summary"}
-    assert set(report["timing_s"]) == {"total", "stats", "train", "adapt", "evaluate"}
+    assert set(report["timing_s"]) == {"total", "stats", "train", "groups", "adapt", "evaluate"}
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
     assert all(r["loss"] > 0 for r in report["rounds"])
     assert set(report["sites"]) == {"hospital-a", "hospital-b", "hospital-c", "hospital-d"}

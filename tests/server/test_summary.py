@@ -36,8 +36,8 @@ def test_build_report_marks_failed_sites_and_keeps_the_others() -> None:
     assert report["sites"]["a"]["status"] == "ok"
     assert report["sites"]["b"]["status"] == "failed"
     assert "x.csv:3:2" in report["sites"]["b"]["error"]
-    assert report["timing_s"] == {"total": 4.2, "stats": 1.0, "train": 2.0, "adapt": 0.5,
-                                  "evaluate": 0.5}
+    assert report["timing_s"] == {"total": 4.2, "stats": 1.0, "train": 2.0, "groups": 0.0,
+                                  "adapt": 0.5, "evaluate": 0.5}
     assert report["rounds"][0]["loss"] == 0.6 and report["rounds"][0]["loss_sd"] is None
     assert report["summary"]["majority_accuracy_all_sites"] == 0.6
     assert report["summary"]["majority_accuracy"] is None  # no held-out set can judge

@@ -44,11 +44,11 @@ def test_min_group_sites_is_respected() -> None:
 
 
 def test_group_prior_is_the_mean_gain_less_the_fits_optimism() -> None:
-    """Mean gain per row less half the parameters over the rows; the gains' spread."""
+    """Members' mean gain, each counted once, less the fit's optimism; the gains' spread."""
     initial = {1: (70.0, 100), 2: (140.0, 200)}
     final = {1: (60.0, 100), 2: (130.0, 200)}
     gain, sd = group_prior(initial, final, parameters=4)
-    assert gain == pytest.approx((20.0 - 2.0) / 300)
+    assert gain == pytest.approx((0.1 + 0.05) / 2 - 2.0 / 300)  # each member counted once
     assert sd == pytest.approx(np.std([0.1, 0.05], ddof=1))
     assert group_prior({1: (70.0, 100)}, {1: (60.0, 100)}, 4) == (None, None)
 
