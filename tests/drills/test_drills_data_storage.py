@@ -20,10 +20,14 @@ def test_malformed_data(tmp_path: Path, engine: Engine, no_leftovers: None) -> N
 
 
 def test_label_noise(tmp_path: Path, engine: Engine, no_leftovers: None) -> None:
-    """One site's flipped labels barely move the others, and its correction does no harm."""
+    """One site's flipped labels barely move the others, and its correction does no harm.
+
+    Its feature-group partners may lose the group's benefit, no more.
+    """
     result = label_noise(tmp_path, engine=engine)
     assert result.passed, result.observed
-    assert result.figure["others_mean_auc_drop"] <= 0.01
+    assert result.figure["outside_max_auc_drop"] <= 0.01
+    assert result.figure["partners_max_harm"] <= 0.01
     assert result.figure["noisy_adapted_minus_source_auc"] >= 0.0
 
 
