@@ -71,8 +71,12 @@ GROUP_STRENGTHS = (0.01, 0.1, 1.0)
 # The group's evidence never weighs more than a gain measured to this standard error: a
 # coordinator cannot make a site take its extension on a claimed certainty.
 PRIOR_SD_FLOOR = 0.01
-# How many paired standard errors a departure's cross-validated gain must exceed.
-EVIDENCE_Z = float(__import__("os").environ.get("FEDADAPT_EVIDENCE_Z", "1.0"))  # EXPERIMENT
+# How many paired standard errors a candidate's cross-validated gain must exceed: one for a
+# single candidate fitted elsewhere or with one parameter (the group extension, the
+# recalibration); more for those fitted on the site's features, where the best of many fits
+# to the same rows is chosen (the one-sided 5 % point of a normal).
+EVIDENCE_Z = {"recalibration": 1.0, "group": 1.0}
+EVIDENCE_Z_FITTED = float(__import__("os").environ.get("FEDADAPT_EVIDENCE_Z", "1.645"))
 CV_REPEATS = 3
 MIN_CLASS_ROWS = 5
 # The local-only model's intercept is the site's whole base rate, not a shift: a weak prior.
@@ -332,12 +336,13 @@ def _choose(
         se = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
         entry: dict[str, Any] = {"candidate": c.label, "cv_log_loss": float(losses[c].mean()),
                                  "cv_auc": auc, "gain": gain, "se": se}
-        clears = gain > EVIDENCE_Z * se
+        z = EVIDENCE_Z.get(c.family, EVIDENCE_Z_FITTED)
+        clears = gain > z * se
         if c.family == "group" and c.group in priors and 0 < se < math.inf:
             shrunk, shrunk_se = shrink(gain, se, *priors[c.group])
             entry.update(group_gain=priors[c.group][0], group_sd=priors[c.group][1],
                          shrunk_gain=shrunk, shrunk_se=shrunk_se)
-            clears = shrunk > EVIDENCE_Z * shrunk_se and gain > 0.0  # never against own rows
+            clears = shrunk > z * shrunk_se and gain > 0.0  # never against own rows
         evidence.append(entry)
         ranks_ok = c.family == "recalibration" or (
             not math.isnan(auc) and not math.isnan(source_auc) and auc >= source_auc)

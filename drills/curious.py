@@ -56,8 +56,11 @@ class Site:
     state: RecordDict = field(default_factory=RecordDict)
 
     def ask(self, phase: str, config: dict[str, Any], arrays: ArrayRecord | None = None,
-            run_id: int = 1) -> Message:
-        """Send one message of ``phase`` and return the site's reply."""
+            run_id: int = 1, extra: dict[str, ArrayRecord] | None = None) -> Message:
+        """Send one message of ``phase`` and return the site's reply.
+
+        ``extra`` adds array records (a group round's frozen source model).
+        """
         from client.client_app import app
         from simulations.inprocess import adopt_task_identity
 
@@ -67,6 +70,8 @@ class Site:
         content = RecordDict({protocol.CONFIG: ConfigRecord(config)})
         if arrays is not None:
             content[protocol.ARRAYS] = arrays
+        for key, record in (extra or {}).items():
+            content[key] = record
         msg = Message(content=content, dst_node_id=1, message_type=mtype)
         msg.metadata.__dict__["_run_id"] = run_id
         context = Context(run_id=run_id, node_id=1, node_config=self.node_config,

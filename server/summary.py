@@ -284,10 +284,11 @@ def dp_entry(name: str, results: Sequence[RepeatResult]) -> dict[str, Any] | Non
     """A site's record-level DP spend in this run, from its train replies; None without DP.
 
     ``epsilon`` is the latest the site reported (its accountant's total for the run),
-    ``per_round`` each round's (a feature group's rounds name their ``group``), and ``stopped`` the round from which the site refused to
-    train because its privacy budget would be exceeded (with its reason), else None.
+    ``per_round`` each round's (a feature group's rounds name their ``group``), and
+    ``stopped`` the round from which the site refused to train because its privacy budget
+    would be exceeded (with its reason), else None.
     """
-    per_round = []
+    per_round: list[dict[str, Any]] = []
     for r in results:  # the source model's rounds, then each group's (server.groups)
         per_round += [{"repeat": r.repeat, "round": int(e["round"]), **e["dp"][name]}
                       for e in r.rounds if name in e.get("dp", {})]
