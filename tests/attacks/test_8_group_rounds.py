@@ -56,8 +56,10 @@ def _rows_above(site: Site, world: World, threshold: float) -> float:
 def test_without_dp_a_group_round_recovers_a_site_only_value_and_the_default_refuses_it(
     world: World, tmp_path: Path
 ) -> None:
-    """A binary search over glucose finds the highest training value, as attack 2 does for
-    age; the deployment's default policy (require-dp) refuses the round before any row.
+    """A binary search over glucose finds the highest training value; the default refuses.
+
+    As attack 2 does for age; the deployment's default policy (require-dp) refuses the round
+    before any row is read.
     """
     open_site = _glucose_site(world, tmp_path / "open", "require-dp = false")
     low, high = 40.0, 600.0
