@@ -21,16 +21,17 @@ fold log-loss per candidate. The rule:
    least ``MIN_CLASS_ROWS`` training rows of each class;
 2. it must not rank worse than the source model: cross-validated AUC at least the source's
    (a recalibration keeps the ranking);
-3. it must beat the source model's cross-validated log-loss by more than one paired standard
-   error (paired over the training rows): a departure from the shared model needs the site's
-   own evidence. A group extension alone may add its group's evidence (``shared.groups``:
+3. it must beat the source model's cross-validated log-loss by a margin of paired standard
+   errors (paired over the training rows), ``EVIDENCE_Z``: a departure from the shared model
+   needs the site's own evidence, and more of it where the best of many fits to the same
+   rows is taken. A group extension alone may add its group's evidence (``shared.groups``:
    the members' mean gain over the source model and its spread between them, from loss sums
    they sent in its training): the site's gain is shrunk towards the group's mean, weighted
    by the inverse squares of its standard error and of the spread (at least
-   ``PRIOR_SD_FLOOR``), and the shrunk gain must exceed its own standard error, while the
-   site's own gain must be positive. A site whose own evidence is thin then leans on the
-   group's; a site whose rows say the extension is no better is never pulled over, whatever
-   evidence the coordinator claims;
+   ``PRIOR_SD_FLOOR``), and the shrunk gain must clear the margin, while the site's own gain
+   must be positive. A site whose own evidence is thin then leans on the group's; a site
+   whose rows say the extension is no better is never pulled over, whatever evidence the
+   coordinator claims;
 4. among those, the lowest cross-validated log-loss wins; with none, the source model.
 
 Log-loss is the criterion because it is a proper score: it rewards calibrated risks, which is
@@ -482,11 +483,14 @@ def _fit_final(
     base = np.zeros(len(y)) if local else offset if group is None else offset + group.logit
     fitted = _model(Candidate("local", chosen.C) if local else chosen)
     if chosen.family == "group":
-        fitted.intercept_, fitted.coef_ = 0.0, np.zeros(z.shape[1])
-    elif start is None:
-        fitted.fit(z, y, base)
-    else:
-        fitted.fit(z, y, base, coef_init=start[1:], intercept_init=float(start[0]))
+        theta = np.zeros(z.shape[1] + 1)
+    else:  # the estimator's objective, solved as the folds' fits were
+        strength = 0.0 if chosen.family == "recalibration" else chosen.C
+        theta = fit_many(z, y, base[None, :], np.array([strength]),
+                         np.array([fitted.intercept_sd]),
+                         start=None if start is None or len(start) != z.shape[1] + 1
+                         else start[None, :])[0]
+    fitted.intercept_, fitted.coef_ = float(theta[0]), theta[1:]
     share = chosen.weight if chosen.family == "blend" else (0.0 if local else 1.0)
     scale = 1.0 - share if local else 1.0
     site_names = list(prep.feature_names_out_) if prep is not None else []

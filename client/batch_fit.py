@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 # Newton's steps stop when no weight of any candidate moves more than this.
-TOLERANCE = 1e-8
+TOLERANCE = 1e-7
 MAX_ITER = 50
 MAX_HALVINGS = 30
 
@@ -28,9 +28,9 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return out
 
 
-def _objective(theta: np.ndarray, z1: np.ndarray, y: np.ndarray, bases: np.ndarray,
-               penalty: np.ndarray) -> np.ndarray:
-    eta = bases + theta @ z1.T
+def _loss(eta: np.ndarray, y: np.ndarray, theta: np.ndarray, penalty: np.ndarray
+          ) -> np.ndarray:
+    """Each candidate's penalised log-loss sum, from its logits ``eta``."""
     return (np.sum(np.logaddexp(0.0, eta) - y * eta, axis=1)
             + 0.5 * np.sum(penalty * theta * theta, axis=1))
 
@@ -82,28 +82,34 @@ def fit_many(
     theta = np.zeros((k, d + 1)) if start is None else np.array(start, dtype=np.float64) * mask
     eye = np.eye(d + 1)
     frozen = (1.0 - mask)[:, :, None] * eye  # identity on the weights an intercept-only fit keeps
-    loss = _objective(theta, z1, y, bases, penalty)
+    eta = bases + theta @ z1.T
+    loss = _loss(eta, y, theta, penalty)
     active = np.arange(k)
     for _ in range(MAX_ITER):
-        t, b, pen, m = theta[active], bases[active], penalty[active], mask[active]
-        p = _sigmoid(b + t @ z1.T)
+        t, e, b, pen, m = theta[active], eta[active], bases[active], penalty[active], mask[active]
+        p = _sigmoid(e)
         grad = ((p - y) @ z1 + pen * t) * m
         w = p * (1.0 - p)
         hess = np.matmul(z1.T[None, :, :] * w[:, None, :], z1) + pen[:, :, None] * eye
         hess = hess * (m[:, :, None] * m[:, None, :]) + frozen[active]
         step = np.linalg.solve(hess, grad[:, :, None])[:, :, 0]
         new = t - step
-        new_loss = _objective(new, z1, y, b, pen)
-        worse = new_loss > loss[active] + 1e-12 * np.maximum(1.0, np.abs(loss[active]))
+        new_eta = b + new @ z1.T
+        new_loss = _loss(new_eta, y, new, pen)
+        old = loss[active]
+        worse = new_loss > old + 1e-12 * np.maximum(1.0, np.abs(old))
         for _ in range(MAX_HALVINGS):  # damped where the full step went uphill
             if not worse.any():
                 break
             step[worse] /= 2.0
             new[worse] = t[worse] - step[worse]
-            new_loss[worse] = _objective(new[worse], z1, y, b[worse], pen[worse])
-            worse = new_loss > loss[active] + 1e-12 * np.maximum(1.0, np.abs(loss[active]))
-        theta[active] = np.where(worse[:, None], t, new)
-        loss[active] = np.where(worse, loss[active], new_loss)
+            new_eta[worse] = b[worse] + new[worse] @ z1.T
+            new_loss[worse] = _loss(new_eta[worse], y, new[worse], pen[worse])
+            worse = new_loss > old + 1e-12 * np.maximum(1.0, np.abs(old))
+        keep = worse[:, None]
+        theta[active] = np.where(keep, t, new)
+        eta[active] = np.where(keep, e, new_eta)
+        loss[active] = np.where(worse, old, new_loss)
         moving = (np.max(np.abs(step), axis=1) >= TOLERANCE) & ~worse
         active = active[moving]
         if not len(active):

@@ -169,12 +169,14 @@ def test_round_trip_and_alpha_reproduce_fitted_logits() -> None:
             return model.decision_function(z_rows, base)
         return s * base + (1 - s) * model.decision_function(z_rows, np.zeros(len(base)))
 
-    np.testing.assert_allclose(offset + alpha, expected(z, offset), rtol=0, atol=1e-9)
+    # The site solves the estimator's objective by Newton (client.batch_fit), the reference
+    # by L-BFGS: the same optimum, to L-BFGS's tolerance.
+    np.testing.assert_allclose(offset + alpha, expected(z, offset), rtol=0, atol=1e-5)
     # New rows (with a missing glucose) are scored the same way.
     new_x, new_rows, new_offset, _ = _site(20, 1.5, seed=99)
     np.testing.assert_allclose(
         new_offset + again.alpha(new_x, new_rows, GLUCOSE, new_offset),
-        expected(correction_inputs(new_x, new_rows, prep), new_offset), rtol=0, atol=1e-9,
+        expected(correction_inputs(new_x, new_rows, prep), new_offset), rtol=0, atol=1e-5,
     )
 
 

@@ -62,6 +62,8 @@ def test_group_extension_is_the_pooled_fit_of_the_group_rows(
     assert ext.features == ("glucose",) and ext.members == 2
     group = report["groups"]["glucose"]
     assert group["members"] == ["hospital-a", "hospital-c"] and group["trained"] == 1
+    assert set(group["chosen_by"]) <= set(group["members"])  # only members may choose it
+    assert group["rounds"] >= 2 and set(group["effects"]) == {"glucose", "glucose:missing"}
 
     schema = load_schema(settings.schema)
     shared = [f.name for f in schema.shared_features]

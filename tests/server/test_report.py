@@ -241,3 +241,17 @@ def test_thousand_sites(tmp_path: Path) -> None:
     console = Console(record=True, width=160, file=io.StringIO())
     console.print(site_table(report))
     assert "site_0999" in console.export_text()
+
+
+def test_markdown_shows_each_feature_group() -> None:
+    """A group's members, rows, rounds, effects and the sites that chose it; none: no section."""
+    report = _report(pooled=False)
+    assert "Feature groups" not in render_markdown(report)
+    report["groups"] = {"glucose": {
+        "features": ["glucose"], "members": ["site-a", "site-b"], "trained": 3, "skipped": [],
+        "rows": 903.0, "rounds": 6.0, "effects": {"glucose": 1.51, "glucose:missing": 0.84},
+        "chosen_by": {"site-a": 3}}}
+    text = render_markdown(report)
+    row = next(line for line in text.splitlines() if line.startswith("| glucose |"))
+    assert "site-a, site-b" in row and "| 903 |" in row and "| 6.0 |" in row
+    assert "glucose +1.510" in row and "site-a (3)" in row
