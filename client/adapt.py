@@ -77,7 +77,7 @@ PRIOR_SD_FLOOR = 0.01
 # recalibration); more for those fitted on the site's features, where the best of many fits
 # to the same rows is chosen (the one-sided 5 % point of a normal).
 EVIDENCE_Z = {"recalibration": 1.0, "group": 1.0}
-EVIDENCE_Z_FITTED = float(__import__("os").environ.get("FEDADAPT_EVIDENCE_Z", "1.645"))
+EVIDENCE_Z_FITTED = 1.645
 CV_REPEATS = 3
 MIN_CLASS_ROWS = 5
 # The local-only model's intercept is the site's whole base rate, not a shift: a weak prior.

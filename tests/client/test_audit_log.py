@@ -86,7 +86,7 @@ def _assert_matches(entry: dict[str, Any], reply: Message) -> None:
 def test_every_reply_through_the_client_app_is_audited_before_it_is_returned(
     tmp_path: Path, task_identity: None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Five replies (stats, train, Newton, adapt, evaluate): five entries, each fsynced first."""
+    """Six replies (stats, train, Newton, group, adapt, evaluate): six entries, each fsynced."""
     synced: list[str] = []
     real_fsync = os.fsync
 
@@ -98,19 +98,21 @@ def test_every_reply_through_the_client_app_is_audited_before_it_is_returned(
     monkeypatch.setattr(audit_log.os, "fsync", fsync)
     replies, site_dir = _run_phases(tmp_path)
     entries = _entries(site_dir)
-    assert [e["phase"] for e in entries] == ["stats", "train", "train", "adapt", "evaluate"]
-    assert [e["status"] for e in entries] == ["ok"] * 5
+    assert [e["phase"] for e in entries] == ["stats", "train", "train", "train", "adapt",
+                                             "evaluate"]
+    assert [e["status"] for e in entries] == ["ok"] * 6
     for entry, reply in zip(entries, replies.values(), strict=True):
         _assert_matches(entry, reply)
     # The config's server-round (this test's adapt and evaluate reuse the train config).
-    assert [e["round"] for e in entries] == [None, 1, 1, 1, 1]
+    assert [e["round"] for e in entries] == [None, 1, 1, 1, 1, 1]
     assert set(entries[2]["arrays"][protocol.ARRAYS]) == {newton.GRAD, newton.HESS}
+    assert set(entries[3]["arrays"][protocol.ARRAYS]) == {newton.GRAD, newton.HESS}
     assert all(e["time"].endswith("+00:00") for e in entries)
     if Path("/proc/self/fd").is_dir():
-        assert synced.count(str(site_dir / AUDIT_FILE)) == 5
+        assert synced.count(str(site_dir / AUDIT_FILE)) == 6
     assert (site_dir / AUDIT_FILE).stat().st_mode & 0o777 == 0o600
     check = verify_chain(site_dir)
-    assert check.ok and check.entries == 5
+    assert check.ok and check.entries == 6
 
 
 def test_an_error_reply_is_audited_with_its_code_and_reason(
