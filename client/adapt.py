@@ -416,9 +416,9 @@ def _out_of_fold(
     """Out-of-fold logits ``[repeat, row]`` of every fitted candidate, and warm starts.
 
     In each fold every candidate is fitted at once (``client.batch_fit.fit_many``: the same
-    inputs, an offset and a penalty each). With ``warm``, a fold's fits start from the
-    previous fold's, and the second result holds every candidate's weights ``[b, w]``
-    averaged over the folds (empty without ``warm``). ``bases`` holds, per feature group, the
+    inputs, an offset and a penalty each), starting from the previous fold's weights (the
+    optimum is the same; it takes fewer steps). With ``warm`` the second result holds every
+    candidate's weights ``[b, w]`` averaged over the folds (empty without ``warm``). ``bases`` holds, per feature group, the
     source logit plus the group extension's: the offset of the group candidates (a group
     extension alone is fitted by the group, not here).
     """
@@ -446,7 +446,7 @@ def _out_of_fold(
         # A fold may lack a missing-value indicator another fold has: no warm start then.
         same = theta is not None and theta.shape[1] == z_tr.shape[1] + 1
         theta = fit_many(z_tr, y[tr], base[idx][:, tr], strengths, sds,
-                         start=theta if warm and same else None)
+                         start=theta if same else None)
         logits = base[idx][:, te] + theta[:, :1] + theta[:, 1:] @ z_te.T
         for i, c in enumerate(fitted):
             oof[c][fold // k, te] = logits[i]

@@ -82,6 +82,8 @@ def fit_many(
     theta = np.zeros((k, d + 1)) if start is None else np.array(start, dtype=np.float64) * mask
     eye = np.eye(d + 1)
     frozen = (1.0 - mask)[:, :, None] * eye  # identity on the weights an intercept-only fit keeps
+    # Each row's outer product, once: every Hessian is then one matrix product with the weights.
+    outer = (z1[:, :, None] * z1[:, None, :]).reshape(n, (d + 1) ** 2)
     eta = bases + theta @ z1.T
     loss = _loss(eta, y, theta, penalty)
     active = np.arange(k)
@@ -90,7 +92,7 @@ def fit_many(
         p = _sigmoid(e)
         grad = ((p - y) @ z1 + pen * t) * m
         w = p * (1.0 - p)
-        hess = np.matmul(z1.T[None, :, :] * w[:, None, :], z1) + pen[:, :, None] * eye
+        hess = (w @ outer).reshape(-1, d + 1, d + 1) + pen[:, :, None] * eye
         hess = hess * (m[:, :, None] * m[:, None, :]) + frozen[active]
         step = np.linalg.solve(hess, grad[:, :, None])[:, :, 0]
         new = t - step

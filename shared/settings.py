@@ -90,7 +90,8 @@ class RunSettings:
     cv_folds: int = _setting(5, "cross-validation folds for choosing each site's correction")
     min_group_sites: int = _setting(
         2, "fewest sites measuring the same site-only feature that train a group extension "
-        "together (Newton over those sites, the source model frozen); 0: no groups")
+        "together (Newton over those sites, the source model frozen; not under dp); 0: no "
+        "groups")
     borrow_strength: bool = _setting(
         True, "a site may choose its group's extension on the group's evidence as well as its "
         "own: its cross-validated gain is shrunk towards the members' mean gain")
@@ -222,12 +223,13 @@ class RunSettings:
 
     @property
     def groups(self) -> bool:
-        """Whether feature groups train extensions.
+        """Whether feature groups train extensions: with ``min-group-sites`` > 0 and DP off.
 
-        Not under client-level DP (whose replies are clipped model updates, not Newton sums)
-        and not with ``min-group-sites = 0``.
+        Under client-level DP a reply is a clipped model update, not Newton's sums. Under
+        record-level DP the group's few noisy Newton steps gave an extension worth nothing
+        while taking rounds from the source model's budget (docs/benchmarks.md).
         """
-        return self.min_group_sites > 0 and self.dp != "client"
+        return self.min_group_sites > 0 and self.dp == "off"
 
     @property
     def sites_to_wait_for(self) -> int:

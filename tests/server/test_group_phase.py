@@ -105,3 +105,6 @@ def test_no_groups_when_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert seen["extensions"] == [] and report["groups"] == {}
     choices = [c for s in report["sites"].values() for c in s["model"].get("choices", {})]
     assert choices and not any(c.startswith("group") for c in choices)
+    # Under either DP mode no group trains (its noisy rounds are worth nothing).
+    assert not RunSettings(dp="record").groups and not RunSettings(dp="client").groups
+    assert RunSettings().groups and not RunSettings(min_group_sites=0).groups
