@@ -418,9 +418,10 @@ def _out_of_fold(
     In each fold every candidate is fitted at once (``client.batch_fit.fit_many``: the same
     inputs, an offset and a penalty each), starting from the previous fold's weights (the
     optimum is the same; it takes fewer steps). With ``warm`` the second result holds every
-    candidate's weights ``[b, w]`` averaged over the folds (empty without ``warm``). ``bases`` holds, per feature group, the
-    source logit plus the group extension's: the offset of the group candidates (a group
-    extension alone is fitted by the group, not here).
+    candidate's weights ``[b, w]`` averaged over the folds (empty without ``warm``).
+    ``bases`` holds, per feature group, the source logit plus the group extension's: the
+    offset of the group candidates (a group extension alone is fitted by the group, not
+    here).
     """
     n = len(y)
     oof = {c: np.zeros((CV_REPEATS, n)) for c in candidates}
