@@ -339,11 +339,12 @@ def _choose(
                                  "cv_auc": auc, "gain": gain, "se": se}
         z = EVIDENCE_Z.get(c.family, EVIDENCE_Z_FITTED)
         clears = gain > z * se
-        if c.family == "group" and c.group in priors and 0 < se < math.inf:
+        if not clears and c.family == "group" and c.group in priors and 0 < se < math.inf:
+            # Own evidence too thin: the group's may add to it, never against own rows.
             shrunk, shrunk_se = shrink(gain, se, *priors[c.group])
             entry.update(group_gain=priors[c.group][0], group_sd=priors[c.group][1],
                          shrunk_gain=shrunk, shrunk_se=shrunk_se)
-            clears = shrunk > z * shrunk_se and gain > 0.0  # never against own rows
+            clears = shrunk > z * shrunk_se and gain > 0.0
         evidence.append(entry)
         ranks_ok = c.family == "recalibration" or (
             not math.isnan(auc) and not math.isnan(source_auc) and auc >= source_auc)
