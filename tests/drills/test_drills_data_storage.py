@@ -19,6 +19,8 @@ def test_malformed_data(tmp_path: Path, engine: Engine, no_leftovers: None) -> N
     assert result.figure["canary_occurrences"] == 0
 
 
+# Five runs, two of them over 20 splits (a group partner's AUC needs them): the full run only.
+@pytest.mark.full
 def test_label_noise(tmp_path: Path, engine: Engine, no_leftovers: None) -> None:
     """One site's flipped labels barely move the others, and its correction does no harm.
 
