@@ -23,6 +23,7 @@ from client.jobs import (
     newton_job,
     open_site,
     stats_job,
+    summarized_site_features,
     train_job,
 )
 from client.policy import admit, check_reply_rows, site_policy
@@ -78,11 +79,12 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
 
 def _stats(msg: Message, rows: SiteRows, request: Request) -> tuple[Message, bool]:
     metrics, repeated = stats_job(rows)
+    own = summarized_site_features(rows)
     return build_reply(
         msg, shared_features=rows.schema.shared_features, metrics=metrics,
         site={protocol.SITE_NAME: rows.site.name, protocol.SCHEMA_DIGEST: rows.schema.digest(),
-              protocol.SITE_FEATURES: ",".join(f.name for f in rows.site_feature_defs)},
-        site_features=rows.site_feature_defs,
+              protocol.SITE_FEATURES: ",".join(f.name for f in own)},
+        site_features=own,
     ), repeated
 
 

@@ -150,15 +150,31 @@ def stats_job(rows: SiteRows) -> tuple[Metrics, bool]:
     return _stats_answer(rows)
 
 
+def summarized_site_features(rows: SiteRows) -> list[Feature]:
+    """The site-only features whose sums the stats reply carries (and whose names it gives).
+
+    Under a ``min-rows`` policy without DP, a feature observed in fewer training rows than
+    that is left out (the site is then in no group of it), rather than the whole reply
+    refused: the shared features' stats are what every site must send.
+    """
+    p = rows.policy
+    if not p.min_rows or p.require_dp:
+        return list(rows.site_feature_defs)
+    train = rows.split.train
+    return [f for f in rows.site_feature_defs
+            if int(rows.data.features[f.name].iloc[train].notna().sum()) >= p.min_rows]
+
+
 def _stats_answer(rows: SiteRows) -> tuple[Metrics, bool]:
     from client.answers import answer_key, fixed_answer
 
     train = rows.split.train
     p = rows.policy
-    features = [*rows.schema.shared_features, *rows.site_feature_defs]
+    own = summarized_site_features(rows)
+    features = [*rows.schema.shared_features, *own]
     key = answer_key(
         phase="stats", data=rows.data.digest, schema=rows.schema.digest(),
-        site_features=[f.name for f in rows.site_feature_defs],
+        site_features=[f.name for f in own],
         train=hashlib.sha256(np.asarray(train, dtype=np.int64).tobytes()).hexdigest(),
         test=len(rows.split.test), private=p.require_dp,
         epsilon=p.stats_epsilon if p.require_dp else None,

@@ -218,6 +218,34 @@ def test_a_feature_observed_in_too_few_rows_refuses_the_stats_reply(
                            rows=300)).has_content()
 
 
+def test_a_site_feature_observed_in_too_few_rows_is_left_out_not_the_reply(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """Glucose in 10 rows under min-rows 20: the reply goes without glucose's sums or name.
+
+    The site then joins no glucose group; with glucose in every row, both are there.
+    """
+    for measured, expected in ((10, ""), (10_000, "glucose")):
+        ctx = _context(tmp_path / str(measured), "min-rows = 20\nrequire-dp = false\n",
+                       rows=300)
+        ctx.node_config["site-features"] = "glucose"
+        data = Path(str(ctx.node_config["data-file"]))
+        lines = data.read_text().splitlines()
+        col = lines[0].split(",").index("glucose")
+        out = [lines[0]]
+        for i, line in enumerate(lines[1:]):
+            cells = line.split(",")
+            cells[col] = cells[col] if i < measured else ""
+            out.append(",".join(cells))
+        data.write_text("\n".join(out) + "\n")
+        reply = _stats(ctx)
+        assert reply.has_content(), reply.error.reason if reply.has_error() else ""
+        site = reply.content.config_records[protocol.SITE]
+        assert site[protocol.SITE_FEATURES] == expected
+        metrics = reply.content.metric_records[protocol.METRICS]
+        assert ("glucose.count" in metrics) == bool(expected)
+
+
 def test_the_site_executor_s_policy_is_the_one_the_clientapp_applies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_identity: None
 ) -> None:
