@@ -153,12 +153,16 @@ def stats_job(rows: SiteRows) -> tuple[Metrics, bool]:
 def summarized_site_features(rows: SiteRows) -> list[Feature]:
     """The site-only features whose sums the stats reply carries (and whose names it gives).
 
-    Under a ``min-rows`` policy without DP, a feature observed in fewer training rows than
-    that is left out (the site is then in no group of it), rather than the whole reply
-    refused: the shared features' stats are what every site must send.
+    None at a site that answers only under DP: feature groups train only without DP, so
+    their sums would buy nothing and cost the one noisy release its precision. Under a
+    ``min-rows`` policy, a feature observed in fewer training rows than that is left out (the
+    site is then in no group of it), rather than the whole reply refused: the shared
+    features' stats are what every site must send.
     """
     p = rows.policy
-    if not p.min_rows or p.require_dp:
+    if p.require_dp:
+        return []
+    if not p.min_rows:
         return list(rows.site_feature_defs)
     train = rows.split.train
     return [f for f in rows.site_feature_defs

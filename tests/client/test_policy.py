@@ -246,6 +246,19 @@ def test_a_site_feature_observed_in_too_few_rows_is_left_out_not_the_reply(
         assert ("glucose.count" in metrics) == bool(expected)
 
 
+def test_a_site_under_require_dp_sends_no_site_feature_sums(
+    tmp_path: Path, task_identity: None
+) -> None:
+    """No group trains under DP: the one noisy stats release stays the shared features'."""
+    ctx = _context(tmp_path, "", rows=300)  # the deployment's default: require-dp
+    ctx.node_config["site-features"] = "glucose"
+    reply = _stats(ctx)
+    assert reply.has_content()
+    assert reply.content.config_records[protocol.SITE][protocol.SITE_FEATURES] == ""
+    assert not any(k.startswith("glucose.") for k in reply.content.metric_records[
+        protocol.METRICS])
+
+
 def test_the_site_executor_s_policy_is_the_one_the_clientapp_applies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task_identity: None
 ) -> None:
