@@ -1,0 +1,67 @@
+"""Secure aggregation's arithmetic both sides agree on: quantisation, masks, the modulus.
+
+The protocol is SecAgg+ (Bell et al. 2020) as Flower implements it for its legacy API
+(``flwr.client.mod.secaggplus_mod``, ``flwr.server.workflow.SecAggPlusWorkflow``); fedadapt
+runs its stages over the Message API (``client.secagg``, ``server.secagg``) with Flower's own
+pieces: key pairs and ECDH + HKDF (``flwr.supercore.primitives.asymmetric``,
+``flwr.common.secure_aggregation.crypto.symmetric_encryption``), Shamir's secret sharing and
+Fernet encryption of the shares. Two pieces are written here, and why:
+
+- **the masks' generator.** Flower's ``pseudo_rand_gen`` seeds numpy's Mersenne Twister with
+  32 bits folded from the seed, so each mask is one of 2**32: a coordinator could try them
+  all. Here a mask is the ChaCha20 keystream (``cryptography``) under the whole 32-byte seed,
+  read as unsigned 64-bit integers;
+- **quantisation.** Flower's casts to 32-bit integers; sums of a hospital's rows need more
+  levels. Values are clipped to ``[-clip, clip]`` (the site checks its own fit first),
+  rounded to ``LEVELS`` levels and added modulo 2**64 (numpy's unsigned arithmetic wraps
+  there), so the total of up to ``MAX_SITES`` sites is exact before it is read back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+# Quantisation levels over [-clip, clip]: one level is clip / 2**39.
+LEVELS = 2**40
+# Sites whose quantised values (each below LEVELS) add up without wrapping modulo 2**64.
+MAX_SITES = 2**23
+SEED_BYTES = 32
+_NONCE = bytes(16)  # each seed masks one vector, so a fixed nonce never repeats a keystream
+
+
+def mask(seed: bytes, size: int) -> np.ndarray:
+    """The mask of ``seed``: ``size`` unsigned 64-bit integers of ChaCha20's keystream.
+
+    Parameters
+    ----------
+    seed : bytes
+        32 bytes (a site's own random seed, or a pair's HKDF-derived shared key).
+    size : int
+        How many values.
+    """
+    if len(seed) != SEED_BYTES:
+        raise ValueError(f"a mask seed has {SEED_BYTES} bytes, not {len(seed)}")
+    stream = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor()
+    return np.frombuffer(stream.update(bytes(8 * size)), dtype="<u8").astype(np.uint64)
+
+
+def quantize(values: np.ndarray, clip: float) -> np.ndarray:
+    """Values clipped to ``[-clip, clip]``, as integers in ``[0, LEVELS]`` (uint64)."""
+    x = np.clip(np.asarray(values, dtype=np.float64), -clip, clip)
+    return np.rint((x + clip) * (LEVELS / (2.0 * clip))).astype(np.uint64)
+
+
+def dequantize_sum(total: np.ndarray, clip: float, sites: int) -> np.ndarray:
+    """The float total of ``sites`` quantised vectors whose integer sum is ``total``."""
+    return np.asarray(total, dtype=np.float64) * (2.0 * clip / LEVELS) - sites * clip
+
+
+def error_bound(clip: float, sites: int) -> float:
+    """The largest difference between the dequantised total and the exact one (per value)."""
+    return sites * clip / LEVELS
+
+
+def pair_seed_sign(me: int, other: int) -> int:
+    """+1 if the site ``me`` adds the pair's mask, -1 if it subtracts it (they cancel)."""
+    return 1 if me > other else -1
