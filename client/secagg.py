@@ -20,7 +20,9 @@ neighbourhoods are the next step.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
@@ -65,6 +67,38 @@ class SiteState:
     key_shares: dict[int, bytes] = field(default_factory=dict)
     masked_with: list[int] = field(default_factory=list)
     answered_unmask: bool = False
+
+
+def to_record(state: SiteState) -> dict[str, Any]:
+    """The state as a Flower ConfigRecord's values (kept in ``context.state``, at the site)."""
+    nodes = sorted(state.public)
+    return {
+        "node": state.node, "sk1": state.sk1, "pk1": state.pk1, "sk2": state.sk2,
+        "pk2": state.pk2, "seed": state.seed, "threshold": state.threshold,
+        "public-nodes": nodes, "public-pk1": [state.public[n][0] for n in nodes],
+        "public-pk2": [state.public[n][1] for n in nodes],
+        "share-nodes": sorted(state.seed_shares),
+        "seed-shares": [state.seed_shares[n] for n in sorted(state.seed_shares)],
+        "key-shares": [state.key_shares[n] for n in sorted(state.seed_shares)],
+        "masked-with": list(state.masked_with), "answered-unmask": state.answered_unmask,
+    }
+
+
+def from_record(record: Mapping[str, Any]) -> SiteState:
+    """The state :func:`to_record` kept."""
+    nodes = [int(n) for n in record["public-nodes"]]
+    holders = [int(n) for n in record["share-nodes"]]
+    return SiteState(
+        node=int(record["node"]), sk1=bytes(record["sk1"]), pk1=bytes(record["pk1"]),
+        sk2=bytes(record["sk2"]), pk2=bytes(record["pk2"]), seed=bytes(record["seed"]),
+        threshold=int(record["threshold"]),
+        public={n: (bytes(a), bytes(b)) for n, a, b in zip(
+            nodes, record["public-pk1"], record["public-pk2"], strict=True)},
+        seed_shares={n: bytes(v) for n, v in zip(holders, record["seed-shares"], strict=True)},
+        key_shares={n: bytes(v) for n, v in zip(holders, record["key-shares"], strict=True)},
+        masked_with=[int(n) for n in record["masked-with"]],
+        answered_unmask=bool(record["answered-unmask"]),
+    )
 
 
 def keys(state: SiteState) -> tuple[bytes, bytes]:

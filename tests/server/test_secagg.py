@@ -112,6 +112,20 @@ def test_a_site_refuses_what_would_reveal_or_distort_its_vector() -> None:
         site.unmask(state, [100, 101, 102], [])
 
 
+def test_a_sites_state_survives_its_record_between_messages() -> None:
+    """The state goes through Flower's ConfigRecord (context.state) and comes back whole."""
+    from flwr.app import ConfigRecord
+
+    vectors = _vectors(3, seed=4)
+    fed = Federation(vectors)
+    publics = {n: site.keys(fed.states[n]) for n in vectors}
+    for n in vectors:
+        site.share(fed.states[n], publics, 2)
+    state = fed.states[101]
+    again = site.from_record(ConfigRecord(site.to_record(state)))
+    assert again == state
+
+
 def test_masks_use_the_whole_seed() -> None:
     """Seeds differing in one byte give unrelated masks (unlike a 32-bit folded seed)."""
     a = secagg.mask(bytes(32), 1000)
