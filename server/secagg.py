@@ -54,7 +54,25 @@ class SecureSum:
     error_bound: float
 
 
-def secure_sum(ask: Ask, nodes: list[int], threshold: int, clip: float) -> SecureSum:
+def neighbourhoods(nodes: list[int], neighbours: int = 0) -> dict[int, list[int]]:
+    """Each site's neighbours in the secure sum.
+
+    All others when ``neighbours`` is 0 or at least the sites less one; else the
+    ``neighbours // 2`` nearest on each side of a ring of the sorted sites (SecAgg+: masks
+    and shares only between neighbours, so a site's work grows with ``neighbours``, not with
+    the federation).
+    """
+    order = sorted(nodes)
+    n = len(order)
+    if not neighbours or neighbours >= n - 1:
+        return {node: [m for m in order if m != node] for node in order}
+    half = max(1, neighbours // 2)
+    return {node: sorted({order[(i + d) % n] for d in range(-half, half + 1) if d})
+            for i, node in enumerate(order)}
+
+
+def secure_sum(ask: Ask, nodes: list[int], threshold: int, clip: float,
+               neighbours: int = 0) -> SecureSum:
     """Sum the sites' vectors without seeing any of them.
 
     Parameters
@@ -67,6 +85,9 @@ def secure_sum(ask: Ask, nodes: list[int], threshold: int, clip: float) -> Secur
         Fewest sites that must remain at every stage (and shares needed to unmask).
     clip : float
         The quantisation range every value lies in.
+    neighbours : int
+        SecAgg+'s neighbourhood size (:func:`neighbourhoods`; 0: every other site). The
+        threshold then counts within each neighbourhood.
 
     Raises
     ------
@@ -75,9 +96,11 @@ def secure_sum(ask: Ask, nodes: list[int], threshold: int, clip: float) -> Secur
     """
     if len(nodes) > secagg.MAX_SITES:
         raise SecAggAborted(f"at most {secagg.MAX_SITES} sites can be summed")
+    near = neighbourhoods(nodes, neighbours)
     public = dict(_enough("keys", ask("keys", dict.fromkeys(nodes)), threshold))
-    shared = _enough("share", ask("share", {n: (public, threshold) for n in public}),
-                     threshold)
+    shared = _enough("share", ask("share", {
+        n: ({m: public[m] for m in [n, *near[n]] if m in public}, threshold) for n in public}),
+        threshold)
     incoming = {dst: {src: boxes[dst] for src, boxes in shared.items() if dst in boxes}
                 for dst in shared}
     vectors = _enough("masked", ask("masked", incoming), threshold)
@@ -97,6 +120,8 @@ def secure_sum(ask: Ask, nodes: list[int], threshold: int, clip: float) -> Secur
     for gone in lost:  # the pairwise masks the survivors added for a site lost since
         key = bytes_to_private_key(_combine(shares, gone, threshold))
         for node in survivors:
+            if gone not in incoming[node]:  # not neighbours, or its shares never came
+                continue
             pair = generate_shared_key(key, bytes_to_public_key(public[node][0]))
             pair_mask = secagg.mask(base64.urlsafe_b64decode(pair), size)
             if secagg.pair_seed_sign(node, gone) > 0:

@@ -126,6 +126,23 @@ def test_a_sites_state_survives_its_record_between_messages() -> None:
     assert again == state
 
 
+def test_secaggplus_neighbourhoods_with_losses_still_sum_exactly() -> None:
+    """30 sites, 8 neighbours each (SecAgg+), two lost after sharing: the others' sum."""
+    from server.secagg import neighbourhoods
+
+    vectors = _vectors(30, size=20, seed=5)
+    near = neighbourhoods(sorted(vectors), 8)
+    assert all(len(v) == 8 for v in near.values())
+    assert all(a in near[b] for a in near for b in near[a])  # symmetric
+    fed = Federation(vectors, lose={"masked": {105, 117}})
+    result = secure_sum(fed, sorted(vectors), threshold=5, clip=CLIP, neighbours=8)
+    exact = sum(v for n, v in vectors.items() if n not in (105, 117))
+    assert result.lost == (105, 117)
+    assert np.max(np.abs(result.total - exact)) <= result.error_bound
+    # Each site held shares of its neighbours only.
+    assert all(set(s.seed_shares) <= {n, *near[n]} for n, s in fed.states.items())
+
+
 def test_masks_use_the_whole_seed() -> None:
     """Seeds differing in one byte give unrelated masks (unlike a 32-bit folded seed)."""
     a = secagg.mask(bytes(32), 1000)
