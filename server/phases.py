@@ -129,12 +129,14 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
         rep.result.nodes[name] = node
         summaries.append(summary)
         site = reply.content.config_records[protocol.SITE]
-        own = [f for f in str(site.get(protocol.SITE_FEATURES, "")).split(",") if f]
+        declared = [f for f in str(site.get(protocol.SITE_FEATURES, "")).split(",") if f]
+        # A site-only feature counts for a group only with its whole summary.
+        own = [f.name for f in _known(rep.schema, declared)
+               if all(k in metrics for k in summary_keys([f])[1:])]
         rep.site_features[name] = own
         rep.result.site_features[name] = own
         rep.site_summaries[name] = {
-            k: _as_list(metrics[k]) for k in summary_keys(_known(rep.schema, own))
-            if k in metrics}
+            k: _as_list(metrics[k]) for k in summary_keys(_known(rep.schema, own))}
     for node, name in rep.names.items():  # key failures by name where the site told it
         if f"node-{node}" in rep.result.failures:
             rep.result.failures[name] = rep.result.failures.pop(f"node-{node}")

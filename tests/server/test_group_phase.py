@@ -108,3 +108,34 @@ def test_no_groups_when_switched_off(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # Under either DP mode no group trains (its noisy rounds are worth nothing).
     assert not RunSettings(dp="record").groups and not RunSettings(dp="client").groups
     assert RunSettings().groups and not RunSettings(min_group_sites=0).groups
+
+
+def test_a_site_naming_a_feature_without_its_sums_is_left_out_of_the_group(
+        tmp_path: Path) -> None:
+    """Glucose at a, c, e, h; h's stats reply lacks glucose's sums: the group is a, c, e.
+
+    h still takes part, with the other candidates.
+    """
+    from flwr.app import Context, Message, MetricRecord
+
+    from shared import protocol
+
+    manifest = generate(tmp_path / "data", n_sites=8, seed=11)
+    contexts = manifest_contexts(read_manifest(manifest), tmp_path, {})
+    grid = InProcessGrid(contexts, client_app)
+    node_h = next(n for n, c in contexts.items() if c.node_config["site-name"] == "hospital-h")
+
+    def no_glucose_sums(msg: Message, ctx: Context) -> Message:
+        reply = client_app(msg, ctx)
+        if msg.metadata.message_type == protocol.STATS and reply.has_content():
+            metrics = reply.content.metric_records[protocol.METRICS]
+            reply.content.metric_records[protocol.METRICS] = MetricRecord(
+                {k: v for k, v in metrics.items() if not k.startswith("glucose.")})
+        return reply
+
+    grid.handlers[node_h] = no_glucose_sums
+    settings = RunSettings(num_server_rounds=5, min_sites=2, node_wait_timeout=1.0)
+    report = run_federation(grid, settings, Progress(tmp_path / "out"), {})
+    group = report["groups"]["glucose"]
+    assert group["members"] == ["hospital-a", "hospital-c", "hospital-e"]
+    assert report["sites"]["hospital-h"]["status"] == "ok"
