@@ -44,14 +44,19 @@ def test_each_site_s_audit_reconciles_with_what_the_coordinator_received(
     received = {e["reply_to"]: e for e in _lines(out / "replies.jsonl")}
     sites = sorted(p.name for p in (out / "sites").iterdir())
     assert sites == ["hospital-a", "hospital-b", "hospital-c"]
+    report = json.loads((out / "report.json").read_text())
     matched = 0
     for name in sites:
         log = read_audit(out / "sites" / name)
         assert not log.unreadable
-        # stats, two training rounds, adapt, evaluate; each answered once, all ok.
-        assert [e["phase"] for e in log.entries] == ["stats", "train", "train", "adapt",
-                                                     "evaluate"], name
-        assert [e["round"] for e in log.entries] == [None, 1, 2, None, None]
+        # stats, two training rounds, the glucose group's rounds at its members (a and c),
+        # adapt, evaluate; each answered once, all ok.
+        group = report["groups"]["glucose"]
+        extra = int(group["rounds"]) if name in group["members"] else 0
+        assert [e["phase"] for e in log.entries] == [
+            "stats", "train", "train", *["train"] * extra, "adapt", "evaluate"], name
+        assert [e["round"] for e in log.entries] == [
+            None, 1, 2, *range(1, extra + 1), None, None]
         assert len({e["node"] for e in log.entries}) == 1 and len(
             {e["run"] for e in log.entries}) == 1
         for sent in log.entries:
@@ -74,4 +79,5 @@ def test_each_site_s_audit_reconciles_with_what_the_coordinator_received(
         assert sum(t["bytes"] for t in log.totals().values()) == sum(
             received[e["reply_to"]]["bytes"] for e in log.entries)
     # Nothing reached the coordinator that a site's audit does not list.
-    assert matched == len(received) == 15
+    # 15 replies of the five phases, and the group's rounds at its two members.
+    assert matched == len(received) == 15 + 2 * int(report["groups"]["glucose"]["rounds"])
