@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from shared.correction import _sigmoid  # the estimator's own, bit for bit
+
 # Newton's steps stop when no weight of any candidate moves more than this.
 TOLERANCE = 1e-7
 MAX_ITER = 50
 MAX_HALVINGS = 30
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    e = np.exp(-np.abs(z))
-    out = np.where(z >= 0, 1.0, e)
-    out /= 1.0 + e
-    return out
 
 
 def _loss(eta: np.ndarray, y: np.ndarray, theta: np.ndarray, penalty: np.ndarray

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, Message
 
 from client.site import SiteSettings
 from shared import protocol
-from shared.groups import GROUP, GROUPS, MAX_PRIOR, SOURCE_ARRAYS, Extension
+from shared.groups import GROUP, GROUPS, MAX_PRIOR, SOURCE_ARRAYS, Extension, group_name
 from shared.preprocessing import TabularPreprocessor
 from shared.schema import BUILTINS, Feature, Schema, load_schema
 from shared.settings import MODELS, PROTOCOLS, SettingsError
@@ -146,7 +146,7 @@ class GroupRound:
     @property
     def name(self) -> str:
         """The group's name."""
-        return "+".join(f.name for f in self.features)
+        return group_name([f.name for f in self.features])
 
 
 @dataclass(frozen=True)
@@ -303,22 +303,6 @@ def _site_defs(read: _Reader, schema: Schema, site: SiteSettings, names: Any,
     return tuple(schema.resolve_site_features(list(names)))
 
 
-def _group_prep(state: Any, defs: tuple[Feature, ...]) -> list[str]:
-    """A group preprocessing's output names, after the checks of the shared one."""
-    if not isinstance(state, dict):
-        raise ValueError("not a JSON object")
-    prep = TabularPreprocessor.from_dict(state, list(defs))
-    numeric = [f for f in defs if f.kind != "categorical"]
-    if prep.mean_.shape != (len(numeric),) or prep.scale_.shape != (len(numeric),):
-        raise ValueError(f"mean and scale need {len(numeric)} values each")
-    if not (np.isfinite(prep.mean_).all() and np.isfinite(prep.scale_).all()
-            and (prep.scale_ > 0).all()):
-        raise ValueError("means must be finite and scales finite and positive")
-    if not set(prep.indicator_features_) <= {f.name for f in defs}:
-        raise ValueError("indicators of unknown features")
-    return list(prep.feature_names_out_)
-
-
 def _source_inputs(source: SourceModel, schema: Schema) -> int:
     """How many inputs the source model has (0 when its preprocessing was refused)."""
     try:
@@ -337,7 +321,7 @@ def _group_round(read: _Reader, msg: Message, schema: Schema, site: SiteSettings
         defs = _site_defs(read, schema, site, state.get("features"), "group")
         if defs is None:
             return None
-        names_out = _group_prep(state.get("preprocessing"), defs)
+        names_out = _check_preprocessing(state.get("preprocessing"), defs)
     except (ValueError, TypeError, KeyError) as err:
         read.problems.append(f"group is not usable ({err})")
         return None
@@ -377,7 +361,7 @@ def _extensions(read: _Reader, schema: Schema, site: SiteSettings,
             defs = _site_defs(read, schema, site, names, "groups")
             if defs is None:
                 continue
-            names_out = _group_prep(state.get("preprocessing"), defs)
+            names_out = _check_preprocessing(state.get("preprocessing"), defs)
             ext = Extension.from_dict(state)
             if ext.theta.shape != (d + len(names_out) + 1,) or not d:
                 raise ValueError(f"group {ext.name}: {d + len(names_out) + 1} weights needed")
@@ -448,7 +432,7 @@ def _source(read: _Reader, msg: Message, schema: Schema, input_bound: float,
     names_out: list[str] = []
     try:
         prep_state = json.loads(read.get("preprocessing", str, "{}"))
-        names_out = _check_preprocessing(prep_state, schema)
+        names_out = _check_preprocessing(prep_state, schema.shared_features)
     except (ValueError, TypeError, KeyError) as err:
         read.problems.append(f"preprocessing is not usable ({err})")
     arrays = (msg.content.array_records.get(key) if msg.has_content() else None)
@@ -460,8 +444,11 @@ def _source(read: _Reader, msg: Message, schema: Schema, input_bound: float,
     return SourceModel(kind, hidden, prep_state, arrays, input_bound)
 
 
-def _check_preprocessing(state: dict[str, Any], schema: Schema) -> list[str]:
+def _check_preprocessing(state: Any, features: Sequence[Feature]) -> list[str]:
     """The preprocessing's output names, after checking that every number is usable.
+
+    ``features`` are those it must have been fitted on: the schema's shared features, or a
+    feature group's.
 
     Raises
     ------
@@ -470,15 +457,14 @@ def _check_preprocessing(state: dict[str, Any], schema: Schema) -> list[str]:
     """
     if not isinstance(state, dict):
         raise ValueError("not a JSON object")
-    prep = TabularPreprocessor.from_dict(state, list(schema.shared_features))
-    numeric = [f for f in schema.shared_features if f.kind != "categorical"]
+    prep = TabularPreprocessor.from_dict(state, list(features))
+    numeric = [f for f in features if f.kind != "categorical"]
     if prep.mean_.shape != (len(numeric),) or prep.scale_.shape != (len(numeric),):
         raise ValueError(f"mean and scale need {len(numeric)} values each")
     if not (np.isfinite(prep.mean_).all() and np.isfinite(prep.scale_).all()
             and (prep.scale_ > 0).all()):
         raise ValueError("means must be finite and scales finite and positive")
-    names = {f.name for f in schema.shared_features}
-    if not set(prep.indicator_features_) <= names:
+    if not set(prep.indicator_features_) <= {f.name for f in features}:
         raise ValueError("indicators of unknown features")
     return list(prep.feature_names_out_)
 

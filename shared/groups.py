@@ -38,6 +38,11 @@ SOURCE_ARRAYS = "source"
 MAX_PRIOR = 10.0
 
 
+def group_name(features: Sequence[str]) -> str:
+    """A feature group's name: its features joined by '+'."""
+    return "+".join(features)
+
+
 @dataclass(frozen=True)
 class Group:
     """Sites measuring the same site-only features.
@@ -56,7 +61,7 @@ class Group:
     @property
     def name(self) -> str:
         """How messages and the report call it: its features joined by '+'."""
-        return "+".join(self.features)
+        return group_name(self.features)
 
 
 def form_groups(site_features: Mapping[str, Sequence[str]], min_sites: int,
@@ -128,7 +133,7 @@ class Extension:
     @property
     def name(self) -> str:
         """The group's name."""
-        return "+".join(self.features)
+        return group_name(self.features)
 
     def preprocessor(self, defs: Sequence[Feature]) -> TabularPreprocessor:
         """The group features' preprocessing, rebuilt for their definitions."""

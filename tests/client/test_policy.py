@@ -196,21 +196,25 @@ def test_too_few_rows_for_an_aggregate_is_refused_whole(
     assert "40" not in reason and "28" not in reason  # no count said
 
 
+def _keep_first(data: Path, column: str, rows: int) -> None:
+    """Empty ``column`` in every row of the file after the first ``rows``."""
+    lines = data.read_text().splitlines()
+    col = lines[0].split(",").index(column)
+    out = [lines[0]]
+    for i, line in enumerate(lines[1:]):
+        cells = line.split(",")
+        cells[col] = cells[col] if i < rows else ""
+        out.append(",".join(cells))
+    data.write_text("\n".join(out) + "\n")
+
+
 def test_a_feature_observed_in_too_few_rows_refuses_the_stats_reply(
     tmp_path: Path, task_identity: None
 ) -> None:
     """Enough rows, but a feature's sum over too few observed values: the reply is refused."""
     ctx = _context(tmp_path, "min-rows = 20\nrequire-dp = false\n", rows=300)
-    data = Path(str(ctx.node_config["data-file"]))
-    lines = data.read_text().splitlines()
-    col = lines[0].split(",").index("systolic_bp")
-    out = [lines[0]]
-    for i, line in enumerate(lines[1:]):
-        cells = line.split(",")
-        if i >= 10:  # blood pressure measured in 10 rows only (about 7 of them training rows)
-            cells[col] = ""
-        out.append(",".join(cells))
-    data.write_text("\n".join(out) + "\n")
+    # Blood pressure measured in 10 rows only (about 7 of them training rows).
+    _keep_first(Path(str(ctx.node_config["data-file"])), "systolic_bp", 10)
     reply = _stats(ctx)
     assert reply.has_error() and reply.error.code == protocol.REFUSED
     assert "feature 'systolic_bp'" in str(reply.error.reason)
@@ -229,15 +233,7 @@ def test_a_site_feature_observed_in_too_few_rows_is_left_out_not_the_reply(
         ctx = _context(tmp_path / str(measured), "min-rows = 20\nrequire-dp = false\n",
                        rows=300)
         ctx.node_config["site-features"] = "glucose"
-        data = Path(str(ctx.node_config["data-file"]))
-        lines = data.read_text().splitlines()
-        col = lines[0].split(",").index("glucose")
-        out = [lines[0]]
-        for i, line in enumerate(lines[1:]):
-            cells = line.split(",")
-            cells[col] = cells[col] if i < measured else ""
-            out.append(",".join(cells))
-        data.write_text("\n".join(out) + "\n")
+        _keep_first(Path(str(ctx.node_config["data-file"])), "glucose", measured)
         reply = _stats(ctx)
         assert reply.has_content(), reply.error.reason if reply.has_error() else ""
         site = reply.content.config_records[protocol.SITE]
