@@ -166,8 +166,14 @@ def describe(msg: Message, reply: Message, phase: str,
     content = reply.content
     entry["metrics"] = {name: {k: _number(v) for k, v in sorted(rec.items())}
                         for name, rec in content.metric_records.items()}
-    entry["configs"] = {name: {k: str(v) for k, v in sorted(rec.items())}
+    entry["configs"] = {name: {k: _text(v) for k, v in sorted(rec.items())}
                         for name, rec in content.config_records.items()}
+    asked = msg.content.config_records.get(protocol.SECAGG_RECORD) if msg.has_content() else None
+    if asked is not None:  # a secure sum's stage; "masked": the reply's vector was masked
+        entry["secagg"] = {"stage": str(asked.get(protocol.STAGE)),
+                           "sum": str(asked.get(protocol.SUM_ID)),
+                           "masked": protocol.MASKED in content.array_records.get(
+                               protocol.ARRAYS, {})}
     entry["arrays"] = {
         name: {k: {"shape": list(rec[k].shape), "dtype": str(rec[k].dtype),
                    "bytes": len(rec[k].data), "sha256": hashlib.sha256(rec[k].data).hexdigest()}
@@ -515,6 +521,16 @@ def keys_count(entry: Mapping[str, Any]) -> int:
 def arrays_count(entry: Mapping[str, Any]) -> int:
     """Arrays of one entry."""
     return sum(len(r) for r in entry.get("arrays", {}).values())
+
+
+def _text(value: Any) -> str:
+    """A config value as text; a key or an encrypted share as its size and digest."""
+    if isinstance(value, bytes):
+        return f"{len(value)} bytes, sha256 {hashlib.sha256(value).hexdigest()[:16]}"
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return f"{len(value)} byte strings, sha256 " + hashlib.sha256(
+            b"".join(hashlib.sha256(v).digest() for v in value)).hexdigest()[:16]
+    return str(value)
 
 
 def _round(msg: Message) -> int | None:

@@ -27,6 +27,7 @@ from client.jobs import (
     train_job,
 )
 from client.policy import admit, check_reply_rows, site_policy
+from client.secure_reply import answer, inner_message, masked_vector, parse_stage
 from client.site import resolve_site
 from shared import logs, protocol
 
@@ -77,6 +78,45 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
     return audited(msg, reply, phase, site, repeat=repeated)
 
 
+def _secure(msg: Message, context: Context) -> Message:
+    """One stage of a secure sum; the masked stage answers its inner message, then masks it."""
+    t0 = time.perf_counter()
+    site = None
+    try:
+        site = resolve_site(context.node_config, context.run_config)
+        policy = site_policy(site, context.state)
+        stage = parse_stage(msg)
+        node = int(msg.metadata.dst_node_id)
+        if stage.name != "masked":
+            values = answer(stage, node, context.state)
+            reply = build_reply(msg, shared_features=(), metrics={}, secagg=values)
+        else:
+            inner = inner_message(msg, stage)
+            request = parse(stage.inner, inner, site, policy.input_bound)
+            admit(policy, stage.inner, request, site, masked=True)
+            rows = open_site(site, request, policy, context.state)
+            policy.check_rows("the training rows", len(rows.split.train))
+            _one_thread(len(sys.modules))
+            plain, _ = (_stats(inner, rows, request) if stage.inner == "stats"
+                        else _train(inner, rows, request))  # type: ignore[arg-type]
+            check_reply_rows(policy, plain)  # the plain reply is checked, then masked
+            features = list(rows.schema.shared_features)
+            masked = masked_vector(stage, node, context.state, plain, inner, features)
+            dp = plain.content.metric_records[protocol.METRICS]
+            site_record = ({protocol.SITE_NAME: rows.site.name,
+                            protocol.SCHEMA_DIGEST: rows.schema.digest()}
+                           if stage.inner == "stats" else None)
+            reply = build_reply(
+                msg, shared_features=features, arrays=masked, site=site_record, secagg={},
+                metrics={k: float(dp[k]) for k in protocol.DP_METRICS  # type: ignore[arg-type]
+                         if k in dp})
+    except Exception as err:  # every failure must still produce a reply without cell values
+        reply = error_reply(msg, err, "secagg", site)
+    else:
+        log.info("secagg done in %.2f s", time.perf_counter() - t0)
+    return audited(msg, reply, "secagg", site)
+
+
 def _stats(msg: Message, rows: SiteRows, request: Request) -> tuple[Message, bool]:
     metrics, repeated = stats_job(rows)
     own = summarized_site_features(rows)
@@ -118,6 +158,12 @@ _evaluate = _corrections(evaluate_job)
 def stats(msg: Message, context: Context) -> Message:
     """Phase 1: aggregate counts and sums of the training rows' shared features."""
     return _respond(msg, context, "stats", _stats)
+
+
+@app.query("secagg")
+def secure(msg: Message, context: Context) -> Message:
+    """A stage of a secure sum: keys, shares, the masked stats or train reply, unmasking."""
+    return _secure(msg, context)
 
 
 @app.train()

@@ -60,12 +60,15 @@ def allowed_metric_keys(
         return set(protocol.ADAPT_METRICS)
     if message_type == protocol.EVALUATE:
         return set(protocol.EVALUATE_METRICS)
+    if message_type == protocol.SECAGG:  # the masked stage: the epsilon a DP round spent
+        return set(protocol.DP_METRICS)
     raise EgressViolation(f"no reply is allowed to messages of type {message_type!r}")
 
 
 ALLOWED_SITE_KEYS = {
     protocol.STATS: {protocol.SITE_NAME, protocol.SCHEMA_DIGEST, protocol.SITE_FEATURES},
     protocol.TRAIN: set(),
+    protocol.SECAGG: {protocol.SITE_NAME, protocol.SCHEMA_DIGEST},  # masked stage of stats
     protocol.ADAPT: {protocol.SITE_NAME, protocol.CORRECTION_STATUS, protocol.SITE_FEATURES,
                      protocol.MODEL_CHOICE, protocol.MODEL_REASON},
     protocol.EVALUATE: {protocol.SITE_NAME, protocol.CORRECTION_STATUS, protocol.SITE_FEATURES,
@@ -81,8 +84,14 @@ def build_reply(
     arrays: ArrayRecord | None = None,
     site: Mapping[str, str] | None = None,
     site_features: Sequence[Feature] = (),
+    secagg: Mapping[str, Any] | None = None,
 ) -> Message:
     """Build the reply to ``msg`` after checking that it holds only allowed aggregates.
+
+    A reply to a secure sum's stage (``query.secagg``) carries the stage's public keys,
+    encrypted shares or released shares in its ``secagg`` record, and at the masked stage
+    the masked vector (uint64) as its only array, the epsilon a DP round spent and, for
+    stats, the site's name: never a plain sum.
 
     Parameters
     ----------
@@ -100,6 +109,8 @@ def build_reply(
         The site's name and status strings.
     site_features : sequence of Feature
         The site's own features (a stats reply may carry their summaries).
+    secagg : mapping, optional
+        A secure sum's stage: the values of the reply's ``secagg`` record.
 
     Returns
     -------
@@ -121,7 +132,11 @@ def build_reply(
     sent: dict[str, Any] = {key: value for key, value in metrics.items()
                             if _defined(key, value)}
     content = RecordDict({protocol.METRICS: MetricRecord(sent)})
-    if arrays is not None:
+    if mtype == protocol.SECAGG:
+        content[protocol.SECAGG_RECORD] = ConfigRecord(_secagg_values(msg, secagg, arrays))
+        if arrays is not None:
+            content[protocol.ARRAYS] = arrays
+    elif arrays is not None:
         if mtype != protocol.TRAIN:
             raise EgressViolation(f"a reply to {mtype} may not carry arrays")
         _check_arrays(arrays, msg.content.array_records.get(protocol.ARRAYS), newton)
@@ -137,6 +152,33 @@ def build_reply(
                 raise EgressViolation(f"site field {key!r} must be a short string")
         content[protocol.SITE] = ConfigRecord(dict(site))
     return Message(content=content, reply_to=msg)
+
+
+def _secagg_values(msg: Message, values: Mapping[str, Any] | None,
+                   arrays: ArrayRecord | None) -> dict[str, Any]:
+    """A stage's reply values, checked: the stage's keys only, ids and byte strings only."""
+    record = msg.content.config_records.get(protocol.SECAGG_RECORD)
+    stage = record.get(protocol.STAGE) if record is not None else None
+    if stage not in protocol.SECAGG_REPLY_KEYS:
+        raise EgressViolation("a secure-aggregation reply to no known stage")
+    out = dict(values or {})
+    extra = sorted(set(out) - set(protocol.SECAGG_REPLY_KEYS[str(stage)]))
+    if extra:
+        raise EgressViolation(f"a {stage} stage's reply carries keys that are not allowed: "
+                              f"{extra}")
+    for key, value in out.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, bytes) or (isinstance(v, int) and not isinstance(v, bool))
+                   for v in items):
+            raise EgressViolation(f"a {stage} stage's {key!r} is not node ids or bytes")
+    if stage == "masked":
+        vector = arrays.get(protocol.MASKED) if arrays is not None else None
+        if arrays is None or list(arrays) != [protocol.MASKED] or vector is None or (
+                vector.dtype != "uint64" or len(vector.shape) != 1):
+            raise EgressViolation("a masked stage's reply carries its masked vector only")
+    elif arrays is not None:
+        raise EgressViolation(f"a {stage} stage's reply may not carry arrays")
+    return out
 
 
 SITE_PREFIX = "[site {}] "

@@ -73,6 +73,9 @@ class Policy:
     require_dp: bool = _rule(
         False, "answer only under differential privacy: training with dp = \"record\", the "
         "stats released once with noise, no evaluation or model-choice scores sent")
+    require_secagg: bool = _rule(
+        False, "send sums only masked by secure aggregation (the run's secagg = true): a "
+        "plain stats or training reply is refused")
     max_epsilon_run: float = _rule(
         math.inf, "largest epsilon (at `delta`) one run may spend on the site's patients")
     max_epsilon_total: float = _rule(
@@ -112,6 +115,9 @@ class Policy:
             "training: " + (f"at most {self.max_rounds} rounds over all runs" if self.max_rounds
                             else "any number of rounds"),
             f"answers {private}",
+            "sums: " + ("sent only masked by secure aggregation (the coordinator learns the "
+                        "federation's totals, never this site's)" if self.require_secagg
+                        else "sent plainly unless the run uses secure aggregation"),
             f"privacy budget: {budget} (delta {self.delta:g})",
             f"model inputs: clipped into [-{self.input_bound:g}, {self.input_bound:g}]",
         ]
@@ -179,7 +185,8 @@ DEPLOYED = Policy(min_rows=20, require_dp=True, max_epsilon_run=3.0, max_epsilon
 
 
 
-def admit(policy: Policy, phase: str, request: Request, site: SiteSettings) -> None:
+def admit(policy: Policy, phase: str, request: Request, site: SiteSettings,
+          masked: bool = False) -> None:
     """Refuse a request the policy does not accept, before any data is read.
 
     A training round is counted in the site's ledger (``client.ledger``) when the site is
@@ -197,6 +204,8 @@ def admit(policy: Policy, phase: str, request: Request, site: SiteSettings) -> N
         The parsed message (a training round's DP request).
     site : SiteSettings
         The site (its folder holds the ledger).
+    masked : bool
+        The reply will leave masked, inside a secure sum (``client.secure_reply``).
 
     Raises
     ------
@@ -204,6 +213,9 @@ def admit(policy: Policy, phase: str, request: Request, site: SiteSettings) -> N
         Naming the rule (``ledger`` when the ledger cannot be trusted).
     """
     policy.allows(phase)
+    if policy.require_secagg and not masked and phase in ("stats", "train"):
+        raise PolicyRefusal("require-secagg", f"the policy sends sums only masked: run with "
+                            f"secagg = true (this {phase} reply would leave plain)")
     if phase != "train":
         return
     dp = getattr(request, "dp", None)
@@ -288,7 +300,7 @@ def _value(where: str, key: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise PolicyError(f"{where}: {key} must be a list of strings")
         return tuple(v.strip().lower() if key == "approved-apps" else v for v in value)
-    if key == "require-dp":
+    if key in ("require-dp", "require-secagg"):
         if not isinstance(value, bool):
             raise PolicyError(f"{where}: {key} must be true or false")
         return value

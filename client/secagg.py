@@ -13,8 +13,11 @@ the site) and tests can drive many sites in one process:
 4. :func:`unmask`: for each surviving neighbour its seed's share, for each lost one its
    secret key's share (never both for one neighbour: that would unmask its vector).
 
-Every neighbour is every other site of the round for now (SecAgg); SecAgg+'s sparser
-neighbourhoods are the next step.
+A site's neighbours are the sites whose public keys the share stage quotes to it (every
+other site, or SecAgg+'s ring neighbourhood: ``server.secagg.neighbourhoods``). Each stage is
+answered once per secure sum, the threshold must be a majority of the neighbourhood, and a
+site named lost is not asked to unmask: a coordinator that asks twice, or tells different
+sites different stories of who was lost, gets refusals (docs/privacy.md says what remains).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class SiteState:
     """What a site keeps between the stages of one secure sum (never sent)."""
 
     node: int
+    sum_id: str = ""
     sk1: bytes = b""
     pk1: bytes = b""
     sk2: bytes = b""
@@ -66,6 +70,7 @@ class SiteState:
     seed_shares: dict[int, bytes] = field(default_factory=dict)
     key_shares: dict[int, bytes] = field(default_factory=dict)
     masked_with: list[int] = field(default_factory=list)
+    answered_masked: bool = False
     answered_unmask: bool = False
 
 
@@ -73,14 +78,15 @@ def to_record(state: SiteState) -> dict[str, Any]:
     """The state as a Flower ConfigRecord's values (kept in ``context.state``, at the site)."""
     nodes = sorted(state.public)
     return {
-        "node": state.node, "sk1": state.sk1, "pk1": state.pk1, "sk2": state.sk2,
-        "pk2": state.pk2, "seed": state.seed, "threshold": state.threshold,
+        "node": state.node, "sum-id": state.sum_id, "sk1": state.sk1, "pk1": state.pk1,
+        "sk2": state.sk2, "pk2": state.pk2, "seed": state.seed, "threshold": state.threshold,
         "public-nodes": nodes, "public-pk1": [state.public[n][0] for n in nodes],
         "public-pk2": [state.public[n][1] for n in nodes],
         "share-nodes": sorted(state.seed_shares),
         "seed-shares": [state.seed_shares[n] for n in sorted(state.seed_shares)],
         "key-shares": [state.key_shares[n] for n in sorted(state.seed_shares)],
-        "masked-with": list(state.masked_with), "answered-unmask": state.answered_unmask,
+        "masked-with": list(state.masked_with), "answered-masked": state.answered_masked,
+        "answered-unmask": state.answered_unmask,
     }
 
 
@@ -89,7 +95,8 @@ def from_record(record: Mapping[str, Any]) -> SiteState:
     nodes = [int(n) for n in record["public-nodes"]]
     holders = [int(n) for n in record["share-nodes"]]
     return SiteState(
-        node=int(record["node"]), sk1=bytes(record["sk1"]), pk1=bytes(record["pk1"]),
+        node=int(record["node"]), sum_id=str(record["sum-id"]), sk1=bytes(record["sk1"]),
+        pk1=bytes(record["pk1"]),
         sk2=bytes(record["sk2"]), pk2=bytes(record["pk2"]), seed=bytes(record["seed"]),
         threshold=int(record["threshold"]),
         public={n: (bytes(a), bytes(b)) for n, a, b in zip(
@@ -97,6 +104,7 @@ def from_record(record: Mapping[str, Any]) -> SiteState:
         seed_shares={n: bytes(v) for n, v in zip(holders, record["seed-shares"], strict=True)},
         key_shares={n: bytes(v) for n, v in zip(holders, record["key-shares"], strict=True)},
         masked_with=[int(n) for n in record["masked-with"]],
+        answered_masked=bool(record["answered-masked"]),
         answered_unmask=bool(record["answered-unmask"]),
     )
 
@@ -125,9 +133,11 @@ def share(state: SiteState, public: dict[int, tuple[bytes, bytes]], threshold: i
     flat = [k for pair in public.values() for k in pair]
     if len(set(flat)) != len(flat):
         raise SecAggRefused("two public keys of the round are the same")
-    if not 2 <= threshold <= len(public):
-        raise SecAggRefused(f"threshold {threshold} must be between 2 and the {len(public)} "
-                            "sites of the round")
+    if state.seed:
+        raise SecAggRefused("the share stage was asked already")
+    if not 2 <= threshold <= len(public) or 2 * threshold <= len(public):
+        raise SecAggRefused(f"threshold {threshold} must be at least 2 and a majority of the "
+                            f"{len(public)} sites of this site's neighbourhood")
     state.public, state.threshold = dict(public), threshold
     state.seed = os.urandom(secagg.SEED_BYTES)
     order = sorted(public)
@@ -153,8 +163,12 @@ def masked(state: SiteState, incoming: dict[int, bytes], vector: np.ndarray, cli
     ------
     SecAggRefused
         If a value lies outside ``[-clip, clip]`` (it would be clipped without anyone
-        knowing), a share is not addressed to this site, or too few neighbours remain.
+        knowing), a share is not addressed to this site, too few neighbours remain, or
+        the stage is asked twice (two masked vectors under the same masks would give away
+        their difference).
     """
+    if state.answered_masked or not state.seed:
+        raise SecAggRefused("the masked stage was asked already, or before the share stage")
     values = np.asarray(vector, dtype=np.float64)
     if not np.all(np.isfinite(values)) or np.max(np.abs(values), initial=0.0) > clip:
         raise SecAggRefused(f"a value of this site's reply lies outside the quantisation "
@@ -180,6 +194,7 @@ def masked(state: SiteState, incoming: dict[int, bytes], vector: np.ndarray, cli
         sign = secagg.pair_seed_sign(state.node, other)
         out = out + pair_mask if sign > 0 else out - pair_mask
     state.masked_with = sorted(incoming)
+    state.answered_masked = True
     return out
 
 
@@ -189,13 +204,17 @@ def unmask(state: SiteState, active: list[int], dead: list[int]) -> dict[int, by
     Raises
     ------
     SecAggRefused
-        If a site is named both active and lost (both shares would unmask its vector), the
-        survivors are fewer than the threshold, or the stage is asked twice.
+        If a site is named both active and lost (both shares would unmask its vector), this
+        site is named lost or was never masked, fewer of its neighbourhood survive than the
+        threshold, or the stage is asked twice.
     """
     if set(active) & set(dead):
         raise SecAggRefused("a site is named both surviving and lost")
-    if len(active) < state.threshold:
-        raise SecAggRefused("fewer sites survive than the threshold")
+    if not state.answered_masked or state.node in dead or state.node not in active:
+        raise SecAggRefused("this site sent its masked vector: it cannot be lost")
+    if len(set(active) & set(state.public)) < state.threshold:
+        raise SecAggRefused("fewer sites of this site's neighbourhood survive than the "
+                            "threshold")
     if state.answered_unmask:
         raise SecAggRefused("the unmasking stage was asked already")
     state.answered_unmask = True

@@ -17,10 +17,12 @@ from server.audit import ReplyLog
 from server.groups import groups_of
 from server.guarded import TrainingOutcome
 from server.progress import Progress
+from server.secagg import SecAggAborted
+from server.secure_rounds import SECURE_SUM_NAME, SECURE_SUM_NODE, SecureChannel
 from server.sites import SiteGrid, TrainingRefused, query_sites
 from server.strategy import make_strategy
 from server.summary import RepeatResult
-from shared import protocol
+from shared import protocol, summed
 from shared.arrays import arrays_digest
 from shared.dp_accounting import epsilon_spent
 from shared.errors import FedadaptError
@@ -91,9 +93,13 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
     """Phase 1: every site's counts and sums -> the global preprocessing."""
     rep.emit("phase", phase="stats")
     t = time.monotonic()
-    replies = query_sites(rep.grid, nodes, protocol.STATS,
-                          RecordDict({protocol.CONFIG: ConfigRecord(rep.base)}),
-                          rep.settings.phase_timeout, rep.audit, rep.settings.max_in_flight)
+    content = RecordDict({protocol.CONFIG: ConfigRecord(rep.base)})
+    total = None  # secure aggregation: the federation's summary, the only one received
+    if rep.settings.secagg:
+        replies, total = _secure_stats(rep, nodes, content)
+    else:
+        replies = query_sites(rep.grid, nodes, protocol.STATS, content,
+                              rep.settings.phase_timeout, rep.audit, rep.settings.max_in_flight)
     expected = summary_keys(rep.schema.shared_features)
     summaries = []
     misfits = 0  # sites whose file or schema does not fit the run's schema
@@ -120,13 +126,16 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
                 "(`flwr supernode register` printed each key's node id); correct the "
                 "--node-config of one of them and restart it"
             )
+        rep.names[node] = name
+        rep.result.nodes[name] = node
+        if total is not None:
+            continue  # the masked reply: the site's name, its sums only inside the total
         metrics = reply.content.metric_records[protocol.METRICS]
         summary = {k: _as_list(metrics[k]) for k in expected if k in metrics}
         if len(summary) != len(expected):
             rep.result.failures[name] = "stats: reply lacks summary entries"
+            del rep.names[node], rep.result.nodes[name]
             continue
-        rep.names[node] = name
-        rep.result.nodes[name] = node
         summaries.append(summary)
         site = reply.content.config_records[protocol.SITE]
         declared = [f for f in str(site.get(protocol.SITE_FEATURES, "")).split(",") if f]
@@ -152,7 +161,7 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
         raise RunFailed("no site passed the stats phase: " + "; ".join(
             f"{k}: {v}" for k, v in rep.result.failures.items()))
     prep = TabularPreprocessor(features=list(rep.schema.shared_features)).fit_summary(
-        merge_summaries(summaries)
+        merge_summaries(summaries) if total is None else total
     )
     rep.result.timing["stats"] = time.monotonic() - t
     groups = groups_of(rep)
@@ -162,6 +171,45 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
     log.info("repeat %d: %d site(s) in the federation, %d model inputs", rep.result.repeat,
              len(rep.names), len(prep.feature_names_out_))
     return prep
+
+
+def _secure_stats(rep: Repeat, nodes: list[int], content: RecordDict
+                  ) -> tuple[dict[int, Message], dict[str, list[float]]]:
+    """The stats phase as one secure sum: each site's masked reply (its name), the total.
+
+    Raises
+    ------
+    RunFailed
+        If the secure sum aborted (too few sites at a stage): nothing was aggregated.
+    """
+    s = rep.settings
+    channel = _channel(s, rep.grid, rep.audit, s.phase_timeout)
+    try:
+        outcome = channel.run(nodes, "stats", content, {"phase": "stats"})
+    except SecAggAborted as err:
+        failures = "; ".join(f"{rep.names.get(n, f'node-{n}')}: {r.error.reason}"
+                             for n, r in channel.outcome.replies.items() if r.has_error())
+        raise RunFailed(f"the stats phase's {err}" + (f" ({failures})" if failures else "")
+                        ) from None
+    assert outcome.result is not None
+    rep.result.secagg_error_bound = max(rep.result.secagg_error_bound,
+                                        outcome.result.error_bound)
+    total = summed.stats_total(outcome.result.total, rep.schema.shared_features)
+    if outcome.result.error_bound < 0.5:  # counts are whole numbers
+        for key in total:
+            if key.endswith((".count", ".counts", ".missing")) or key == "rows":
+                total[key] = [float(round(v)) for v in total[key]]
+    # A site lost after masking is not in the total: it does not join the federation.
+    replies = {n: r for n, r in outcome.replies.items()
+               if r.has_error() or n in outcome.result.survivors}
+    return replies, total
+
+
+def _channel(s: RunSettings, grid: Grid, audit: ReplyLog | None, timeout: float
+             ) -> SecureChannel:
+    return SecureChannel(grid, threshold=s.secagg_threshold, neighbours=s.secagg_neighbours,
+                         clip=s.secagg_clip, timeout=timeout, first_reply_timeout=s.phase_timeout,
+                         window=s.max_in_flight, audit=audit)
 
 
 RoundSaved = Callable[[int, ArrayRecord], None]
@@ -183,9 +231,10 @@ def train_phase(
     shapes = {k: tuple(start[k].shape) for k in start}
     # Before any site has answered a round, it waits up to the phase timeout (a busy machine
     # delays every site alike); after the first reply, reply-timeout counts from the last one.
+    secure = _channel(s, rep.grid, rep.audit, s.reply_timeout) if s.secagg else None
     grid = SiteGrid(rep.grid, rep.names, rep.audit, min_sites=min(s.min_sites, len(rep.names)),
                     wait=s.node_wait_timeout, names=rep.names,
-                    first_reply_timeout=s.phase_timeout, window=s.max_in_flight)
+                    first_reply_timeout=s.phase_timeout, window=s.max_in_flight, secure=secure)
     current = [start]
 
     def on_round(rnd: int, arrays: ArrayRecord | None, metrics: MetricRecord | None,
@@ -199,7 +248,11 @@ def train_phase(
             loss = gl = None  # DP-SGD sites withhold their (noise-free) losses
         entry: dict[str, Any] = {"round": number, "loss": loss, "global_loss": gl,
                                  "rejected": rejected, "dropped": dropped}
-        spent = strategy.outcome.dp_spent.get(rnd, {})
+        spent = strategy.outcome.dp_spent.get(rnd, {}) or grid.dp_spent.get(number, {})
+        if number in grid.aborted:
+            entry_note = f"round {number}: secure aggregation aborted: {grid.aborted[number]}"
+            if entry_note not in rep.result.notes:
+                rep.result.notes.append(entry_note)
         if spent:  # dp = "record": each site's epsilon spent in this run after this round
             entry["dp"] = {site: {"epsilon": e, "delta": d} for site, (e, d) in spent.items()}
         if s.dp == "client":  # the run's epsilon per site after this round's release
@@ -215,7 +268,8 @@ def train_phase(
         if on_saved is not None:
             on_saved(number, current[0])
 
-    strategy = make_strategy(s, len(rep.names), shapes, rep.names, on_round)
+    names = {**rep.names, SECURE_SUM_NODE: SECURE_SUM_NAME} if s.secagg else rep.names
+    strategy = make_strategy(s, len(rep.names), shapes, names, on_round)
     rep.emit("phase", phase="train", from_round=done_rounds + 1)
     t = time.monotonic()
     remaining = s.num_server_rounds - done_rounds
@@ -246,6 +300,7 @@ def train_phase(
         rep.result.converged_round = converged + done_rounds
         rep.emit("converged", round=converged + done_rounds)
     rep.result.timing["train"] = time.monotonic() - t
+    rep.result.secagg_error_bound = max(rep.result.secagg_error_bound, grid.error_bound)
     for node, (rnd, reason) in grid.dropped.items():
         name = rep.names[node]  # the grid lists only the sites that passed the stats phase
         missed = [r for r in range(rnd, s.num_server_rounds + 1)]

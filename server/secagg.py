@@ -71,7 +71,7 @@ def neighbourhoods(nodes: list[int], neighbours: int = 0) -> dict[int, list[int]
             for i, node in enumerate(order)}
 
 
-def secure_sum(ask: Ask, nodes: list[int], threshold: int, clip: float,
+def secure_sum(ask: Ask, nodes: list[int], threshold: float, clip: float,
                neighbours: int = 0) -> SecureSum:
     """Sum the sites' vectors without seeing any of them.
 
@@ -81,8 +81,9 @@ def secure_sum(ask: Ask, nodes: list[int], threshold: int, clip: float,
         Sends one stage's requests and returns the replies of the sites that answered.
     nodes : list of int
         The sites of the round.
-    threshold : int
-        Fewest sites that must remain at every stage (and shares needed to unmask).
+    threshold : float
+        Share of each neighbourhood (the site and its neighbours) that must remain at every
+        stage and whose shares rebuild a secret (``shared.secagg.threshold_count``).
     clip : float
         The quantisation range every value lies in.
     neighbours : int
@@ -97,38 +98,39 @@ def secure_sum(ask: Ask, nodes: list[int], threshold: int, clip: float,
     if len(nodes) > secagg.MAX_SITES:
         raise SecAggAborted(f"at most {secagg.MAX_SITES} sites can be summed")
     near = neighbourhoods(nodes, neighbours)
-    public = dict(_enough("keys", ask("keys", dict.fromkeys(nodes)), threshold))
+    size = 1 + max((len(v) for v in near.values()), default=0)
+    need = secagg.threshold_count(threshold, size)
+    public = dict(_enough("keys", ask("keys", dict.fromkeys(nodes)), need))
     shared = _enough("share", ask("share", {
-        n: ({m: public[m] for m in [n, *near[n]] if m in public}, threshold) for n in public}),
-        threshold)
+        n: ({m: public[m] for m in [n, *near[n]] if m in public}, need) for n in public}),
+        need)
     incoming = {dst: {src: boxes[dst] for src, boxes in shared.items() if dst in boxes}
                 for dst in shared}
-    vectors = _enough("masked", ask("masked", incoming), threshold)
+    vectors = _enough("masked", ask("masked", incoming), need)
     survivors = sorted(vectors)
     lost = sorted(set(shared) - set(vectors))
-    shares = _enough("unmask", ask("unmask", {n: (survivors, lost) for n in survivors}),
-                     threshold)
+    shares = _enough("unmask", ask("unmask", {n: (survivors, lost) for n in survivors}), need)
     sizes = {len(v) for v in vectors.values()}
     if len(sizes) != 1:
         raise SecAggAborted("the masked vectors differ in length")
-    (size,) = sizes
-    total = np.zeros(size, dtype=np.uint64)
+    (length,) = sizes
+    total = np.zeros(length, dtype=np.uint64)
     for node in survivors:
         total = total + np.asarray(vectors[node], dtype=np.uint64)
     for node in survivors:  # each survivor's own mask
-        total = total - secagg.mask(_combine(shares, node, threshold), size)
+        total = total - secagg.mask(_combine(shares, node, need), length)
     for gone in lost:  # the pairwise masks the survivors added for a site lost since
-        key = bytes_to_private_key(_combine(shares, gone, threshold))
+        key = bytes_to_private_key(_combine(shares, gone, need))
         for node in survivors:
             if gone not in incoming[node]:  # not neighbours, or its shares never came
                 continue
             pair = generate_shared_key(key, bytes_to_public_key(public[node][0]))
-            pair_mask = secagg.mask(base64.urlsafe_b64decode(pair), size)
+            pair_mask = secagg.mask(base64.urlsafe_b64decode(pair), length)
             if secagg.pair_seed_sign(node, gone) > 0:
                 total = total - pair_mask
             else:
                 total = total + pair_mask
-    return SecureSum(secagg.dequantize_sum(total, clip, len(survivors)), tuple(survivors),
+    return SecureSum(secagg.dequantize_sum(total, clip), tuple(survivors),
                      tuple(lost), secagg.error_bound(clip, len(survivors)))
 
 

@@ -12,6 +12,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from server.audit import ReplyLog
+from server.secagg import SecAggAborted
+from server.secure_rounds import SecureChannel, total_reply
 from shared import protocol
 from shared.errors import FedadaptError
 
@@ -191,12 +193,16 @@ class SiteGrid(Grid):
         Seconds a round waits while no site has answered at all (a busy machine or network).
     window : int
         Most messages in flight at once (0: all); see :func:`send_and_receive`.
+    secure : SecureChannel, optional
+        With secure aggregation, a training round is one secure sum: the strategy receives
+        its total as one reply (``server.secure_rounds.total_reply``), never a site's.
     """
 
     def __init__(
         self, grid: Grid, nodes: Iterable[int], audit: ReplyLog | None = None,
         min_sites: int = 1, wait: float = 60.0, names: Mapping[int, str] | None = None,
         first_reply_timeout: float | None = None, window: int = 0,
+        secure: SecureChannel | None = None,
     ) -> None:
         self._grid = grid
         self._names = dict(names or {})
@@ -210,6 +216,12 @@ class SiteGrid(Grid):
         self.refused: set[int] = set()  # dropped by their own policy's refusal: not coming back
         self.round = 0
         self._short_since: float | None = None
+        self.secure = secure
+        # Secure aggregation: per round, each site's DP spending (its masked reply says it),
+        # the rounds aborted and why, and the largest error bound of a total.
+        self.dp_spent: dict[int, dict[str, tuple[float, float]]] = {}
+        self.aborted: dict[int, str] = {}
+        self.error_bound = 0.0
 
     def _drop(self, node: int, rnd: int, reason: str) -> None:
         """A site sits out the rest of training from round ``rnd`` (said when it happens)."""
@@ -276,6 +288,8 @@ class SiteGrid(Grid):
         if messages and messages[0].metadata.message_type == protocol.TRAIN:
             config = messages[0].content.config_records.get(protocol.CONFIG)
             self.round = protocol.absolute_round(config) or 0
+            if self.secure is not None:
+                return self._secure_round(messages)
         replies = send_and_receive(self._grid, messages, timeout, audit=self._audit,
                                    label={"round": self.round},
                                    first_reply_timeout=self.first_reply_timeout,
@@ -291,3 +305,38 @@ class SiteGrid(Grid):
                 self._drop(node, self.round, str(reply.error.reason))
         # The strategy sees the sites' own replies only; errors are accounted for above.
         return [r for r in replies.values() if not r.has_error()]
+
+    def _secure_round(self, messages: list[Message]) -> list[Message]:
+        """One training round as a secure sum: its total as one reply, or none if aborted."""
+        assert self.secure is not None
+        nodes = [m.metadata.dst_node_id for m in messages]
+        content = messages[0].content  # the strategy sends every site the same records
+        try:
+            outcome = self.secure.run(nodes, "train", content, {"round": self.round})
+        except SecAggAborted as err:
+            self._account(nodes, self.secure.outcome.replies)
+            self.aborted[self.round] = str(err)
+            log.warning("round %d: %s; the global model is unchanged", self.round, err)
+            return []
+        self._account(nodes, outcome.replies)
+        assert outcome.result is not None
+        self.error_bound = max(self.error_bound, outcome.result.error_bound)
+        for node in outcome.result.survivors:
+            record = outcome.replies[node].content.metric_records.get(protocol.METRICS)
+            eps, delta = ((record.get(k) for k in protocol.DP_METRICS) if record is not None
+                          else (None, None))
+            if isinstance(eps, float) and isinstance(delta, float):
+                self.dp_spent.setdefault(self.round, {})[
+                    self._names.get(node, f"node {node}")] = (eps, delta)
+        return [total_reply(outcome.result, content)]
+
+    def _account(self, nodes: list[int], replies: Mapping[int, Message]) -> None:
+        """Drop the sites that left a secure sum (an error, a refusal, or silence)."""
+        for node in nodes:
+            reply = replies.get(node)
+            if reply is None:
+                self._drop(node, self.round, "no reply within the reply timeout (secure sum)")
+            elif reply.has_error():
+                if reply.error.code == protocol.REFUSED:
+                    self.refused.add(node)
+                self._drop(node, self.round, str(reply.error.reason))

@@ -56,6 +56,8 @@ class RepeatResult:
     notes: list[str] = field(default_factory=list)  # for people: e.g. training ended early
     # Per feature group: features, members, rows, rounds, the effects learned (server.groups).
     groups: list[dict[str, Any]] = field(default_factory=list)
+    # Secure aggregation: the largest bound on a total's difference from the exact sum.
+    secagg_error_bound: float = 0.0
 
 
 # How a site's refusal reads (client.egress.error_reply): the rule, then why.

@@ -13,12 +13,29 @@ STATS = f"{MessageType.QUERY}.stats"
 TRAIN = MessageType.TRAIN
 ADAPT = f"{MessageType.QUERY}.adapt"
 EVALUATE = MessageType.EVALUATE
+# Secure aggregation (shared.secagg): one message type, its stage named in the SECAGG record.
+SECAGG = f"{MessageType.QUERY}.secagg"
 
 # Records in a message's RecordDict (Flower's strategies use "arrays" and "config" too).
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
+SECAGG_RECORD = "secagg"  # a secure sum's stage and its keys, shares or survivors
+
+# The stages of one secure sum (client.secagg), in order; "masked" carries the summed
+# message's own records (its config and arrays) and names its type under INNER.
+SECAGG_STAGES = ("keys", "share", "masked", "unmask")
+STAGE, SUM_ID, INNER, CLIP = "stage", "sum-id", "inner", "clip"
+# The masked vector in a masked stage's reply (ArrayRecord ARRAYS), uint64.
+MASKED = "masked"
+# What each stage's reply carries in its SECAGG record, besides nothing.
+SECAGG_REPLY_KEYS = {
+    "keys": ("pk1", "pk2"),
+    "share": ("to", "boxes"),
+    "masked": (),
+    "unmask": ("nodes", "shares"),
+}
 
 # The weight FedAvg reads from a train reply: examples, never batches.
 NUM_EXAMPLES = "num-examples"

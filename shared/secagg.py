@@ -13,19 +13,22 @@ Fernet encryption of the shares. Two pieces are written here, and why:
   read as unsigned 64-bit integers;
 - **quantisation.** Flower's casts to 32-bit integers; sums of a hospital's rows need more
   levels. Values are clipped to ``[-clip, clip]`` (the site checks its own fit first),
-  rounded to ``LEVELS`` levels and added modulo 2**64 (numpy's unsigned arithmetic wraps
-  there), so the total of up to ``MAX_SITES`` sites is exact before it is read back.
+  rounded to one of ``LEVELS`` levels as signed integers and added modulo 2**64 (numpy's
+  unsigned arithmetic wraps there); the total of up to ``MAX_SITES`` sites stays within a
+  signed 64-bit integer, so it is exact before it is read back.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-# Quantisation levels over [-clip, clip]: one level is clip / 2**39.
-LEVELS = 2**40
-# Sites whose quantised values (each below LEVELS) add up without wrapping modulo 2**64.
-MAX_SITES = 2**23
+# Quantisation levels over [-clip, clip]: one level is clip / 2**51.
+LEVELS = 2**52
+# Sites whose quantised values (each at most LEVELS / 2 in size) add up within int64.
+MAX_SITES = 2**11
 SEED_BYTES = 32
 _NONCE = bytes(16)  # each seed masks one vector, so a fixed nonce never repeats a keystream
 
@@ -47,19 +50,33 @@ def mask(seed: bytes, size: int) -> np.ndarray:
 
 
 def quantize(values: np.ndarray, clip: float) -> np.ndarray:
-    """Values clipped to ``[-clip, clip]``, as integers in ``[0, LEVELS]`` (uint64)."""
+    """Values clipped to ``[-clip, clip]``, as signed levels stored modulo 2**64 (uint64)."""
     x = np.clip(np.asarray(values, dtype=np.float64), -clip, clip)
-    return np.rint((x + clip) * (LEVELS / (2.0 * clip))).astype(np.uint64)
+    return np.rint(x * (LEVELS / (2.0 * clip))).astype(np.int64).view(np.uint64)
 
 
-def dequantize_sum(total: np.ndarray, clip: float, sites: int) -> np.ndarray:
-    """The float total of ``sites`` quantised vectors whose integer sum is ``total``."""
-    return np.asarray(total, dtype=np.float64) * (2.0 * clip / LEVELS) - sites * clip
+def dequantize_sum(total: np.ndarray, clip: float) -> np.ndarray:
+    """The float total of quantised vectors whose sum modulo 2**64 is ``total``."""
+    signed = np.asarray(total, dtype=np.uint64).view(np.int64)
+    return signed.astype(np.float64) * (2.0 * clip / LEVELS)
 
 
 def error_bound(clip: float, sites: int) -> float:
-    """The largest difference between the dequantised total and the exact one (per value)."""
-    return sites * clip / LEVELS
+    """The largest difference between the dequantised total and the exact one (per value).
+
+    Each site's rounding is at most half a level; reading the total back as a float adds
+    at most one unit in the last place of the total, bounded here by one more level.
+    """
+    return (sites + 1) * clip / LEVELS
+
+
+def threshold_count(fraction: float, size: int) -> int:
+    """Shares that rebuild a secret in a neighbourhood of ``size`` sites (itself included).
+
+    At least 2 and always a majority: two disjoint sets of sites could otherwise each rebuild
+    one of a site's two secrets, which together unmask its vector.
+    """
+    return min(size, max(2, math.ceil(fraction * size - 1e-9), size // 2 + 1))
 
 
 def pair_seed_sign(me: int, other: int) -> int:

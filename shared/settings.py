@@ -135,6 +135,21 @@ class RunSettings:
         1.0, "dp: the clipping norm of one patient's gradient (record) or of one site's "
         "update (client)")
 
+    secagg: bool = _setting(
+        False, "secure aggregation (SecAgg+): the coordinator receives every summed reply "
+        "(stats sums, Newton sums, FedAvg / FedProx updates) masked, and learns only the "
+        "federation's total; not with fedmedian, fedtrimmedavg, dp client or feature groups")
+    secagg_threshold: float = _setting(
+        0.67, "secagg: share of each site's neighbourhood (itself included) whose shares "
+        "rebuild a lost site's masks; above 0.5, so no two disjoint sets of sites can each "
+        "unmask; fewer survivors abort the round")
+    secagg_neighbours: int = _setting(
+        0, "secagg: each site's neighbours, half on each side of a ring of the sites (SecAgg+; "
+        "a site's work grows with this, not with the federation); 0: every other site")
+    secagg_clip: float = _setting(
+        1e9, "secagg: every summed value must lie in [-secagg-clip, secagg-clip] (a site "
+        "refuses a reply that does not fit); the total is exact to sites * clip / 2**52")
+
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> RunSettings:
         """Build from a run config; unknown keys and bad values are reported together.
@@ -205,6 +220,26 @@ class RunSettings:
                      "min_group_sites"):
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', '-')} must not be negative")
+        problems += self._check_secagg()
+        return problems
+
+    def _check_secagg(self) -> list[str]:
+        if not self.secagg:
+            return []
+        problems = []
+        if not 0.5 < self.secagg_threshold <= 1.0:
+            problems.append("secagg-threshold must be above 0.5 and at most 1")
+        if self.secagg_neighbours < 0 or self.secagg_neighbours == 1:
+            problems.append("secagg-neighbours must be 0 (every other site) or at least 2")
+        if not 0.0 < self.secagg_clip <= 1e15:
+            problems.append("secagg-clip must be positive and at most 1e15")
+        if self.training in ("fedmedian", "fedtrimmedavg"):
+            problems.append(f"secagg sums the sites' replies: strategy {self.training} needs "
+                            "each site's reply, use newton, fedavg or fedprox")
+        if self.dp == "client":
+            problems.append("secagg with dp = client is not built: the coordinator clips and "
+                            "noises per site; use dp = record (each site adds its own noise "
+                            "before masking)")
         return problems
 
     @property
@@ -227,9 +262,11 @@ class RunSettings:
 
         Under client-level DP a reply is a clipped model update, not Newton's sums. Under
         record-level DP the group's few noisy Newton steps gave an extension worth nothing
-        while taking rounds from the source model's budget (docs/benchmarks.md).
+        while taking rounds from the source model's budget (docs/benchmarks.md). Under
+        secure aggregation a site's own features would name it, and a group's sums are not
+        yet masked.
         """
-        return self.min_group_sites > 0 and self.dp == "off"
+        return self.min_group_sites > 0 and self.dp == "off" and not self.secagg
 
     @property
     def sites_to_wait_for(self) -> int:
