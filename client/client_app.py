@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from threadpoolctl import threadpool_limits
 
 from client.audit_log import audited
-from client.contract import ModelRequest, Request, TrainRequest, parse
+from client.contract import ModelRequest, Request, TrainRequest, parse, parse_stage
 from client.egress import build_reply, error_reply
 from client.jobs import (
     SiteRows,
@@ -27,7 +27,7 @@ from client.jobs import (
     train_job,
 )
 from client.policy import admit, check_reply_rows, site_policy
-from client.secure_reply import answer, inner_message, masked_vector, parse_stage
+from client.secure_reply import answer, masked_vector
 from client.site import resolve_site
 from shared import logs, protocol
 
@@ -79,7 +79,12 @@ def _respond(msg: Message, context: Context, phase: str, work: Work) -> Message:
 
 
 def _secure(msg: Message, context: Context) -> Message:
-    """One stage of a secure sum; the masked stage answers its inner message, then masks it."""
+    """One stage of a secure sum; the masked stage answers its inner message, then masks it.
+
+    The masked stage carries a stats or train message's records: the site parses, admits
+    and answers them as it would plainly (the reply built and checked by ``client.egress``
+    under that type's rules), then sends only the masked vector of that reply.
+    """
     t0 = time.perf_counter()
     site = None
     try:
@@ -91,17 +96,20 @@ def _secure(msg: Message, context: Context) -> Message:
             values = answer(stage, node, context.state)
             reply = build_reply(msg, shared_features=(), metrics={}, secagg=values)
         else:
-            inner = inner_message(msg, stage)
-            request = parse(stage.inner, inner, site, policy.input_bound)
+            request = parse(stage.inner, msg, site, policy.input_bound)
             admit(policy, stage.inner, request, site, masked=True)
             rows = open_site(site, request, policy, context.state)
             policy.check_rows("the training rows", len(rows.split.train))
             _one_thread(len(sys.modules))
-            plain, _ = (_stats(inner, rows, request) if stage.inner == "stats"
-                        else _train(inner, rows, request))  # type: ignore[arg-type]
+            answering = protocol.STATS if stage.inner == "stats" else protocol.TRAIN
+            plain, _ = (_stats(msg, rows, request, answering) if stage.inner == "stats"
+                        else _train(msg, rows, request, answering))  # type: ignore[arg-type]
             check_reply_rows(policy, plain)  # the plain reply is checked, then masked
             features = list(rows.schema.shared_features)
-            masked = masked_vector(stage, node, context.state, plain, inner, features)
+            sent = msg.content.array_records.get(protocol.ARRAYS)
+            masked = masked_vector(stage, node, context.state, plain,
+                                   isinstance(request, TrainRequest) and request.newton,
+                                   features, list(sent) if sent is not None else [])
             dp = plain.content.metric_records[protocol.METRICS]
             site_record = ({protocol.SITE_NAME: rows.site.name,
                             protocol.SCHEMA_DIGEST: rows.schema.digest()}
@@ -117,22 +125,24 @@ def _secure(msg: Message, context: Context) -> Message:
     return audited(msg, reply, "secagg", site)
 
 
-def _stats(msg: Message, rows: SiteRows, request: Request) -> tuple[Message, bool]:
+def _stats(msg: Message, rows: SiteRows, request: Request, answering: str | None = None
+           ) -> tuple[Message, bool]:
     metrics, repeated = stats_job(rows)
     own = summarized_site_features(rows)
     return build_reply(
         msg, shared_features=rows.schema.shared_features, metrics=metrics,
         site={protocol.SITE_NAME: rows.site.name, protocol.SCHEMA_DIGEST: rows.schema.digest(),
               protocol.SITE_FEATURES: ",".join(f.name for f in own)},
-        site_features=own,
+        site_features=own, answering=answering,
     ), repeated
 
 
-def _train(msg: Message, rows: SiteRows, request: TrainRequest) -> tuple[Message, bool]:
+def _train(msg: Message, rows: SiteRows, request: TrainRequest, answering: str | None = None
+           ) -> tuple[Message, bool]:
     job = newton_job if request.newton else train_job
     arrays, metrics = job(rows, request)
     return build_reply(msg, shared_features=rows.schema.shared_features, metrics=metrics,
-                       arrays=arrays), False
+                       arrays=arrays, answering=answering), False
 
 
 def _corrections(job: Callable[[SiteRows, ModelRequest], tuple[dict[str, Any], dict[str, str]]]

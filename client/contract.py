@@ -525,3 +525,104 @@ def _dp(read: _Reader, site: SiteSettings) -> DPRequest | None:
                      epsilon=read.get("dp-epsilon", float, 1.0, low=1e-6),
                      delta=read.get("dp-delta", float, 1e-5, low=1e-300, high=0.5),
                      clip=clip, rounds=min(rounds, MAX_ROUNDS))
+
+
+# A secure sum's stages (client.secure_reply): most neighbours, longest key or share.
+MAX_NEIGHBOURS = 4096
+MAX_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's request, every value checked.
+
+    Attributes
+    ----------
+    name : str
+        ``keys``, ``share``, ``masked`` or ``unmask``.
+    sum_id : str
+        The secure sum it belongs to.
+    public : dict
+        ``share``: each neighbour's (and the site's own) two public keys.
+    threshold : int
+        ``share``: shares that rebuild a secret.
+    incoming : dict
+        ``masked``: the neighbours' encrypted shares for this site.
+    inner : str
+        ``masked``: the summed message's type (``stats`` or ``train``).
+    clip : float
+        ``masked``: the quantisation range.
+    active, dead : list of int
+        ``unmask``: the sites the coordinator says survived, and were lost.
+    """
+
+    name: str
+    sum_id: str
+    public: dict[int, tuple[bytes, bytes]]
+    threshold: int
+    incoming: dict[int, bytes]
+    inner: str
+    clip: float
+    active: list[int]
+    dead: list[int]
+
+
+def parse_stage(msg: Message) -> Stage:
+    """Read a secure sum's stage from ``msg``.
+
+    Raises
+    ------
+    client.contract.ContractError
+        For a missing or malformed value.
+    """
+    record = msg.content.config_records.get(protocol.SECAGG_RECORD)
+    if record is None:
+        raise ContractError("a secure-aggregation message without its 'secagg' record")
+    name = record.get(protocol.STAGE)
+    sum_id = record.get(protocol.SUM_ID)
+    if name not in protocol.SECAGG_STAGES or not isinstance(sum_id, str) or not sum_id:
+        raise ContractError("a secure-aggregation message names no known stage or sum")
+    public: dict[int, tuple[bytes, bytes]] = {}
+    incoming: dict[int, bytes] = {}
+    threshold, inner, clip = 0, "", 0.0
+    active: list[int] = []
+    dead: list[int] = []
+    if name == "share":
+        nodes = _ints(record, "nodes")
+        pk1, pk2 = _blobs(record, "pk1", len(nodes)), _blobs(record, "pk2", len(nodes))
+        public = {n: (a, b) for n, a, b in zip(nodes, pk1, pk2, strict=True)}
+        asked = record.get("threshold")
+        if not isinstance(asked, int) or isinstance(asked, bool):
+            raise ContractError("the share stage's threshold is not an integer")
+        threshold = asked
+    elif name == "masked":
+        sources = _ints(record, "from")
+        incoming = dict(zip(sources, _blobs(record, "boxes", len(sources)), strict=True))
+        inner = str(record.get(protocol.INNER, ""))
+        asked_clip = record.get(protocol.CLIP)
+        if inner not in ("stats", "train"):
+            raise ContractError("the masked stage sums a stats or a train message only")
+        if not isinstance(asked_clip, float) or not 0.0 < asked_clip <= 1e15:
+            raise ContractError("the masked stage's clip is not a number in (0, 1e15]")
+        clip = asked_clip
+    elif name == "unmask":
+        active, dead = _ints(record, "active"), _ints(record, "dead")
+    return Stage(name, sum_id, public, threshold, incoming, inner, clip, active, dead)
+
+
+def _ints(record: Mapping[str, Any], key: str) -> list[int]:
+    values = record.get(key, [])
+    if not isinstance(values, list) or len(values) > MAX_NEIGHBOURS or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ContractError(f"the secure sum's {key!r} is not a list of node ids")
+    if len(set(values)) != len(values):
+        raise ContractError(f"the secure sum's {key!r} names a node twice")
+    return list(values)
+
+
+def _blobs(record: Mapping[str, Any], key: str, length: int) -> list[bytes]:
+    values = record.get(key, [])
+    if not isinstance(values, list) or len(values) != length or not all(
+            isinstance(v, bytes) and len(v) <= MAX_BYTES for v in values):
+        raise ContractError(f"the secure sum's {key!r} is not {length} short byte strings")
+    return list(values)

@@ -85,6 +85,7 @@ def build_reply(
     site: Mapping[str, str] | None = None,
     site_features: Sequence[Feature] = (),
     secagg: Mapping[str, Any] | None = None,
+    answering: str | None = None,
 ) -> Message:
     """Build the reply to ``msg`` after checking that it holds only allowed aggregates.
 
@@ -111,6 +112,10 @@ def build_reply(
         The site's own features (a stats reply may carry their summaries).
     secagg : mapping, optional
         A secure sum's stage: the values of the reply's ``secagg`` record.
+    answering : str, optional
+        The type whose rules apply, if not the message's: a secure sum's masked stage
+        builds the plain stats or train reply it then masks (``client.secure_reply``);
+        that reply is never sent.
 
     Returns
     -------
@@ -122,7 +127,7 @@ def build_reply(
     EgressViolation
         If anything in the reply is not allowed.
     """
-    mtype = msg.metadata.message_type
+    mtype = answering or msg.metadata.message_type
     config = msg.content.config_records.get(protocol.CONFIG)
     newton = config is not None and config.get(protocol.STRATEGY) == "newton"
     allowed = allowed_metric_keys(mtype, shared_features, newton, site_features)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -194,11 +195,9 @@ def _secure_stats(rep: Repeat, nodes: list[int], content: RecordDict
     assert outcome.result is not None
     rep.result.secagg_error_bound = max(rep.result.secagg_error_bound,
                                         outcome.result.error_bound)
+    rep.result.secagg_largest = max(rep.result.secagg_largest,
+                                    float(np.max(np.abs(outcome.result.total), initial=0.0)))
     total = summed.stats_total(outcome.result.total, rep.schema.shared_features)
-    if outcome.result.error_bound < 0.5:  # counts are whole numbers
-        for key in total:
-            if key.endswith((".count", ".counts", ".missing")) or key == "rows":
-                total[key] = [float(round(v)) for v in total[key]]
     # A site lost after masking is not in the total: it does not join the federation.
     replies = {n: r for n, r in outcome.replies.items()
                if r.has_error() or n in outcome.result.survivors}
@@ -301,6 +300,7 @@ def train_phase(
         rep.emit("converged", round=converged + done_rounds)
     rep.result.timing["train"] = time.monotonic() - t
     rep.result.secagg_error_bound = max(rep.result.secagg_error_bound, grid.error_bound)
+    rep.result.secagg_largest = max(rep.result.secagg_largest, grid.largest)
     for node, (rnd, reason) in grid.dropped.items():
         name = rep.names[node]  # the grid lists only the sites that passed the stats phase
         missed = [r for r in range(rnd, s.num_server_rounds + 1)]

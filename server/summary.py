@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +56,10 @@ class RepeatResult:
     notes: list[str] = field(default_factory=list)  # for people: e.g. training ended early
     # Per feature group: features, members, rows, rounds, the effects learned (server.groups).
     groups: list[dict[str, Any]] = field(default_factory=list)
-    # Secure aggregation: the largest bound on a total's difference from the exact sum.
+    # Secure aggregation: the largest bound on a total's difference from the exact sum, and
+    # the largest magnitude of a summed value (against secagg-clip: the headroom left).
     secagg_error_bound: float = 0.0
+    secagg_largest: float = 0.0
 
 
 # How a site's refusal reads (client.egress.error_reply): the rule, then why.
@@ -362,6 +364,25 @@ def build_report(
         "source_models": [r.source_digest for r in results],
         "notes": list(dict.fromkeys(n for r in results for n in r.notes)),
         "groups": groups_entry(results),
+        **({"secagg": secagg_entry(config, results)} if config.get("secagg") else {}),
+    }
+
+
+def secagg_entry(config: Mapping[str, Any], results: Sequence[RepeatResult]
+                 ) -> dict[str, Any]:
+    """Secure aggregation's settings and what its totals cost in accuracy.
+
+    Nothing is ever clipped: a site whose value would not fit the range refuses the round
+    instead (``client.secagg.masked``), so ``largest_clipped`` is 0 in every report that
+    exists; ``largest_total`` against ``clip`` is the headroom.
+    """
+    return {
+        "threshold": config.get("secagg-threshold"),
+        "neighbours": config.get("secagg-neighbours"),
+        "clip": config.get("secagg-clip"),
+        "error_bound": max((r.secagg_error_bound for r in results), default=0.0),
+        "largest_total": max((r.secagg_largest for r in results), default=0.0),
+        "largest_clipped": 0.0,
     }
 
 

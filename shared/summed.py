@@ -16,6 +16,7 @@ arrays sent), so nothing about one site's reply is needed to read the total:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from shared.preprocessing import summary_keys
 from shared.schema import Feature
 
 KINDS = ("stats", "newton", "fedavg")
+COUNTS = (".count", ".counts", ".missing")  # summary entries that count rows
 
 
 def stats_keys(features: Sequence[Feature]) -> list[str]:
@@ -31,7 +33,7 @@ def stats_keys(features: Sequence[Feature]) -> list[str]:
     return [*summary_keys(features), *protocol.STATS_EXTRA]
 
 
-def stats_vector(metrics: Mapping[str, float | list[float]], features: Sequence[Feature]
+def stats_vector(metrics: Mapping[str, Any], features: Sequence[Feature]
                  ) -> np.ndarray:
     """A stats reply's numbers as one vector (spreads as sums of squares)."""
     parts = []
@@ -48,12 +50,19 @@ def stats_vector(metrics: Mapping[str, float | list[float]], features: Sequence[
 
 def stats_total(vector: np.ndarray, features: Sequence[Feature]
                 ) -> dict[str, list[float]]:
-    """The federation's stats summary from the summed vector (spreads back to ``m2``)."""
+    """The federation's stats summary from the summed vector (spreads back to ``m2``).
+
+    Counts are rounded to whole numbers first: a count's quantisation error, tiny as it is,
+    would otherwise move ``sum**2 / count``, hence ``m2``, by far more.
+    """
     out: dict[str, list[float]] = {}
     at = 0
     for key in stats_keys(features):
         width = _stats_width(key, features)
-        out[key] = [float(v) for v in vector[at:at + width]]
+        values = vector[at:at + width]
+        if key.endswith(COUNTS) or key in ("rows", *protocol.STATS_EXTRA):
+            values = np.rint(values)
+        out[key] = [float(v) for v in values]
         at += width
     _check_length(vector, at)
     for key in [k for k in out if k.endswith(".m2")]:
@@ -64,7 +73,7 @@ def stats_total(vector: np.ndarray, features: Sequence[Feature]
     return out
 
 
-def newton_vector(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float]
+def newton_vector(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, Any]
                   ) -> np.ndarray:
     """A Newton reply (gradient and Hessian sums, examples, loss sum) as one vector."""
     return np.concatenate([np.ravel(arrays[newton.GRAD]), np.ravel(arrays[newton.HESS]),
@@ -81,7 +90,7 @@ def newton_total(vector: np.ndarray, d: int
     return arrays, metrics
 
 
-def fedavg_vector(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, float],
+def fedavg_vector(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, Any],
                   order: Sequence[str]) -> np.ndarray:
     """A FedAvg reply as one vector: weights and metrics times examples, the examples."""
     n = float(metrics[protocol.NUM_EXAMPLES])

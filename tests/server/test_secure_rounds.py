@@ -1,0 +1,175 @@
+"""Secure sums over a grid of real ClientApps: the totals, and what one site's replies show."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from client.client_app import app as site_app
+from server.secure_rounds import SecureChannel
+from server.sites import SiteGrid, query_sites
+from shared import newton, protocol, summed
+from shared.preprocessing import TabularPreprocessor, merge_summaries, summary_keys
+from shared.schema import load_schema
+from shared.source_model import build_model, to_arrays
+from simulations.generator import generate
+from simulations.inprocess import InProcessGrid, simulation_contexts
+
+CANARY = 101
+
+
+class Recording(InProcessGrid):
+    """The in-process grid, keeping every reply the coordinator pulls."""
+
+    pulled: list[Message]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Pull, and keep a copy of what came back."""
+        replies = super().pull_messages(message_ids)
+        self.pulled = [*getattr(self, "pulled", []), *replies]
+        return replies
+
+
+@pytest.fixture
+def federation(tmp_path: Path, task_identity: None) -> tuple[Recording, dict[str, Any]]:
+    """Four generated hospitals answering with fedadapt's ClientApp."""
+    manifest = generate(tmp_path / "data", n_sites=4, seed=11)
+    config = {"sites-manifest": str(manifest), "out": str(tmp_path / "out")}
+    grid = Recording(simulation_contexts(4, config, run_id=7), site_app, run_id=7)
+    schema = load_schema("synthetic")
+    base = {"schema": schema.name, "schema-digest": schema.digest(), "protocol": "default",
+            "split-seed": 42, "test-fraction": 0.3, "model": "logreg", "hidden-units": 16,
+            "cv-folds": 5, "repeat": 0}
+    return grid, base
+
+
+def _channel(grid: InProcessGrid) -> SecureChannel:
+    return SecureChannel(grid, threshold=0.67, neighbours=0, clip=1e9, timeout=30.0)
+
+
+def _numbers(messages: list[Message]) -> np.ndarray:
+    """Every number in the messages, masked vectors read as the sum they would be alone."""
+    found: list[float] = []
+    for m in messages:
+        if m.has_error():
+            continue
+        for metrics in m.content.metric_records.values():
+            for v in metrics.values():
+                found += list(np.ravel(v))
+        for arrays in m.content.array_records.values():
+            for k in arrays:
+                values = arrays[k].numpy()
+                if values.dtype == np.uint64:
+                    values = np.asarray(values).view(np.int64) * (2e9 / 2**52)
+                found += list(np.ravel(values).astype(np.float64))
+    return np.asarray(found, dtype=np.float64)
+
+
+def _hidden(canary: np.ndarray, seen: np.ndarray, floor: float = 1.0) -> bool:
+    """No distinctive value (above ``floor``) of the canary's sums is among those seen."""
+    distinctive = canary[np.abs(canary) > floor]
+    return bool(distinctive.size) and not np.any(
+        np.isclose(seen[:, None], distinctive[None, :], rtol=1e-9, atol=0.0))
+
+
+def test_the_stats_total_is_the_plain_merge_and_no_reply_shows_a_sites_sums(
+        federation: tuple[Recording, dict[str, Any]]) -> None:
+    """Stats: the secure total equals the merged plain summaries; the canary's sums hidden."""
+    grid, base = federation
+    nodes = sorted(grid.get_node_ids())
+    features = list(load_schema("synthetic").shared_features)
+    content = RecordDict({protocol.CONFIG: ConfigRecord(base)})
+    outcome = _channel(grid).run(nodes, "stats", content)
+    secure_seen = _numbers(grid.pulled)
+    plain = query_sites(grid, nodes, protocol.STATS, content, timeout=30.0)
+    keys = summary_keys(features)
+    merged = merge_summaries([{k: [float(x) for x in np.ravel(
+        r.content.metric_records[protocol.METRICS][k])] for k in keys} for r in plain.values()])
+    assert outcome.result is not None
+    total = summed.stats_total(outcome.result.total, features)
+    bound = outcome.result.error_bound
+    assert 0 < bound < 1e-5
+    for key in keys:
+        tol = bound
+        if key.endswith(".m2"):  # from sums of squares, which a site's rounded sum enters
+            tol = bound + 1e-8 * abs(merged[key][0])
+        assert np.all(np.abs(np.subtract(total[key], merged[key])) <= tol), key
+    canary = summed.stats_vector(plain[CANARY].content.metric_records[protocol.METRICS],
+                                 features)
+    assert _hidden(canary, secure_seen)
+    assert _hidden(canary, _numbers(grid.pulled[-4:])) is False  # the plain reply shows it
+
+
+def _train_content(grid: InProcessGrid, base: dict[str, Any], strategy: str
+                   ) -> RecordDict:
+    nodes = sorted(grid.get_node_ids())
+    schema = load_schema("synthetic")
+    content = RecordDict({protocol.CONFIG: ConfigRecord(base)})
+    replies = query_sites(grid, nodes, protocol.STATS, content, timeout=30.0)
+    keys = summary_keys(schema.shared_features)
+    summary = merge_summaries([{k: [float(x) for x in np.ravel(
+        r.content.metric_records[protocol.METRICS][k])] for k in keys} for r in replies.values()])
+    prep = TabularPreprocessor(features=list(schema.shared_features)).fit_summary(summary)
+    rng = np.random.default_rng(0)
+    arrays = to_arrays(build_model("logreg", len(prep.feature_names_out_), 16, seed=1))
+    for k in arrays:  # away from zero, so every sum is distinctive
+        arrays[k] = type(arrays[k])(arrays[k].numpy() + rng.normal(0, 0.3, arrays[k].shape))
+    return RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: ConfigRecord({
+        **base, "preprocessing": json.dumps(prep.to_dict()), "local-epochs": 1,
+        "learning-rate": 0.5, "batch-size": 0, "weight-decay": 0.001, "round-offset": 0,
+        protocol.STRATEGY: strategy, protocol.SERVER_ROUND: 1})})
+
+
+def _examples(reply: Message) -> float:
+    n = reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
+    assert isinstance(n, int | float)
+    return float(n)
+
+
+def _round(grid: InProcessGrid, content: RecordDict, channel: SecureChannel | None
+           ) -> list[Message]:
+    nodes = sorted(grid.get_node_ids())
+    site_grid = SiteGrid(grid, nodes, secure=channel)
+    messages = [Message(content=content, dst_node_id=n, message_type=protocol.TRAIN)
+                for n in nodes]
+    return list(site_grid.send_and_receive(messages, timeout=30.0))
+
+
+@pytest.mark.parametrize("strategy", ["newton", "fedavg"])
+def test_a_training_round_sums_to_the_plain_aggregate_and_hides_each_site(
+        federation: tuple[Recording, dict[str, Any]], strategy: str) -> None:
+    """Newton's sums and FedAvg's weighted mean: one total reply, the canary's sums hidden."""
+    grid, base = federation
+    content = _train_content(grid, base, strategy)
+    grid.pulled = []
+    (total,) = _round(grid, content, _channel(grid))
+    secure_seen = _numbers(grid.pulled)
+    plain = {m.metadata.src_node_id: m for m in _round(grid, content, None)}
+    assert len(plain) == 4 and total.metadata.src_node_id == 0
+    got = total.content.array_records[protocol.ARRAYS]
+    metrics = total.content.metric_records[protocol.METRICS]
+    n = sum(_examples(m) for m in plain.values())
+    assert metrics[protocol.NUM_EXAMPLES] == n
+    for name in got:
+        parts = [m.content.array_records[protocol.ARRAYS][name].numpy() for m in plain.values()]
+        weights = [_examples(m) for m in plain.values()]
+        want = (sum(parts) if strategy == "newton"
+                else sum(w * p for w, p in zip(weights, parts, strict=True)) / n)
+        assert np.max(np.abs(got[name].numpy() - want)) < 1e-5, name
+    reply = plain[CANARY].content
+    canary = (summed.newton_vector(
+        {k: reply.array_records[protocol.ARRAYS][k].numpy() for k in (newton.GRAD, newton.HESS)},
+        reply.metric_records[protocol.METRICS])
+        if strategy == "newton" else np.concatenate([
+            np.ravel(reply.array_records[protocol.ARRAYS][k].numpy())
+            for k in reply.array_records[protocol.ARRAYS]]))
+    if strategy == "fedavg":  # its weights, and its weights times its examples
+        n_site = _examples(plain[CANARY])
+        canary = np.concatenate([canary, canary * n_site])
+    assert _hidden(canary, secure_seen, floor=1e-3)
