@@ -248,8 +248,10 @@ def train_phase(
         entry: dict[str, Any] = {"round": number, "loss": loss, "global_loss": gl,
                                  "rejected": rejected, "dropped": dropped}
         spent = strategy.outcome.dp_spent.get(rnd, {}) or grid.dp_spent.get(number, {})
+        if number in grid.sums:  # secure aggregation: what the round's total is made of
+            entry["secagg"] = grid.sums[number]
         if number in grid.aborted:
-            entry_note = f"round {number}: secure aggregation aborted: {grid.aborted[number]}"
+            entry_note = f"round {number}: {grid.aborted[number]}; the model was not updated"
             if entry_note not in rep.result.notes:
                 rep.result.notes.append(entry_note)
         if spent:  # dp = "record": each site's epsilon spent in this run after this round

@@ -222,6 +222,7 @@ class SiteGrid(Grid):
         # the rounds aborted and why; the largest error bound of a total, its largest value.
         self.dp_spent: dict[int, dict[str, tuple[float, float]]] = {}
         self.aborted: dict[int, str] = {}
+        self.sums: dict[int, dict[str, Any]] = {}  # per round: who is in the total, who was lost
         self.error_bound = 0.0
         self.largest = 0.0
 
@@ -323,6 +324,11 @@ class SiteGrid(Grid):
         self._account(nodes, outcome.replies)
         assert outcome.result is not None
         self.error_bound = max(self.error_bound, outcome.result.error_bound)
+        self.sums[self.round] = {
+            "sites": len(outcome.result.survivors),
+            "lost_after_keys": sorted(self._names.get(n, f"node-{n}")
+                                      for n in outcome.result.lost),
+            "error_bound": outcome.result.error_bound}
         self.largest = max(self.largest, float(np.max(np.abs(outcome.result.total),
                                                       initial=0.0)))
         for node in outcome.result.survivors:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import app as site_app
 from server.secure_rounds import SecureChannel
@@ -36,17 +36,25 @@ class Recording(InProcessGrid):
         return replies
 
 
+def _grid(tmp_path: Path, handlers: dict[int, Any] | None = None) -> Recording:
+    """Four generated hospitals answering with fedadapt's ClientApp (or ``handlers``)."""
+    manifest = generate(tmp_path / "data", n_sites=4, seed=11)
+    config = {"sites-manifest": str(manifest), "out": str(tmp_path / "out")}
+    return Recording(simulation_contexts(4, config, run_id=7), site_app, run_id=7,
+                     handlers=handlers)
+
+
+def _base() -> dict[str, Any]:
+    schema = load_schema("synthetic")
+    return {"schema": schema.name, "schema-digest": schema.digest(), "protocol": "default",
+            "split-seed": 42, "test-fraction": 0.3, "model": "logreg", "hidden-units": 16,
+            "cv-folds": 5, "repeat": 0}
+
+
 @pytest.fixture
 def federation(tmp_path: Path, task_identity: None) -> tuple[Recording, dict[str, Any]]:
     """Four generated hospitals answering with fedadapt's ClientApp."""
-    manifest = generate(tmp_path / "data", n_sites=4, seed=11)
-    config = {"sites-manifest": str(manifest), "out": str(tmp_path / "out")}
-    grid = Recording(simulation_contexts(4, config, run_id=7), site_app, run_id=7)
-    schema = load_schema("synthetic")
-    base = {"schema": schema.name, "schema-digest": schema.digest(), "protocol": "default",
-            "split-seed": 42, "test-fraction": 0.3, "model": "logreg", "hidden-units": 16,
-            "cv-folds": 5, "repeat": 0}
-    return grid, base
+    return _grid(tmp_path), _base()
 
 
 def _channel(grid: InProcessGrid) -> SecureChannel:
@@ -173,3 +181,72 @@ def test_a_training_round_sums_to_the_plain_aggregate_and_hides_each_site(
         n_site = _examples(plain[CANARY])
         canary = np.concatenate([canary, canary * n_site])
     assert _hidden(canary, secure_seen, floor=1e-3)
+
+
+def _silent_at(stage: str) -> Any:
+    """A site that answers every message but the given stage of a secure sum (it died)."""
+
+    def handle(msg: Message, context: Any) -> Message | None:
+        record = msg.content.config_records.get(protocol.SECAGG_RECORD)
+        if record is not None and record.get(protocol.STAGE) == stage:
+            return None
+        return site_app(msg, context)
+
+    return handle
+
+
+def test_a_site_lost_after_sharing_its_keys_leaves_the_others_exact_total(
+        tmp_path: Path, task_identity: None) -> None:
+    """Newton round, one site silent from the masked stage on: the other three's sums."""
+    grid = _grid(tmp_path, {102: _silent_at("masked")})
+    content = _train_content(grid, _base(), "newton")
+    channel = SecureChannel(grid, threshold=0.67, neighbours=0, clip=1e9, timeout=1.0)
+    site_grid = SiteGrid(grid, [101, 102, 103, 104], secure=channel)
+    (total,) = site_grid.send_and_receive(
+        [Message(content=content, dst_node_id=n, message_type=protocol.TRAIN)
+         for n in (101, 102, 103, 104)], timeout=1.0)
+    assert site_grid.sums[1]["lost_after_keys"] == ["node-102"] and 102 in site_grid.dropped
+    others = _round(grid, content, None)
+    others = [m for m in others if m.metadata.src_node_id != 102]
+    assert len(others) == 3
+    for name in (newton.GRAD, newton.HESS):
+        want = sum(m.content.array_records[protocol.ARRAYS][name].numpy() for m in others)
+        got = total.content.array_records[protocol.ARRAYS][name].numpy()
+        assert np.max(np.abs(got - want)) <= site_grid.sums[1]["error_bound"] * 4
+
+
+def test_too_few_survivors_abort_the_round_with_no_total(
+        tmp_path: Path, task_identity: None) -> None:
+    """Two of four silent after sharing keys (threshold 3): no reply, the round aborted."""
+    grid = _grid(tmp_path, {102: _silent_at("masked"), 103: _silent_at("masked")})
+    content = _train_content(grid, _base(), "newton")
+    channel = SecureChannel(grid, threshold=0.67, neighbours=0, clip=1e9, timeout=1.0)
+    site_grid = SiteGrid(grid, [101, 102, 103, 104], secure=channel)
+    replies = site_grid.send_and_receive(
+        [Message(content=content, dst_node_id=n, message_type=protocol.TRAIN)
+         for n in (101, 102, 103, 104)], timeout=1.0)
+    assert list(replies) == []
+    assert "masked stage: 2 site(s) answered, fewer than the threshold 3" in site_grid.aborted[1]
+    assert sorted(site_grid.dropped) == [102, 103]
+
+
+def test_a_site_requiring_secagg_refuses_plain_sums_and_answers_masked_ones(
+        tmp_path: Path, task_identity: None) -> None:
+    """Policy require-secagg: a plain stats request refused by that rule; a secure sum works."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("require-secagg = true\n", encoding="utf-8")
+    manifest = generate(tmp_path / "data", n_sites=3, seed=11)
+    contexts = {101 + i: Context(run_id=7, node_id=101 + i, state=RecordDict(), run_config={},
+                                 node_config={"simulated": True, "site-name": name,
+                                              "data-file": str(manifest.parent / f"{name}.csv"),
+                                              "site-dir": str(tmp_path / name),
+                                              "policy": str(policy)})
+                for i, name in enumerate(("hospital-a", "hospital-b", "hospital-c"))}
+    grid = Recording(contexts, site_app, run_id=7)
+    nodes = sorted(grid.get_node_ids())
+    content = RecordDict({protocol.CONFIG: ConfigRecord(_base())})
+    plain = query_sites(grid, nodes, protocol.STATS, content, timeout=30.0)
+    assert all(r.has_error() and r.error.code == protocol.REFUSED
+               and "require-secagg" in r.error.reason for r in plain.values())
+    outcome = _channel(grid).run(nodes, "stats", content)
+    assert outcome.result is not None and outcome.result.survivors == tuple(nodes)
