@@ -247,6 +247,6 @@ def test_a_site_requiring_secagg_refuses_plain_sums_and_answers_masked_ones(
     content = RecordDict({protocol.CONFIG: ConfigRecord(_base())})
     plain = query_sites(grid, nodes, protocol.STATS, content, timeout=30.0)
     assert all(r.has_error() and r.error.code == protocol.REFUSED
-               and "require-secagg" in r.error.reason for r in plain.values())
+               and "require-secagg" in str(r.error.reason) for r in plain.values())
     outcome = _channel(grid).run(nodes, "stats", content)
     assert outcome.result is not None and outcome.result.survivors == tuple(nodes)
