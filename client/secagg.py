@@ -15,7 +15,7 @@ the site) and tests can drive many sites in one process:
 
 A site's neighbours are the sites whose public keys the share stage quotes to it (every
 other site, or SecAgg+'s ring neighbourhood: ``server.secagg.neighbourhoods``). Each stage is
-answered once per secure sum, the threshold must be a majority of the neighbourhood, and a
+answered once per secure sum, the threshold must be two thirds of the neighbourhood, and a
 site named lost is not asked to unmask: a coordinator that asks twice, or tells different
 sites different stories of who was lost, gets refusals (docs/privacy.md says what remains).
 """
@@ -135,8 +135,8 @@ def share(state: SiteState, public: dict[int, tuple[bytes, bytes]], threshold: i
         raise SecAggRefused("two public keys of the round are the same")
     if state.seed:
         raise SecAggRefused("the share stage was asked already")
-    if not 2 <= threshold <= len(public) or 2 * threshold <= len(public):
-        raise SecAggRefused(f"threshold {threshold} must be at least 2 and a majority of the "
+    if not secagg.least_threshold(len(public)) <= threshold <= len(public):
+        raise SecAggRefused(f"threshold {threshold} must be at least 2 and two thirds of the "
                             f"{len(public)} sites of this site's neighbourhood")
     state.public, state.threshold = dict(public), threshold
     state.seed = os.urandom(secagg.SEED_BYTES)

@@ -73,10 +73,23 @@ def error_bound(clip: float, sites: int) -> float:
 def threshold_count(fraction: float, size: int) -> int:
     """Shares that rebuild a secret in a neighbourhood of ``size`` sites (itself included).
 
-    At least 2 and always a majority: two disjoint sets of sites could otherwise each rebuild
-    one of a site's two secrets, which together unmask its vector.
+    ``fraction`` of the neighbourhood, rounded, and never below :func:`least_threshold`.
     """
-    return min(size, max(2, math.ceil(fraction * size - 1e-9), size // 2 + 1))
+    return min(size, max(round(fraction * size), least_threshold(size)))
+
+
+def least_threshold(size: int) -> int:
+    """The smallest threshold a site accepts in a neighbourhood of ``size``: two thirds, 2.
+
+    A coordinator that tells different sites different stories of who was lost collects, from
+    each site once, either the seed's share or the key's share of every other site. To unmask
+    one site it needs ``t`` shares of that site's seed and ``t`` of the key of each site it
+    masked with (at least ``t - 1`` of them), while each site that answers names at most
+    ``size - t`` sites lost: ``t * (t - 1)`` key shares needed, ``size * (size - t)`` at most
+    given. Below about 0.62 of the neighbourhood the second can exceed the first; from two
+    thirds on it cannot (``tests/attacks/test_9_secure_sum.py`` plays the attack).
+    """
+    return max(2, math.ceil(2 * size / 3 - 1e-9))
 
 
 def pair_seed_sign(me: int, other: int) -> int:

@@ -141,8 +141,8 @@ class RunSettings:
         "federation's total; not with fedmedian, fedtrimmedavg, dp client or feature groups")
     secagg_threshold: float = _setting(
         0.67, "secagg: share of each site's neighbourhood (itself included) whose shares "
-        "rebuild a lost site's masks; above 0.5, so no two disjoint sets of sites can each "
-        "unmask; fewer survivors abort the round")
+        "rebuild a lost site's masks; fewer survivors abort the round; at least 2/3 (a site "
+        "refuses less: docs/privacy.md)")
     secagg_neighbours: int = _setting(
         0, "secagg: each site's neighbours, half on each side of a ring of the sites (SecAgg+; "
         "a site's work grows with this, not with the federation); 0: every other site")
@@ -227,8 +227,9 @@ class RunSettings:
         if not self.secagg:
             return []
         problems = []
-        if not 0.5 < self.secagg_threshold <= 1.0:
-            problems.append("secagg-threshold must be above 0.5 and at most 1")
+        if not 2 / 3 - 0.01 < self.secagg_threshold <= 1.0:
+            problems.append("secagg-threshold must be between 2/3 (0.67) and 1: a site "
+                            "refuses a lower threshold")
         if self.secagg_neighbours < 0 or self.secagg_neighbours == 1:
             problems.append("secagg-neighbours must be 0 (every other site) or at least 2")
         if not 0.0 < self.secagg_clip <= 1e15:

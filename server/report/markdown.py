@@ -350,6 +350,31 @@ def _privacy_section(sites: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
     return [*lines, ""]
 
 
+def _secagg_section(report: Mapping[str, Any]) -> list[str]:
+    """Return secure aggregation's settings, its error and its rounds (secagg = true)."""
+    sa = report.get("secagg")
+    if not isinstance(sa, Mapping):
+        return []
+    lines = [
+        "## Secure aggregation", "",
+        "The coordinator received every stats and training reply masked (SecAgg+) and read "
+        "only the federation's totals, never one site's sums. "
+        f"Threshold {_fmt(sa.get('threshold'))} of each neighbourhood, neighbours "
+        f"{sa.get('neighbours') or 'every other site'}, values in [-{sa.get('clip'):g}, "
+        f"{sa.get('clip'):g}]. Each total is within {sa.get('error_bound', 0.0):.2g} of the "
+        f"exact sum, per value; the largest summed value was {sa.get('largest_total', 0.0):.3g}; "
+        "no value was clipped (a site whose value would not fit refuses the round instead).", ""]
+    rows = [(r["round"], r["secagg"]) for r in report.get("rounds", []) if r.get("secagg")]
+    lost = [(rnd, sa_round) for rnd, sa_round in rows if sa_round.get("lost_after_keys")]
+    if lost:
+        lines += ["| round | sites in the total | lost after sharing their keys |",
+                  "|---:|---:|---|"]
+        lines += [f"| {rnd} | {x['sites']} | {_md(', '.join(x['lost_after_keys']))} |"
+                  for rnd, x in lost]
+        lines.append("")
+    return lines
+
+
 def _client_dp_section(report: Mapping[str, Any]) -> list[str]:
     """Return the run's client-level DP (dp = "client"): epsilon per site, by round."""
     dp = report.get("dp")
@@ -500,6 +525,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, Path] | None = None
         lines += ["## Notes", "", *[f"- {_md(n)}" for n in report["notes"]], ""]
     lines += _privacy_section(sites)
     lines += _client_dp_section(report)
+    lines += _secagg_section(report)
     lines += _timing_section(report)
     lines += _config_section(report)
     return "\n".join(lines).rstrip() + "\n"

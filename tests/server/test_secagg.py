@@ -61,7 +61,7 @@ def test_the_total_is_the_plain_sum_and_no_reply_reveals_a_site() -> None:
     canary = 102
     vectors[canary] = np.arange(50, dtype=np.float64) * 7.0  # a sum known to the test
     fed = Federation(vectors)
-    result = secure_sum(fed, sorted(vectors), threshold=0.6, clip=CLIP)
+    result = secure_sum(fed, sorted(vectors), threshold=0.67, clip=CLIP)
     exact = sum(vectors.values())
     assert np.max(np.abs(result.total - exact)) <= result.error_bound
     assert result.error_bound < 1e-7 and result.survivors == tuple(sorted(vectors))
@@ -77,7 +77,7 @@ def test_a_site_lost_after_sharing_its_keys_leaves_the_others_exact_sum() -> Non
     """Lost before sending its masked vector: its masks are removed from its shares."""
     vectors = _vectors(6, seed=1)
     fed = Federation(vectors, lose={"masked": {104}})
-    result = secure_sum(fed, sorted(vectors), threshold=0.6, clip=CLIP)
+    result = secure_sum(fed, sorted(vectors), threshold=0.67, clip=CLIP)
     exact = sum(v for n, v in vectors.items() if n != 104)
     assert result.lost == (104,) and 104 not in result.survivors
     assert np.max(np.abs(result.total - exact)) <= result.error_bound
@@ -88,10 +88,10 @@ def test_too_few_survivors_abort_with_no_sum() -> None:
     vectors = _vectors(4, seed=2)
     with pytest.raises(SecAggAborted, match="masked stage"):
         secure_sum(Federation(vectors, lose={"masked": {100, 101}}), sorted(vectors),
-                   threshold=0.6, clip=CLIP)
+                   threshold=0.67, clip=CLIP)
     with pytest.raises(SecAggAborted, match="unmask stage"):
         secure_sum(Federation(vectors, lose={"unmask": {100, 101}}), sorted(vectors),
-                   threshold=0.6, clip=CLIP)
+                   threshold=0.67, clip=CLIP)
 
 
 def test_a_site_refuses_what_would_reveal_or_distort_its_vector() -> None:
@@ -135,7 +135,7 @@ def test_secaggplus_neighbourhoods_with_losses_still_sum_exactly() -> None:
     assert all(len(v) == 8 for v in near.values())
     assert all(a in near[b] for a in near for b in near[a])  # symmetric
     fed = Federation(vectors, lose={"masked": {105, 117}})
-    result = secure_sum(fed, sorted(vectors), threshold=0.55, clip=CLIP, neighbours=8)
+    result = secure_sum(fed, sorted(vectors), threshold=0.67, clip=CLIP, neighbours=8)
     exact = sum(v for n, v in vectors.items() if n not in (105, 117))
     assert result.lost == (105, 117)
     assert np.max(np.abs(result.total - exact)) <= result.error_bound
