@@ -27,6 +27,7 @@ def load_drills() -> None:
         privacy,
         processes,
         replies,
+        secure,
         storage,
         unapproved_app,
     )

@@ -278,6 +278,12 @@ def rounds_entry(results: Sequence[RepeatResult]) -> list[dict[str, Any]]:
             "rejected": sorted({s for e in entries for s in e.get("rejected", [])}),
             "dropped": sorted({s for e in entries for s in e.get("dropped", [])}),
         })
+        sums = [e["secagg"] for e in entries if "secagg" in e]
+        if sums:  # secure aggregation: the fewest sites in a total, everyone lost after keys
+            out[-1]["secagg"] = {
+                "sites": min(x["sites"] for x in sums),
+                "lost_after_keys": sorted({n for x in sums for n in x["lost_after_keys"]}),
+                "error_bound": max(x["error_bound"] for x in sums)}
         if any("step_accepted" in e for e in entries):  # strategy newton
             out[-1]["step_accepted"] = all(e.get("step_accepted", False) for e in entries)
             out[-1]["step"] = mean_sd([e.get("step", math.nan) for e in entries])[0]

@@ -16,7 +16,8 @@ load_drills()
 @pytest.mark.slow
 @pytest.mark.full
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["site-killed", "too-few-sites", "coordinator-restart"])
+@pytest.mark.parametrize("name", ["site-killed", "too-few-sites", "coordinator-restart",
+                                  "secagg-dropout"])
 def test_drill(name: str, tmp_path: Path, no_leftovers: None) -> None:
     """The drill's expected outcome is observed, with its figure."""
     result = DRILLS[name].run(tmp_path)

@@ -1,0 +1,122 @@
+"""Drill: sites killed during a secure sum, in a TLS deployment (``secagg-dropout``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from client.audit_log import audit_path
+from deploy.local import Deployment, DeploymentError, deploy_local
+from deploy.processes import kill_tree
+from drills.base import FINISHED, DrillResult, drill
+from shared.settings import RunSettings
+from simulations.datasets import sites_for_run
+
+REPLY_TIMEOUT = 20.0
+KILL_ROUND = 2
+
+
+def _shares_sent(site_dir: Path) -> int:
+    """How many share stages the site has answered (its audit log says)."""
+    path = audit_path(site_dir)
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines()
+               if json.loads(line).get("secagg", {}).get("stage") == "share")
+
+
+def _masked_in_round(site_dir: Path, before: int) -> bool:
+    """Whether the site sent a masked vector after its ``before``-th share stage."""
+    path = audit_path(site_dir)
+    stages = [json.loads(line).get("secagg", {}).get("stage")
+              for line in path.read_text(encoding="utf-8").splitlines()]
+    shares = [i for i, s in enumerate(stages) if s == "share"]
+    return len(shares) > before and "masked" in stages[shares[before]:]
+
+
+class _Killer:
+    """Kill sites as soon as they have sent their keys' shares in round ``KILL_ROUND``."""
+
+    def __init__(self, out: Path, victims: list[str]) -> None:
+        self.out, self.victims = out, victims
+        self.killed_at: dict[str, float] = {}
+        self.base: dict[str, int] = {}
+        self.thread: threading.Thread | None = None
+
+    def hook(self, event: dict[str, Any], dep: Deployment) -> None:
+        """After round ``KILL_ROUND - 1``: watch the victims' audit logs, kill on a share."""
+        if event.get("event") == "round" and event.get("round") == KILL_ROUND - 1 \
+                and self.thread is None:
+            self.base = {v: _shares_sent(self.out / "sites" / v) for v in self.victims}
+            self.thread = threading.Thread(target=self._watch, args=(dep,), daemon=True)
+            self.thread.start()
+
+    def _watch(self, dep: Deployment) -> None:
+        deadline = time.monotonic() + 300
+        while len(self.killed_at) < len(self.victims) and time.monotonic() < deadline:
+            for v in self.victims:
+                if v not in self.killed_at and _shares_sent(self.out / "sites" / v) > \
+                        self.base[v]:
+                    kill_tree(dep.processes[v])
+                    self.killed_at[v] = time.time()
+            time.sleep(0.005)
+
+
+def _settings(min_sites: int) -> RunSettings:
+    # FedAvg runs every planned round (Newton may converge first); the deployment's sites
+    # require DP: each adds its own noise before masking.
+    return RunSettings(num_server_rounds=4, reply_timeout=REPLY_TIMEOUT, strategy="fedavg",
+                       dp="record", secagg=True, min_sites=min_sites, node_wait_timeout=10.0)
+
+
+@drill("secagg-dropout",
+       "secure aggregation, 4 sites: one killed after sending its keys' shares in round 2 "
+       "leaves a round with the 3 others' total and every round completes; two killed (the "
+       "threshold is 3): that round aborts with nothing aggregated and the run stops with a "
+       "clear message", "processes")
+def secagg_dropout(out: Path) -> DrillResult:
+    """Two TLS deployments of four sites with secagg: one site killed, then two."""
+    if out.exists():
+        shutil.rmtree(out)
+    one, two = out / "one-killed", out / "two-killed"
+    killer = _Killer(one, ["hospital-b"])
+    report = deploy_local(sites_for_run("synthetic", one, 4, _settings(3)), one, _settings(3),
+                          hook=killer.hook)
+    rounds = {r["round"]: r for r in report["rounds"]}
+    second = rounds.get(KILL_ROUND, {}).get("secagg", {})
+    masked_first = _masked_in_round(one / "sites" / "hospital-b", killer.base["hospital-b"])
+    survivors = sorted(n for n, s in report["sites"].items() if s["status"] in FINISHED)
+    # Killed after its shares: lost after its keys (its masks removed from the others'
+    # shares), or, if its masked vector got out first, in the total: both are correct sums.
+    lost_ok = second.get("lost_after_keys") == ["hospital-b"] and second.get("sites") == 3
+    in_total = masked_first and second.get("sites") == 4
+    first_ok = sorted(rounds) == [1, 2, 3, 4] and (lost_ok or in_total) and survivors == [
+        "hospital-a", "hospital-c", "hospital-d"]
+
+    killer2 = _Killer(two, ["hospital-b", "hospital-c"])
+    message = ""
+    try:
+        deploy_local(sites_for_run("synthetic", two, 4, _settings(3)), two, _settings(3),
+                     hook=killer2.hook, timeout=900)
+    except DeploymentError as err:
+        message = str(err)
+    log = (two / "logs").glob("*.log")
+    logged = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in log)
+    aborted = "secure aggregation stopped at its masked stage: 2 site(s) answered, fewer " \
+              "than the threshold 3; nothing was aggregated" in logged
+    second_ok = bool(message) and aborted and "fewer than min-sites = 3" in message
+    return DrillResult(
+        "secagg-dropout", "",
+        f"one killed: rounds {sorted(rounds)} completed; round {KILL_ROUND}'s total of "
+        f"{second.get('sites')} sites, lost after keys {second.get('lost_after_keys')}; "
+        f"two killed: {'aborted, nothing aggregated' if aborted else 'NOT aborted'}, run "
+        f"{'stopped: ' + message.split(';')[0][:160] if message else 'did not stop'}",
+        first_ok and second_ok,
+        {"rounds_completed": len(rounds), "sites_in_round_2_total": second.get("sites"),
+         "mean_round_s": report.get("deployment", {}).get("mean_round_latency_s"),
+         "two_killed_aborted": aborted},
+    )
