@@ -9,7 +9,7 @@ from shared.settings import RunSettings
 
 # Every part, in the order they run (docs/benchmarks.md says what each measures).
 PARTS = ("rounds", "overhead", "scale", "site", "bytes", "choice", "deploy", "privacy",
-         "nonlinear", "bare")
+         "nonlinear", "secagg", "bare")
 DEFAULT_PARTS = ("rounds", "overhead", "scale", "site", "bytes")
 # The site part (bench.big_site): sizes, measurements, and the bounds of one measurement.
 SIZES = (10_000, 100_000, 1_000_000)
@@ -52,6 +52,10 @@ class BenchOptions:
         DP, and the settings of its runs.
     nonlinear_splits : int
         The nonlinear part's seeded splits per data set.
+    secagg_sites, secagg_ring, secagg_deployed
+        The secagg part: numbers of in-process sites of one secure sum, each site's
+        neighbours where the sites are more (SecAgg+'s ring), and whether to time a deployed
+        round with and without secure aggregation.
     bare_deployed, bare_nodes, bare_rounds, bare_inputs, bare_rows, bare_poll_interval,
     bare_gateway, bare_timeout
         The bare part: deployed (TLS) instead of simulated, nodes, rounds, model inputs, rows
@@ -87,6 +91,9 @@ class BenchOptions:
     bare_poll_interval: float = 0.0
     bare_gateway: bool = False
     bare_timeout: float = 3600.0
+    secagg_sites: tuple[int, ...] = (4, 10, 100, 1000)
+    secagg_ring: int = 20
+    secagg_deployed: bool = True
 
     def sizes(self, measure: str) -> tuple[int, ...]:
         """Rows of the big site for one measurement of the site part."""
@@ -118,6 +125,8 @@ class BenchOptions:
              or self.bare_poll_interval < 0 or self.bare_timeout <= 0,
              "--bare-nodes, --bare-rounds, --bare-inputs and --bare-rows must be at least 1, "
              "--bare-poll-interval at least 0 and --bare-timeout positive"),
+            (any(n < 3 for n in self.secagg_sites) or self.secagg_ring < 2,
+             "--secagg-sites needs at least 3 sites each, --secagg-ring at least 2"),
             (self.bare_gateway and not self.bare_deployed,
              "--bare-gateway is for the deployed bare app: add --bare-deployed"),
         ]

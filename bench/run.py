@@ -16,6 +16,8 @@ Parts (``bench.options.PARTS``; what each measures and how to read it: docs/benc
 - ``privacy``: utility against privacy per epsilon (``bench.privacy``; also ``privacy.md``);
 - ``nonlinear``: boosted trees as one more correction candidate (``bench.nonlinear``; needs
   the ``bench`` extra);
+- ``secagg``: a secure sum at 4 to 1,000 sites, a deployed round with and without secure
+  aggregation (``bench.secure``);
 - ``bare``: the bare Flower app alone (``bench.bare``).
 
 Every part's figures go under its own keys of ``OUT/bench.json`` as soon as it is done; plots
@@ -180,6 +182,22 @@ def _nonlinear(bench: dict[str, Any], out: Path, o: BenchOptions, say: Say) -> N
     bench["nonlinear"] = nonlinear(out / "nonlinear", o.heart, o.nonlinear_splits, say)
 
 
+def _secagg(bench: dict[str, Any], out: Path, o: BenchOptions, say: Say) -> None:
+    from bench.secure import VALUES, deployed_rounds, secure_sum_cost
+
+    result: dict[str, Any] = {"sums": {}}
+    bench["secagg"] = result
+    for n in o.secagg_sites:
+        ring = 0 if n - 1 <= o.secagg_ring else o.secagg_ring
+        say(f"secure aggregation: one secure sum of {VALUES} values at {n} sites "
+            f"({ring or n - 1} neighbours each), in this process")
+        result["sums"][str(n)] = secure_sum_cost(n, ring)
+        _write(out, bench)
+    if o.secagg_deployed:
+        say("secure aggregation: a deployed run (4 sites, TLS) with and without it")
+        result["deployed"] = deployed_rounds(out / "secagg")
+
+
 def _bare(bench: dict[str, Any], out: Path, o: BenchOptions, say: Say) -> None:
     from bench.bare import run_bare_deployed, run_bare_simulation
 
@@ -199,7 +217,7 @@ def _bare(bench: dict[str, Any], out: Path, o: BenchOptions, say: Say) -> None:
 RUNNERS: dict[str, Part] = {
     "rounds": _rounds, "overhead": _overhead, "scale": _scale, "site": _site,
     "choice": _choice, "deploy": _deploy, "privacy": _privacy, "nonlinear": _nonlinear,
-    "bare": _bare,
+    "secagg": _secagg, "bare": _bare,
 }
 
 

@@ -328,7 +328,7 @@ def bench(
         "fedadapt-bench"),
     parts: Annotated[str, typer.Option(help=(
         "Comma-separated parts: rounds, overhead, scale, site, bytes (the default), choice, "
-        "deploy, privacy, nonlinear, bare. What each measures: docs/benchmarks.md."))] =
+        "deploy, privacy, nonlinear, secagg, bare. What each measures: docs/benchmarks.md."))] =
         _joined(BENCH.parts),
     heart: Annotated[Path | None, typer.Option(
         help="Folder of the UCI Heart Disease files: the rounds, choice and nonlinear parts "
@@ -411,6 +411,15 @@ def bench(
     bare_timeout: Annotated[float, typer.Option(
         help="Stop the bare run after this many seconds.",
         rich_help_panel=PART_PANEL.format("bare"))] = BENCH.bare_timeout,
+    secagg_sites: Annotated[str, typer.Option(
+        help="Comma-separated numbers of in-process sites of one secure sum.",
+        rich_help_panel=PART_PANEL.format("secagg"))] = _joined(BENCH.secagg_sites),
+    secagg_ring: Annotated[int, typer.Option(
+        help="Each site's neighbours where the sites are more (SecAgg+).",
+        rich_help_panel=PART_PANEL.format("secagg"))] = BENCH.secagg_ring,
+    secagg_deployed: Annotated[bool, typer.Option(
+        help="Also time a deployed run (TLS) with and without secure aggregation.",
+        rich_help_panel=PART_PANEL.format("secagg"))] = BENCH.secagg_deployed,
     render: Annotated[Path | None, typer.Option(
         help="Measure nothing: write the figures of this bench.json into --doc, dated.",
         show_default=False)] = None,
@@ -438,7 +447,8 @@ def bench(
         nonlinear_splits=nonlinear_splits, bare_deployed=bare_deployed, bare_nodes=bare_nodes,
         bare_rounds=bare_rounds, bare_inputs=bare_inputs, bare_rows=bare_rows,
         bare_poll_interval=bare_poll_interval, bare_gateway=bare_gateway,
-        bare_timeout=bare_timeout)
+        bare_timeout=bare_timeout, secagg_sites=_numbers("--secagg-sites", secagg_sites),
+        secagg_ring=secagg_ring, secagg_deployed=secagg_deployed)
     problems = options.problems()
     if given and "privacy" not in options.parts:
         problems.append(f"run settings ({', '.join('--' + k for k in sorted(given))}) apply to "

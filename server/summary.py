@@ -267,7 +267,7 @@ def rounds_entry(results: Sequence[RepeatResult]) -> list[dict[str, Any]]:
     for r in results:
         for entry in r.rounds:
             by_round.setdefault(int(entry["round"]), []).append(entry)
-    out = []
+    out: list[dict[str, Any]] = []
     for rnd in sorted(by_round):
         entries = by_round[rnd]
         loss, loss_sd, _ = mean_sd([e.get("loss", math.nan) for e in entries])
