@@ -148,7 +148,7 @@ class RunSettings:
         "a site's work grows with this, not with the federation); 0: every other site")
     secagg_clip: float = _setting(
         1e9, "secagg: every summed value must lie in [-secagg-clip, secagg-clip] (a site "
-        "refuses a reply that does not fit); the total is exact to sites * clip / 2**52")
+        "refuses a reply that does not fit); the total is exact to (sites + 1) * clip / 2**52")
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> RunSettings:

@@ -33,3 +33,16 @@ def test_newton_with_secagg_reaches_the_plain_runs_optimum_in_the_same_rounds(
     assert all(e["type"] == "query.secagg" and set(e["arrays"]["arrays"]) == {"masked"}
                for e in masked)
     assert not [e for e in entries if e["type"] in ("train", "query.stats")]
+
+
+def test_under_record_level_dp_each_site_still_accounts_its_own_epsilon(
+        tmp_path: Path) -> None:
+    """dp = record with secagg: DP-SGD at each site before masking; every epsilon reported."""
+    manifest = generate(tmp_path / "data", n_sites=3, seed=5)
+    report = run_app_in_process({"sites-manifest": str(manifest), "num-server-rounds": 2,
+                                 "dp": "record", "secagg": True, "cv-folds": 3}, 3,
+                                tmp_path / "out")
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    spent = {name: site["dp"]["epsilon"] for name, site in report["sites"].items()}
+    assert len(spent) == 3 and all(0 < e <= 3.0 for e in spent.values())
+    assert all(r["secagg"]["sites"] == 3 for r in report["rounds"])
