@@ -42,11 +42,14 @@ class SecureOutcome:
         The total and who is in it; None until the sum completed.
     replies : dict
         Per site, its masked stage's reply (its name, a DP round's epsilon) or the error
-        reply that ended its part; a site absent answered nothing in time.
+        reply that ended its part.
+    silent : set
+        The sites that did not answer a stage they were asked in time.
     """
 
     result: SecureSum | None = None
     replies: dict[int, Message] = field(default_factory=dict)
+    silent: set[int] = field(default_factory=set)
 
 
 class SecureChannel:
@@ -97,6 +100,7 @@ class SecureChannel:
                 self.grid, messages, self.timeout, audit=self.audit,
                 label={**(label or {}), "secagg": stage},
                 first_reply_timeout=self.first_reply_timeout, window=self.window)
+            outcome.silent |= set(requests) - set(replies)
             answers: dict[int, Any] = {}
             for node, reply in replies.items():
                 if reply.has_error():

@@ -14,7 +14,7 @@ from flwr.supercore.run import Run
 
 from server.audit import ReplyLog
 from server.secagg import SecAggAborted
-from server.secure_rounds import SecureChannel, total_reply
+from server.secure_rounds import SecureChannel, SecureOutcome, total_reply
 from shared import protocol
 from shared.errors import FedadaptError
 
@@ -317,11 +317,11 @@ class SiteGrid(Grid):
         try:
             outcome = self.secure.run(nodes, "train", content, {"round": self.round})
         except SecAggAborted as err:
-            self._account(nodes, self.secure.outcome.replies)
+            self._account(self.secure.outcome)
             self.aborted[self.round] = str(err)
             log.warning("round %d: %s; the global model is unchanged", self.round, err)
             return []
-        self._account(nodes, outcome.replies)
+        self._account(outcome)
         assert outcome.result is not None
         self.error_bound = max(self.error_bound, outcome.result.error_bound)
         self.sums[self.round] = {
@@ -340,13 +340,12 @@ class SiteGrid(Grid):
                     self._names.get(node, f"node {node}")] = (eps, delta)
         return [total_reply(outcome.result, content)]
 
-    def _account(self, nodes: list[int], replies: Mapping[int, Message]) -> None:
+    def _account(self, outcome: SecureOutcome) -> None:
         """Drop the sites that left a secure sum (an error, a refusal, or silence)."""
-        for node in nodes:
-            reply = replies.get(node)
-            if reply is None:
-                self._drop(node, self.round, "no reply within the reply timeout (secure sum)")
-            elif reply.has_error():
+        for node in sorted(outcome.silent):
+            self._drop(node, self.round, "no reply within the reply timeout (secure sum)")
+        for node, reply in outcome.replies.items():
+            if reply.has_error():
                 if reply.error.code == protocol.REFUSED:
                     self.refused.add(node)
                 self._drop(node, self.round, str(reply.error.reason))

@@ -215,10 +215,11 @@ def test_a_site_lost_after_sharing_its_keys_leaves_the_others_exact_total(
         assert np.max(np.abs(got - want)) <= site_grid.sums[1]["error_bound"] * 4
 
 
+@pytest.mark.parametrize("stage", ["share", "masked"])
 def test_too_few_survivors_abort_the_round_with_no_total(
-        tmp_path: Path, task_identity: None) -> None:
-    """Two of four silent after sharing keys (threshold 3): no reply, the round aborted."""
-    grid = _grid(tmp_path, {102: _silent_at("masked"), 103: _silent_at("masked")})
+        tmp_path: Path, task_identity: None, stage: str) -> None:
+    """Two of four silent from a stage on (threshold 3): no reply; only they are dropped."""
+    grid = _grid(tmp_path, {102: _silent_at(stage), 103: _silent_at(stage)})
     content = _train_content(grid, _base(), "newton")
     channel = SecureChannel(grid, threshold=0.67, neighbours=0, clip=1e9, timeout=1.0)
     site_grid = SiteGrid(grid, [101, 102, 103, 104], secure=channel)
@@ -226,7 +227,7 @@ def test_too_few_survivors_abort_the_round_with_no_total(
         [Message(content=content, dst_node_id=n, message_type=protocol.TRAIN)
          for n in (101, 102, 103, 104)], timeout=1.0)
     assert list(replies) == []
-    assert "masked stage: 2 site(s) answered, fewer than the threshold 3" in site_grid.aborted[1]
+    assert f"{stage} stage: 2 site(s) answered, fewer than the threshold 3" in site_grid.aborted[1]
     assert sorted(site_grid.dropped) == [102, 103]
 
 

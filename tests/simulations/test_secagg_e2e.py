@@ -37,7 +37,7 @@ def test_newton_with_secagg_reaches_the_plain_runs_optimum_in_the_same_rounds(
 
 def test_under_record_level_dp_each_site_still_accounts_its_own_epsilon(
         tmp_path: Path) -> None:
-    """dp = record with secagg: DP-SGD at each site before masking; every epsilon reported."""
+    """Record-level DP with secagg: DP-SGD at each site before masking, every epsilon said."""
     manifest = generate(tmp_path / "data", n_sites=3, seed=5)
     report = run_app_in_process({"sites-manifest": str(manifest), "num-server-rounds": 2,
                                  "dp": "record", "secagg": True, "cv-folds": 3}, 3,
