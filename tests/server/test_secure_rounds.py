@@ -251,3 +251,28 @@ def test_a_site_requiring_secagg_refuses_plain_sums_and_answers_masked_ones(
                and "require-secagg" in str(r.error.reason) for r in plain.values())
     outcome = _channel(grid).run(nodes, "stats", content)
     assert outcome.result is not None and outcome.result.survivors == tuple(nodes)
+
+
+def test_a_window_of_two_messages_in_flight_gives_the_same_total(
+        federation: tuple[Recording, dict[str, Any]]) -> None:
+    """max-in-flight applies to every stage: the same total, never more than two out."""
+    grid, base = federation
+    nodes = sorted(grid.get_node_ids())
+    content = RecordDict({protocol.CONFIG: ConfigRecord(base)})
+    pushed: list[int] = []
+    push = grid.push_messages
+
+    def counting(messages: Iterable[Message]) -> list[str]:
+        batch = list(messages)
+        pushed.append(len(batch))
+        return push(batch)
+
+    grid.push_messages = counting  # type: ignore[method-assign]
+    narrow = SecureChannel(grid, threshold=0.67, neighbours=0, clip=1e9, timeout=30.0,
+                           window=2).run(nodes, "stats", content)
+    assert pushed and max(pushed) == 2
+    pushed.clear()
+    wide = _channel(grid).run(nodes, "stats", content)
+    assert max(pushed) == 4
+    assert narrow.result is not None and wide.result is not None
+    assert np.allclose(narrow.result.total, wide.result.total, rtol=0, atol=1e-6)
