@@ -89,6 +89,7 @@ def bench_rows(bench: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(("bytes per site per round", f"{b['site_bytes']} B (model {b['model_bytes']}"
                      f" B, ratio {b['ratio']:.1f})", f"<= {b['limit_bytes']:.0f} B"))
     rows += _choice_rows(bench.get("choice") or {})
+    rows += _secagg_rows(bench.get("secagg") or {})
     d = bench.get("deploy")
     if d:
         median = (d["deploy_round_latency_s"] or {}).get("median")
@@ -161,3 +162,23 @@ def _choice_rows(choice: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 def _yes(value: Any) -> str:
     return "yes" if value else "no"
+
+
+def _secagg_rows(sa: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The secagg part: one secure sum per size; a deployed round with and without."""
+    rows = []
+    for n, m in (sa.get("sums") or {}).items():
+        rows.append((f"secure sum, {n} sites ({m['neighbours']} neighbours), {m['values']} "
+                     "values", f"CPU {_f(m.get('site_cpu_s'), '.3f', ' s')} a site, "
+                     f"{_f(m.get('coordinator_cpu_s'), '.2f', ' s')} the coordinator; wall "
+                     f"{_f(m['wall_s'], '.2f', ' s')}, {m['bytes_per_site'] / 1024:.0f} KiB per "
+                     f"site, error {m['max_error']:.1e} (bound {m['error_bound']:.1e})", "-"))
+    dep = sa.get("deployed")
+    if dep:
+        rows.append((f"deployed round, {dep['sites']} sites (TLS), plain vs secagg",
+                     f"{_f(dep['plain']['median_round_s'], '.1f', ' s')} vs "
+                     f"{_f(dep['secagg']['median_round_s'], '.1f', ' s')} (median of "
+                     f"{dep['rounds'] - 1} round gaps); stats phase "
+                     f"{_f(dep['plain']['stats_s'], '.1f', ' s')} vs "
+                     f"{_f(dep['secagg']['stats_s'], '.1f', ' s')}", "-"))
+    return rows

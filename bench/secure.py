@@ -31,28 +31,41 @@ VALUES = WEIGHTS + WEIGHTS * (WEIGHTS + 1) // 2 + 2
 CLIP = 1e6
 
 
-def _site(vector: np.ndarray) -> Callable[[Message, Context], Message]:
-    """A site answering the stages with its real stage functions, summing ``vector``."""
+def _site(vector: np.ndarray, cpu: list[float]) -> Callable[[Message, Context], Message]:
+    """A site answering the stages with its real stage functions, summing ``vector``.
+
+    The CPU seconds of its answers are added to ``cpu[0]``.
+    """
+
+    def handle(msg: Message, context: Context) -> Message:
+        t = time.process_time()
+        try:
+            return _answer(msg, context, vector)
+        finally:
+            cpu[0] += time.process_time() - t
+
+    return handle
+
+
+def _answer(msg: Message, context: Context, vector: np.ndarray) -> Message:
+    """One stage's reply; the masked stage masks ``vector`` as a Newton reply."""
     from client.contract import parse_stage
     from client.secure_reply import answer, masked_vector
 
-    def handle(msg: Message, context: Context) -> Message:
-        stage = parse_stage(msg)
-        node = int(msg.metadata.dst_node_id)
-        if stage.name != "masked":
-            values = answer(stage, node, context.state)
-            return Message(RecordDict({protocol.SECAGG_RECORD: ConfigRecord(values)}),
-                           reply_to=msg)
-        d = WEIGHTS
-        plain = Message(RecordDict({
-            protocol.ARRAYS: ArrayRecord({newton.GRAD: Array(vector[:d]),
-                                          newton.HESS: Array(vector[d:-2])}),
-            protocol.METRICS: MetricRecord({"num-examples": float(vector[-2]),
-                                            "loss-sum": float(vector[-1])})}), reply_to=msg)
-        masked = masked_vector(stage, node, context.state, plain, True, [], [])
-        return Message(RecordDict({protocol.ARRAYS: masked}), reply_to=msg)
-
-    return handle
+    stage = parse_stage(msg)
+    node = int(msg.metadata.dst_node_id)
+    if stage.name != "masked":
+        values = answer(stage, node, context.state)
+        return Message(RecordDict({protocol.SECAGG_RECORD: ConfigRecord(values)}),
+                       reply_to=msg)
+    d = WEIGHTS
+    plain = Message(RecordDict({
+        protocol.ARRAYS: ArrayRecord({newton.GRAD: Array(vector[:d]),
+                                      newton.HESS: Array(vector[d:-2])}),
+        protocol.METRICS: MetricRecord({"num-examples": float(vector[-2]),
+                                        "loss-sum": float(vector[-1])})}), reply_to=msg)
+    masked = masked_vector(stage, node, context.state, plain, True, [], [])
+    return Message(RecordDict({protocol.ARRAYS: masked}), reply_to=msg)
 
 
 class _Metered:
@@ -88,7 +101,8 @@ def secure_sum_cost(sites: int, neighbours: int, seed: int = 0) -> dict[str, Any
     Returns
     -------
     dict
-        ``sites``, ``neighbours``, ``cpu_s`` (every site and the coordinator), ``wall_s``,
+        ``sites``, ``neighbours``, ``cpu_s`` (every site and the coordinator),
+        ``site_cpu_s`` (one site's, the mean), ``coordinator_cpu_s``, ``wall_s``,
         ``bytes_per_site`` (median, sent and received), ``max_error`` against the exact sum
         and the stated ``error_bound``.
     """
@@ -101,7 +115,9 @@ def secure_sum_cost(sites: int, neighbours: int, seed: int = 0) -> dict[str, Any
     contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
                            run_config={}) for n in nodes}
     with task_identity(1):
-        grid = InProcessGrid(contexts, ClientApp(), {n: _site(vectors[n]) for n in nodes})
+        sites_cpu = [0.0]
+        grid = InProcessGrid(contexts, ClientApp(),
+                             {n: _site(vectors[n], sites_cpu) for n in nodes})
         metered = _Metered(grid)
         channel = SecureChannel(metered, threshold=0.67,  # type: ignore[arg-type]
                                 neighbours=neighbours, clip=CLIP, timeout=600.0)
@@ -112,7 +128,9 @@ def secure_sum_cost(sites: int, neighbours: int, seed: int = 0) -> dict[str, Any
     exact = np.sum([vectors[n] for n in nodes], axis=0)
     per_site = sorted(metered.bytes.get(n, 0) for n in nodes)
     return {"sites": sites, "neighbours": neighbours or sites - 1, "values": VALUES,
-            "cpu_s": cpu, "wall_s": wall, "bytes_per_site": per_site[len(per_site) // 2],
+            "cpu_s": cpu, "site_cpu_s": sites_cpu[0] / sites,
+            "coordinator_cpu_s": cpu - sites_cpu[0], "wall_s": wall,
+            "bytes_per_site": per_site[len(per_site) // 2],
             "max_error": float(np.max(np.abs(outcome.result.total - exact))),
             "error_bound": outcome.result.error_bound}
 

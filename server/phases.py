@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -193,15 +192,18 @@ def _secure_stats(rep: Repeat, nodes: list[int], content: RecordDict
         raise RunFailed(f"the stats phase's {err}" + (f" ({failures})" if failures else "")
                         ) from None
     assert outcome.result is not None
-    rep.result.secagg_error_bound = max(rep.result.secagg_error_bound,
-                                        outcome.result.error_bound)
-    rep.result.secagg_largest = max(rep.result.secagg_largest,
-                                    float(np.max(np.abs(outcome.result.total), initial=0.0)))
+    _secagg_figures(rep, channel)
     total = summed.stats_total(outcome.result.total, rep.schema.shared_features)
     # A site lost after masking is not in the total: it does not join the federation.
     replies = {n: r for n, r in outcome.replies.items()
                if r.has_error() or n in outcome.result.survivors}
     return replies, total
+
+
+def _secagg_figures(rep: Repeat, channel: SecureChannel) -> None:
+    """The repeat's largest error bound and summed value, with the channel's sums'."""
+    rep.result.secagg_error_bound = max(rep.result.secagg_error_bound, channel.error_bound)
+    rep.result.secagg_largest = max(rep.result.secagg_largest, channel.largest)
 
 
 def _channel(s: RunSettings, grid: Grid, audit: ReplyLog | None, timeout: float
@@ -301,8 +303,8 @@ def train_phase(
         rep.result.converged_round = converged + done_rounds
         rep.emit("converged", round=converged + done_rounds)
     rep.result.timing["train"] = time.monotonic() - t
-    rep.result.secagg_error_bound = max(rep.result.secagg_error_bound, grid.error_bound)
-    rep.result.secagg_largest = max(rep.result.secagg_largest, grid.largest)
+    if secure is not None:
+        _secagg_figures(rep, secure)
     for node, (rnd, reason) in grid.dropped.items():
         name = rep.names[node]  # the grid lists only the sites that passed the stats phase
         missed = [r for r in range(rnd, s.num_server_rounds + 1)]

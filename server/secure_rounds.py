@@ -76,6 +76,9 @@ class SecureChannel:
         self.timeout, self.first_reply_timeout = timeout, first_reply_timeout
         self.window, self.audit = window, audit
         self.outcome = SecureOutcome()  # the last sum's, aborted or not
+        # Over every sum: the largest error bound of a total, and its largest value.
+        self.error_bound = 0.0
+        self.largest = 0.0
 
     def run(self, nodes: list[int], inner: str, content: RecordDict,
             label: Mapping[str, Any] | None = None) -> SecureOutcome:
@@ -116,7 +119,10 @@ class SecureChannel:
                     outcome.replies[node] = reply
             return answers
 
-        outcome.result = secure_sum(ask, nodes, self.threshold, self.clip, self.neighbours)
+        outcome.result = result = secure_sum(ask, nodes, self.threshold, self.clip,
+                                             self.neighbours)
+        self.error_bound = max(self.error_bound, result.error_bound)
+        self.largest = max(self.largest, float(np.max(np.abs(result.total), initial=0.0)))
         return outcome
 
     def _content(self, stage: str, sum_id: str, request: Any, inner: str,

@@ -7,7 +7,6 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
@@ -218,13 +217,11 @@ class SiteGrid(Grid):
         self.round = 0
         self._short_since: float | None = None
         self.secure = secure
-        # Secure aggregation: per round, each site's DP spending (its masked reply says it),
-        # the rounds aborted and why; the largest error bound of a total, its largest value.
+        # Secure aggregation, per round: each site's DP spending (its masked reply says it),
+        # who is in the total and who was lost after sharing keys, or why it aborted.
         self.dp_spent: dict[int, dict[str, tuple[float, float]]] = {}
+        self.sums: dict[int, dict[str, Any]] = {}
         self.aborted: dict[int, str] = {}
-        self.sums: dict[int, dict[str, Any]] = {}  # per round: who is in the total, who was lost
-        self.error_bound = 0.0
-        self.largest = 0.0
 
     def _drop(self, node: int, rnd: int, reason: str) -> None:
         """A site sits out the rest of training from round ``rnd`` (said when it happens)."""
@@ -323,14 +320,11 @@ class SiteGrid(Grid):
             return []
         self._account(outcome)
         assert outcome.result is not None
-        self.error_bound = max(self.error_bound, outcome.result.error_bound)
         self.sums[self.round] = {
             "sites": len(outcome.result.survivors),
             "lost_after_keys": sorted(self._names.get(n, f"node-{n}")
                                       for n in outcome.result.lost),
             "error_bound": outcome.result.error_bound}
-        self.largest = max(self.largest, float(np.max(np.abs(outcome.result.total),
-                                                      initial=0.0)))
         for node in outcome.result.survivors:
             record = outcome.replies[node].content.metric_records.get(protocol.METRICS)
             eps, delta = ((record.get(k) for k in protocol.DP_METRICS) if record is not None
