@@ -744,6 +744,11 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
     if fvp and fvp.get("difference") is not None:
         say(f"held-out log-loss: federated source {fvp['source_log_loss']:.4f}, "
             f"pooled {fvp['pooled_log_loss']:.4f} (difference {fvp['difference']:+.4f})")
+    sa = report.get("secagg")
+    if sa:
+        say(f"secure aggregation: the coordinator read only totals, each within "
+            f"{sa['error_bound']:.1g} of the exact sum; no value clipped (largest summed "
+            f"{sa['largest_total']:.3g}, range {sa['clip']:g})")
     for note in report.get("notes", []):
         say(("note: ", "yellow"), note)
     say(f"took {report['timing_s']['total']:.1f} s in Flower; report: "
