@@ -115,3 +115,42 @@ def test_asking_a_stage_again_or_naming_the_site_lost_is_refused() -> None:
     site.unmask(states[0], [0, 1, 2], [])
     with pytest.raises(site.SecAggRefused, match="asked already"):
         site.unmask(states[0], [0, 1], [2])
+
+
+def test_a_coordinator_that_invents_the_neighbours_unmasks_the_site() -> None:
+    """The known limit: keys only travel through the coordinator, so it can pose as sites.
+
+    It quotes two key pairs of its own as the target's neighbours; the target shares its
+    secrets with them (encrypted for keys the coordinator holds) and masks with them. Only
+    the site's own noise (``require-dp``) then protects its sum: docs/privacy.md.
+    """
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
+    from flwr.common.secure_aggregation.secaggplus_utils import (
+        share_keys_plaintext_concat,
+        share_keys_plaintext_separate,
+    )
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    target = site.SiteState(node=TARGET, sum_id="s")
+    pk1, pk2 = site.keys(target)
+    fakes = {n: (generate_key_pairs(), generate_key_pairs()) for n in (1, 2)}
+    public = {TARGET: (pk1, pk2), **{n: (public_key_to_bytes(a[1]), public_key_to_bytes(b[1]))
+                                     for n, (a, b) in fakes.items()}}
+    boxes = site.share(target, public, secagg.least_threshold(3))
+    seeds, keys = [], []
+    for n, (_, (sk2, _)) in fakes.items():
+        box_key = generate_shared_key(sk2, bytes_to_public_key(pk2))
+        _, _, seed_share, key_share = share_keys_plaintext_separate(decrypt(box_key, boxes[n]))
+        seeds.append(seed_share)
+        keys.append(key_share)
+    sk2_fake = fakes[1][1][0]
+    incoming = {1: encrypt(generate_shared_key(sk2_fake, bytes_to_public_key(pk2)),
+                           share_keys_plaintext_concat(1, TARGET, b"x" * 16, b"y" * 16))}
+    vector = np.array([1234.5, -77.25, 3.0])
+    masked = site.masked(target, incoming, vector, CLIP)
+    total = masked - secagg.mask(combine_shares(seeds), len(vector))
+    pair = generate_shared_key(fakes[1][0][0], bytes_to_public_key(pk1))
+    pair_mask = secagg.mask(base64.urlsafe_b64decode(pair), len(vector))
+    total = total - pair_mask if secagg.pair_seed_sign(TARGET, 1) > 0 else total + pair_mask
+    assert np.allclose(secagg.dequantize_sum(total, CLIP), vector, atol=1e-6)
+    assert combine_shares(keys) == target.sk1  # its pairwise key too
