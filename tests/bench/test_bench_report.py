@@ -40,3 +40,16 @@ def test_render_replaces_only_the_section_and_refuses_a_page_without_one(tmp_pat
     doc.write_text("# no section\n", encoding="utf-8")
     with pytest.raises(ReportError, match="no measured section"):
         render(source, doc)
+
+
+def test_the_secagg_section_holds_exactly_the_figures_of_its_kept_file() -> None:
+    """A part measured on its own day has its own section and kept file."""
+    from bench.report import markers
+
+    start, end = markers("bench-secagg.json")
+    assert start != START and end != END
+    text = DOC.read_text(encoding="utf-8")
+    section = start + text.split(start, 1)[1].split(end, 1)[0] + end
+    bench = json.loads((REPO / "docs" / "bench-secagg.json").read_text(encoding="utf-8"))
+    assert section == markdown(bench, "bench-secagg.json")
+    assert "secure sum, 1000 sites" in section
