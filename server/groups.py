@@ -77,6 +77,11 @@ def group_phase(rep: Any, prep: TabularPreprocessor, source: ArrayRecord) -> lis
     sites, is left out with a note in the report; its members keep the other candidates.
     """
     groups = groups_of(rep)
+    if rep.settings.secagg and rep.settings.min_group_sites:
+        note = ("feature groups were not trained: under secure aggregation a site's own "
+                "features are not sent (they would name it)")
+        if note not in rep.result.notes:
+            rep.result.notes.append(note)
     if not groups:
         return []
     rep.emit("phase", phase="groups")

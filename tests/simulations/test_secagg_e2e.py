@@ -25,6 +25,8 @@ def test_newton_with_secagg_reaches_the_plain_runs_optimum_in_the_same_rounds(
     assert abs(source[0] - source[1]) < 1e-4
     assert secure["config"]["secagg"] is True and 0 < secure["secagg"]["error_bound"] < 1e-4
     assert all(s["status"] == "ok" for s in secure["sites"].values())
+    assert any("feature groups were not trained" in n for n in secure["notes"])
+    assert not plain["notes"]
     audit = tmp_path / "secure" / "sites" / "hospital-a" / "audit.jsonl"
     entries = [json.loads(line) for line in audit.read_text(encoding="utf-8").splitlines()]
     masked = [e for e in entries if e.get("secagg", {}).get("masked")]
