@@ -10,7 +10,6 @@ reply a Flower strategy aggregates.
 
 from __future__ import annotations
 
-import logging
 import math
 import secrets
 from collections.abc import Mapping
@@ -18,14 +17,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 
 from server.audit import ReplyLog
 from server.secagg import SecureSum, secure_sum
 from shared import protocol, summed
-
-log = logging.getLogger(__name__)
 
 # The node a summed train round's one reply comes from: no site has it.
 SECURE_SUM_NODE = 0
@@ -166,9 +171,7 @@ def _read(stage: str, reply: Message) -> Any:
     return dict(zip(nodes, blobs, strict=True))
 
 
-def _malformed(stage: str) -> Any:
-    from flwr.app import Error
-
+def _malformed(stage: str) -> Error:
     return Error(code=protocol.SITE_ERROR, reason=f"a malformed reply to the {stage} stage")
 
 
@@ -192,7 +195,8 @@ def total_reply(result: SecureSum, content: RecordDict) -> Message:
     Counts are rounded to whole numbers (the quantisation error is far below one half).
     """
     sent = content.array_records[protocol.ARRAYS]
-    if train_kind(content) == "newton":
+    newton = train_kind(content) == "newton"
+    if newton:
         d = sum(math.prod(sent[k].shape) for k in sent)
         arrays, metrics = summed.newton_total(result.total, d)
     else:
@@ -200,8 +204,9 @@ def total_reply(result: SecureSum, content: RecordDict) -> Message:
             result.total, {k: tuple(sent[k].shape) for k in sent})
     if result.error_bound < 0.5:
         metrics[protocol.NUM_EXAMPLES] = float(round(metrics[protocol.NUM_EXAMPLES]))
-    record = ArrayRecord({k: Array(np.asarray(v, dtype=np.float64 if train_kind(content)
-                                              == "newton" else sent[k].numpy().dtype))
+    # Newton's sums in float64; FedAvg's mean in the dtype of the weights sent.
+    record = ArrayRecord({k: Array(np.asarray(v, dtype=np.float64 if newton
+                                              else sent[k].numpy().dtype))
                           for k, v in arrays.items()})
     reply_to = Message(content=RecordDict(), dst_node_id=SECURE_SUM_NODE,
                        message_type=protocol.TRAIN)

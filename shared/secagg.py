@@ -87,7 +87,8 @@ def least_threshold(size: int) -> int:
     masked with (at least ``t - 1`` of them), while each site that answers names at most
     ``size - t`` sites lost: ``t * (t - 1)`` key shares needed, ``size * (size - t)`` at most
     given. Below about 0.62 of the neighbourhood the second can exceed the first; from two
-    thirds on it cannot (``tests/attacks/test_9_secure_sum.py`` plays the attack).
+    thirds on it cannot (``tests/attacks/test_9_secure_sum.py`` plays the attack). The count
+    is within one neighbourhood: every site a neighbour of every other, not SecAgg+'s ring.
     """
     return max(2, math.ceil(2 * size / 3 - 1e-9))
 

@@ -12,6 +12,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import app as site_app
+from drills.curious import base_config
 from server.secure_rounds import SecureChannel
 from server.sites import SiteGrid, query_sites
 from shared import newton, protocol, summed
@@ -45,10 +46,7 @@ def _grid(tmp_path: Path, handlers: dict[int, Any] | None = None) -> Recording:
 
 
 def _base() -> dict[str, Any]:
-    schema = load_schema("synthetic")
-    return {"schema": schema.name, "schema-digest": schema.digest(), "protocol": "default",
-            "split-seed": 42, "test-fraction": 0.3, "model": "logreg", "hidden-units": 16,
-            "cv-folds": 5, "repeat": 0}
+    return base_config(load_schema("synthetic"))
 
 
 @pytest.fixture
