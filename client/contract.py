@@ -29,7 +29,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from client.site import SiteSettings
-from shared import protocol
+from shared import protocol, secagg
 from shared.groups import GROUP, GROUPS, MAX_PRIOR, SOURCE_ARRAYS, Extension, group_name
 from shared.preprocessing import TabularPreprocessor
 from shared.schema import BUILTINS, Feature, Schema, load_schema
@@ -541,7 +541,11 @@ class Stage:
     name : str
         ``keys``, ``share``, ``masked`` or ``unmask``.
     sum_id : str
-        The secure sum it belongs to.
+        The secure sum it belongs to (``keys``: the batch of key pairs it makes).
+    count : int
+        ``keys``: how many key pairs to make, one for each sum to come.
+    batch, index : str, int
+        ``share``: the batch and the pair of it this sum uses (each pair once).
     public : dict
         ``share``: each neighbour's (and the site's own) two public keys.
     threshold : int
@@ -558,6 +562,9 @@ class Stage:
 
     name: str
     sum_id: str
+    count: int
+    batch: str
+    index: int
     public: dict[int, tuple[bytes, bytes]]
     threshold: int
     incoming: dict[int, bytes]
@@ -584,10 +591,14 @@ def parse_stage(msg: Message) -> Stage:
         raise ContractError("a secure-aggregation message names no known stage or sum")
     public: dict[int, tuple[bytes, bytes]] = {}
     incoming: dict[int, bytes] = {}
-    threshold, inner, clip = 0, "", 0.0
+    threshold, inner, clip, count, batch, index = 0, "", 0.0, 0, "", 0
     active: list[int] = []
     dead: list[int] = []
-    if name == "share":
+    if name == "keys":
+        count = _count(record, "count", 1, secagg.MAX_KEY_PAIRS)
+    elif name == "share":
+        batch = str(record.get("batch", ""))
+        index = _count(record, "index", 0, secagg.MAX_KEY_PAIRS - 1)
         nodes = _ints(record, "nodes")
         pk1, pk2 = _blobs(record, "pk1", len(nodes)), _blobs(record, "pk2", len(nodes))
         public = {n: (a, b) for n, a, b in zip(nodes, pk1, pk2, strict=True)}
@@ -607,7 +618,15 @@ def parse_stage(msg: Message) -> Stage:
         clip = asked_clip
     elif name == "unmask":
         active, dead = _ints(record, "active"), _ints(record, "dead")
-    return Stage(name, sum_id, public, threshold, incoming, inner, clip, active, dead)
+    return Stage(name, sum_id, count, batch, index, public, threshold, incoming, inner, clip,
+                 active, dead)
+
+
+def _count(record: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    value = record.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ContractError(f"the secure sum's {key!r} is not a whole number in [{low}, {high}]")
+    return value
 
 
 def _ints(record: Mapping[str, Any], key: str) -> list[int]:

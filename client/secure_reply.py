@@ -21,7 +21,8 @@ from client.contract import Stage
 from shared import protocol, summed
 from shared.schema import Feature
 
-STATE_KEY = "secagg"
+STATE_KEY = "secagg"  # the current secure sum's state
+KEYS_KEY = "secagg-keys"  # the batch of key pairs, one per sum to come, each used once
 
 
 def answer(stage: Stage, node: int, state: RecordDict) -> dict[str, Any]:
@@ -33,15 +34,18 @@ def answer(stage: Stage, node: int, state: RecordDict) -> dict[str, Any]:
         If the stage would reveal the site's vector, or comes out of order.
     """
     if stage.name == "keys":
-        site = secagg.SiteState(node=node, sum_id=stage.sum_id)
-        pk1, pk2 = secagg.keys(site)
-        _keep(state, site)
-        return {"pk1": pk1, "pk2": pk2}
-    site = _kept(state, stage.sum_id)
+        pairs = [secagg.SiteState(node=node) for _ in range(stage.count)]
+        public = [secagg.keys(pair) for pair in pairs]
+        state[KEYS_KEY] = ConfigRecord({
+            "batch": stage.sum_id, "used": [-1],  # -1: none yet (an index is never negative)
+            **{k: [getattr(p, k) for p in pairs] for k in ("sk1", "pk1", "sk2", "pk2")}})
+        return {"pk1": [a for a, _ in public], "pk2": [b for _, b in public]}
     if stage.name == "share":
+        site = _pair(state, stage, node)
         boxes = secagg.share(site, stage.public, stage.threshold)
         _keep(state, site)
         return {"to": sorted(boxes), "boxes": [boxes[n] for n in sorted(boxes)]}
+    site = _kept(state, stage.sum_id)
     if stage.name == "unmask":
         shares = secagg.unmask(site, stage.active, stage.dead)
         _keep(state, site)
@@ -84,6 +88,33 @@ def masked_vector(stage: Stage, node: int, state: RecordDict, plain: Message, ne
     out = secagg.masked(site, stage.incoming, vector, stage.clip)
     _keep(state, site)
     return ArrayRecord({protocol.MASKED: Array(np.ascontiguousarray(out, dtype=np.uint64))})
+
+
+def _pair(state: RecordDict, stage: Stage, node: int) -> secagg.SiteState:
+    """A new sum's state with the batch's key pair ``stage.index``, which is then used up.
+
+    Raises
+    ------
+    client.secagg.SecAggRefused
+        For another batch, a pair that does not exist, or one used already (a pair's secret
+        key, shared among neighbours once, must not mask a second vector).
+    """
+    batch = state.config_records.get(KEYS_KEY)
+    if batch is None or batch.get("batch") != stage.batch:
+        raise secagg.SecAggRefused("this sum names key pairs the site did not make")
+    used = [int(i) for i in _list(batch, "used")]
+    keys = {k: [bytes(v) for v in _list(batch, k)] for k in ("sk1", "pk1", "sk2", "pk2")}
+    if not 0 <= stage.index < len(keys["sk1"]) or stage.index in used:
+        raise secagg.SecAggRefused("this sum's key pair does not exist or was used already")
+    batch["used"] = [*used, stage.index]
+    i = stage.index
+    return secagg.SiteState(node=node, sum_id=stage.sum_id, sk1=keys["sk1"][i],
+                            pk1=keys["pk1"][i], sk2=keys["sk2"][i], pk2=keys["pk2"][i])
+
+
+def _list(record: ConfigRecord, key: str) -> list[Any]:
+    value = record[key]
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _keep(state: RecordDict, site: secagg.SiteState) -> None:

@@ -58,6 +58,7 @@ class Repeat:
     site_features: dict[str, list[str]] = field(default_factory=dict)
     site_summaries: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     group_plan: list[list[str]] = field(default_factory=list)  # each group's features
+    secure: SecureChannel | None = None  # secure aggregation's sums of this repeat
 
     @property
     def dp_config(self) -> dict[str, Any]:
@@ -183,7 +184,10 @@ def _secure_stats(rep: Repeat, nodes: list[int], content: RecordDict
         If the secure sum aborted (too few sites at a stage): nothing was aggregated.
     """
     s = rep.settings
-    channel = _channel(s, rep.grid, rep.audit, s.phase_timeout)
+    # One channel for the repeat: the sites make key pairs for the stats phase and every
+    # training round at once (a keys exchange fewer per round).
+    channel = rep.secure = _channel(s, rep.grid, rep.audit, s.phase_timeout,
+                                    sums=1 + s.num_server_rounds)
     try:
         outcome = channel.run(nodes, "stats", content, {"phase": "stats"})
     except SecAggAborted as err:
@@ -206,11 +210,11 @@ def _secagg_figures(rep: Repeat, channel: SecureChannel) -> None:
     rep.result.secagg_largest = max(rep.result.secagg_largest, channel.largest)
 
 
-def _channel(s: RunSettings, grid: Grid, audit: ReplyLog | None, timeout: float
-             ) -> SecureChannel:
+def _channel(s: RunSettings, grid: Grid, audit: ReplyLog | None, timeout: float,
+             sums: int) -> SecureChannel:
     return SecureChannel(grid, threshold=s.secagg_threshold, neighbours=s.secagg_neighbours,
                          clip=s.secagg_clip, timeout=timeout, first_reply_timeout=s.phase_timeout,
-                         window=s.max_in_flight, audit=audit)
+                         window=s.max_in_flight, audit=audit, sums=sums)
 
 
 RoundSaved = Callable[[int, ArrayRecord], None]
@@ -232,7 +236,9 @@ def train_phase(
     shapes = {k: tuple(start[k].shape) for k in start}
     # Before any site has answered a round, it waits up to the phase timeout (a busy machine
     # delays every site alike); after the first reply, reply-timeout counts from the last one.
-    secure = _channel(s, rep.grid, rep.audit, s.reply_timeout) if s.secagg else None
+    secure = rep.secure
+    if secure is not None:
+        secure.timeout = s.reply_timeout
     grid = SiteGrid(rep.grid, rep.names, rep.audit, min_sites=min(s.min_sites, len(rep.names)),
                     wait=s.node_wait_timeout, names=rep.names,
                     first_reply_timeout=s.phase_timeout, window=s.max_in_flight, secure=secure)

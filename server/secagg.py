@@ -72,7 +72,8 @@ def neighbourhoods(nodes: list[int], neighbours: int = 0) -> dict[int, list[int]
 
 
 def secure_sum(ask: Ask, nodes: list[int], threshold: float, clip: float,
-               neighbours: int = 0) -> SecureSum:
+               neighbours: int = 0, public: Mapping[int, tuple[bytes, bytes]] | None = None,
+               ) -> SecureSum:
     """Sum the sites' vectors without seeing any of them.
 
     Parameters
@@ -89,6 +90,9 @@ def secure_sum(ask: Ask, nodes: list[int], threshold: float, clip: float,
     neighbours : int
         SecAgg+'s neighbourhood size (:func:`neighbourhoods`; 0: every other site). The
         threshold then counts within each neighbourhood.
+    public : mapping, optional
+        Each site's two public keys for this sum, made earlier (a batch of key pairs, one
+        per sum: ``server.secure_rounds``); without it the sum starts with the keys stage.
 
     Raises
     ------
@@ -100,7 +104,8 @@ def secure_sum(ask: Ask, nodes: list[int], threshold: float, clip: float,
     near = neighbourhoods(nodes, neighbours)
     size = 1 + max((len(v) for v in near.values()), default=0)
     need = secagg.threshold_count(threshold, size)
-    public = dict(_enough("keys", ask("keys", dict.fromkeys(nodes)), need))
+    public = dict(_enough("keys", public if public is not None
+                          else ask("keys", dict.fromkeys(nodes)), need))
     shared = _enough("share", ask("share", {
         n: ({m: public[m] for m in [n, *near[n]] if m in public}, need) for n in public}),
         need)

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 from server.audit import ReplyLog
 from server.secagg import SecureSum, secure_sum
 from shared import protocol, summed
+from shared.secagg import MAX_KEY_PAIRS
 
 # The node a summed train round's one reply comes from: no site has it.
 SECURE_SUM_NODE = 0
@@ -72,15 +73,24 @@ class SecureChannel:
         Most messages in flight (``max-in-flight``).
     audit : ReplyLog, optional
         The coordinator's reply log.
+    sums : int
+        Sums the sites make key pairs for at once (a repeat's stats phase and training
+        rounds): each sum after the first of a batch skips the keys stage, one exchange
+        with every site fewer. Every pair still serves one sum only.
     """
 
     def __init__(self, grid: Grid, *, threshold: float, neighbours: int, clip: float,
                  timeout: float | None, first_reply_timeout: float | None = None,
-                 window: int = 0, audit: ReplyLog | None = None) -> None:
+                 window: int = 0, audit: ReplyLog | None = None, sums: int = 1) -> None:
         self.grid, self.threshold, self.neighbours, self.clip = grid, threshold, neighbours, clip
         self.timeout, self.first_reply_timeout = timeout, first_reply_timeout
         self.window, self.audit = window, audit
+        self.sums = max(1, min(sums, MAX_KEY_PAIRS))
         self.outcome = SecureOutcome()  # the last sum's, aborted or not
+        # The batch of key pairs: its id, each site's public keys, the next pair to use.
+        self.batch = ""
+        self.public: dict[int, list[tuple[bytes, bytes]]] = {}
+        self.next = 0
         # Over every sum: the largest error bound of a total, and its largest value.
         self.error_bound = 0.0
         self.largest = 0.0
@@ -124,8 +134,16 @@ class SecureChannel:
                     outcome.replies[node] = reply
             return answers
 
-        outcome.result = result = secure_sum(ask, nodes, self.threshold, self.clip,
-                                             self.neighbours)
+        if self.next >= self.sums or any(n not in self.public for n in nodes):
+            self.batch, self.next = sum_id, 0  # a new batch: the keys stage, for every sum
+            keys = ask("keys", dict.fromkeys(nodes, self.sums))
+            self.public = {n: pairs for n, pairs in keys.items() if len(pairs) == self.sums}
+        index, self.next = self.next, self.next + 1
+        public = {n: self.public[n][index] for n in nodes if n in self.public}
+        outcome.result = result = secure_sum(
+            lambda stage, requests: ask(stage, requests if stage != "share" else {
+                n: (*r, index) for n, r in requests.items()}),
+            list(public), self.threshold, self.clip, self.neighbours, public=public)
         self.error_bound = max(self.error_bound, result.error_bound)
         self.largest = max(self.largest, float(np.max(np.abs(result.total), initial=0.0)))
         return outcome
@@ -134,11 +152,14 @@ class SecureChannel:
                  content: RecordDict) -> RecordDict:
         values: dict[str, Any] = {protocol.STAGE: stage, protocol.SUM_ID: sum_id}
         records: dict[str, Any] = {}
-        if stage == "share":
-            public, threshold = request
+        if stage == "keys":
+            values["count"] = request
+        elif stage == "share":
+            public, threshold, index = request
             nodes = sorted(public)
             values.update({"nodes": nodes, "pk1": [public[n][0] for n in nodes],
-                           "pk2": [public[n][1] for n in nodes], "threshold": threshold})
+                           "pk2": [public[n][1] for n in nodes], "threshold": threshold,
+                           "batch": self.batch, "index": index})
         elif stage == "masked":
             sources = sorted(request)
             values.update({"from": sources, "boxes": [request[n] for n in sources],
@@ -159,8 +180,12 @@ def _read(stage: str, reply: Message) -> Any:
             raise TypeError("not a masked vector")
         return vector
     record = content.config_records[protocol.SECAGG_RECORD]
-    if stage == "keys":
-        return bytes(record["pk1"]), bytes(record["pk2"])  # type: ignore[arg-type]
+    if stage == "keys":  # a batch: one pair of public keys per sum to come
+        pk1, pk2 = record["pk1"], record["pk2"]
+        if not isinstance(pk1, list) or not isinstance(pk2, list) or len(pk1) != len(pk2) or (
+                not all(isinstance(k, bytes) for k in [*pk1, *pk2])):
+            raise TypeError("not two lists of public keys")
+        return list(zip(pk1, pk2, strict=True))
     names = ("to", "boxes") if stage == "share" else ("nodes", "shares")
     nodes, blobs = record[names[0]], record[names[1]]
     if not isinstance(nodes, list) or not isinstance(blobs, list) or len(nodes) != len(blobs):

@@ -30,6 +30,7 @@ LEVELS = 2**52
 # Sites whose quantised values (each at most LEVELS / 2 in size) add up within int64.
 MAX_SITES = 2**11
 SEED_BYTES = 32
+MAX_KEY_PAIRS = 256  # most key pairs a site makes at once: one per secure sum of a repeat
 _NONCE = bytes(16)  # each seed masks one vector, so a fixed nonce never repeats a keystream
 
 

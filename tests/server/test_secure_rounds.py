@@ -274,3 +274,28 @@ def test_a_window_of_two_messages_in_flight_gives_the_same_total(
     assert max(pushed) == 4
     assert narrow.result is not None and wide.result is not None
     assert np.allclose(narrow.result.total, wide.result.total, rtol=0, atol=1e-6)
+
+
+def test_a_batch_of_key_pairs_serves_several_sums_each_pair_once(
+        federation: tuple[Recording, dict[str, Any]]) -> None:
+    """Three sums, one keys exchange; a site refuses a pair named a second time."""
+    from client.contract import parse_stage
+    from client.secagg import SecAggRefused
+    from client.secure_reply import answer
+
+    grid, base = federation
+    nodes = sorted(grid.get_node_ids())
+    content = RecordDict({protocol.CONFIG: ConfigRecord(base)})
+    channel = SecureChannel(grid, threshold=0.67, neighbours=0, clip=1e9, timeout=30.0, sums=3)
+    grid.pulled = []
+    totals = [channel.run(nodes, "stats", content).result for _ in range(3)]
+    stages = [m.content.config_records[protocol.SECAGG_RECORD] for m in grid.pulled]
+    assert len(stages) == 4 * (1 + 3 * 3)  # keys once, then share, masked, unmask each time
+    assert all(t is not None for t in totals)
+    assert np.allclose(totals[0].total, totals[2].total, rtol=0, atol=1e-5)  # type: ignore[union-attr]
+    again = Message(RecordDict({protocol.SECAGG_RECORD: ConfigRecord({
+        protocol.STAGE: "share", protocol.SUM_ID: "x", "batch": channel.batch, "index": 1,
+        "nodes": [], "pk1": [], "pk2": [], "threshold": 2})}), dst_node_id=101,
+        message_type=protocol.SECAGG)
+    with pytest.raises(SecAggRefused, match="used already"):
+        answer(parse_stage(again), 101, grid.contexts[101].state)

@@ -35,6 +35,8 @@ def test_newton_with_secagg_reaches_the_plain_runs_optimum_in_the_same_rounds(
     assert all(e["type"] == "query.secagg" and set(e["arrays"]["arrays"]) == {"masked"}
                for e in masked)
     assert not [e for e in entries if e["type"] in ("train", "query.stats")]
+    # Key pairs for every sum of the repeat were made at once: one keys exchange in all.
+    assert [e.get("secagg", {}).get("stage") for e in entries].count("keys") == 1
 
 
 def test_under_record_level_dp_each_site_still_accounts_its_own_epsilon(
