@@ -85,9 +85,12 @@ def secagg_dropout(out: Path) -> DrillResult:
     rounds = {r["round"]: r for r in report["rounds"]}
     second = rounds.get(KILL_ROUND, {}).get("secagg", {})
     survivors = sorted(n for n, s in report["sites"].items() if s["status"] in FINISHED)
-    # Lost after sharing its keys: its masks removed with the others' shares of its key.
+    # Lost after sharing its keys: its masks removed with the others' shares of its key. If
+    # its masked vector got out before the kill, it is in the total (the unmasking needs
+    # only the threshold): also an exact sum, which the figure then says.
     lost_ok = second.get("lost_after_keys") == ["hospital-b"] and second.get("sites") == 3
-    first_ok = sorted(rounds) == [1, 2, 3, 4] and lost_ok and survivors == [
+    got_out = not second.get("lost_after_keys") and second.get("sites") == 4
+    first_ok = sorted(rounds) == [1, 2, 3, 4] and (lost_ok or got_out) and survivors == [
         "hospital-a", "hospital-c", "hospital-d"]
 
     killer2 = _Killer(two, ["hospital-b", "hospital-c"])
@@ -99,13 +102,16 @@ def secagg_dropout(out: Path) -> DrillResult:
         message = str(err)
     log = (two / "logs").glob("*.log")
     logged = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in log)
-    aborted = "secure aggregation stopped at its masked stage: 2 site(s) answered, fewer " \
-              "than the threshold 3; nothing was aggregated" in logged
+    # At the masked stage if the two died before their vectors left, else at the unmasking.
+    aborted = any(f"secure aggregation stopped at its {stage} stage: 2 site(s) answered, "
+                  "fewer than the threshold 3; nothing was aggregated" in logged
+                  for stage in ("masked", "unmask"))
     second_ok = bool(message) and aborted and "fewer than min-sites = 3" in message
     return DrillResult(
         "secagg-dropout", "",
         f"one killed: rounds {sorted(rounds)} completed; round {KILL_ROUND}'s total of "
-        f"{second.get('sites')} sites, lost after keys {second.get('lost_after_keys')}; "
+        f"{second.get('sites')} sites, lost after keys {second.get('lost_after_keys')}"
+        f"{' (its vector left before the kill)' if got_out else ''}; "
         f"two killed: {'aborted, nothing aggregated' if aborted else 'NOT aborted'}, run "
         f"{'stopped: ' + message.split(';')[0][:160] if message else 'did not stop'}",
         first_ok and second_ok,
