@@ -31,6 +31,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"fedadapt {version('fedadapt')} (flwr {version('flwr')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print fedadapt's version (and Flower's) and exit.")] = False,
+) -> None:
+    """Fedadapt: hospitals learn one risk model together, then each makes it its own."""
+
+
 # Set by the command itself, from --data and --out: not options of simulate / deploy-local.
 SET_BY_COMMAND = frozenset({"sites-manifest", "schema", "out", "expected-sites"})
 DATA_HELP = "'synthetic' (generated hospitals), 'heart:DIR' (UCI files) or a folder with sites.toml"
@@ -226,7 +243,11 @@ def predict(
 def app_hash(
     project: Annotated[Path, typer.Argument(help="The Flower app's folder.")] = Path(),
 ) -> None:
-    """Print the sha256 of the app bundle `flwr run PROJECT` sends (for approved-apps)."""
+    """Print the sha256 of the app bundle `flwr run PROJECT` sends (for approved-apps).
+
+    PROJECT is the Flower app's folder (the one holding pyproject.toml), by default the
+    current folder.
+    """
     from executor.approved_app import bundle_hash
 
     try:
@@ -267,7 +288,10 @@ def drill(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-drills"),
     list_only: Annotated[bool, typer.Option("--list", help="List the scenarios.")] = False,
 ) -> None:
-    """Run reliability drills for real: faults and bad input, each with its figure."""
+    """Run reliability drills for real: faults and bad input, each with its figure.
+
+    SCENARIOS are the drills to run, by name (`--list` shows them); all when none is named.
+    """
     from rich.table import Table
 
     from drills.base import DRILLS

@@ -78,7 +78,7 @@ class RunSettings:
         "dp record (DP-SGD kept the AUC; noisy Newton steps did not) and dp client", STRATEGIES)
     proximal_mu: float = _setting(0.0, "FedProx's proximal term (strategy fedprox)")
     newton_tolerance: float = _setting(
-        1e-6, "strategy newton: stop when the step's largest change of a weight is below this")
+        1e-6, "with strategy newton, stop when the step's largest change of a weight is below this")
     trim_beta: float = _setting(0.25, "share of sites cut at each end (strategy fedtrimmedavg)")
     model: str = _setting("logreg", "source model: logistic regression or a one-hidden-layer "
                           "MLP", MODELS)
@@ -113,7 +113,8 @@ class RunSettings:
         "give up on the sites that have not answered (reading a file, cross-validating a "
         "correction)")
     max_in_flight: int = _setting(
-        0, "most messages out to sites at once (0: all; fedadapt simulate uses 8 per CPU): "
+        0, "most messages out to sites at once; 0: all, except in fedadapt simulate, where 0 "
+        "means 8 per CPU: "
         "Flower's in-memory link state scans every waiting message for every site, so with "
         "hundreds of virtual sites a small window is faster")
     record_replies: bool = _setting(
@@ -127,12 +128,12 @@ class RunSettings:
         "per-patient guarantee); client (Flower's client-side fixed clipping: a per-site "
         "guarantee, for federations with many sites)", DP_MODES)
     dp_epsilon: float = _setting(
-        3.0, "dp record: the epsilon one run may spend at each site; dp client: the epsilon "
-        "of the run's released models per site; over the planned rounds (the noise is "
+        3.0, "with dp record, the epsilon one run may spend at each site; with dp client, the "
+        "epsilon of the run's released models per site; over the planned rounds (the noise is "
         "calibrated from it)")
-    dp_delta: float = _setting(1e-5, "dp: the delta of the (epsilon, delta) guarantee")
+    dp_delta: float = _setting(1e-5, "with dp, the delta of the (epsilon, delta) guarantee")
     dp_clip: float = _setting(
-        1.0, "dp: the clipping norm of one patient's gradient (record) or of one site's "
+        1.0, "with dp, the clipping norm of one patient's gradient (record) or of one site's "
         "update (client)")
 
     secagg: bool = _setting(
@@ -140,14 +141,15 @@ class RunSettings:
         "(stats sums, Newton sums, FedAvg / FedProx updates) masked, and learns only the "
         "federation's total; not with fedmedian, fedtrimmedavg, dp client or feature groups")
     secagg_threshold: float = _setting(
-        0.67, "secagg: share of each site's neighbourhood (itself included) whose shares "
+        0.67, "with secagg, the share of each site's neighbourhood (itself included) whose shares "
         "rebuild a lost site's masks; fewer survivors abort the round; at least 2/3 (a site "
         "refuses less: docs/privacy.md)")
     secagg_neighbours: int = _setting(
-        0, "secagg: each site's neighbours, half on each side of a ring of the sites (SecAgg+; "
-        "a site's work grows with this, not with the federation); 0: every other site")
+        0, "with secagg, each site's neighbours, half on each side of a ring of the sites "
+        "(SecAgg+; a site's work grows with this, not with the federation); 0: every other "
+        "site")
     secagg_clip: float = _setting(
-        1e9, "secagg: every summed value must lie in [-secagg-clip, secagg-clip] (a site "
+        1e9, "with secagg, every summed value must lie in [-secagg-clip, secagg-clip] (a site "
         "refuses a reply that does not fit); the total is exact to (sites + 1) * clip / 2**52")
 
     @classmethod

@@ -119,3 +119,30 @@ def test_locations_and_brackets_are_printed_verbatim(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert f"{path}:2:2 (column 'weight')" in result.output
     assert "\U0001f4af" not in result.output  # the 💯 emoji rich would put for :100:
+
+
+def test_version_names_fedadapt_and_flower() -> None:
+    """`fedadapt --version`: both versions, exit 0, nothing else run."""
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"fedadapt {version('fedadapt')} (flwr {version('flwr')})"
+
+
+@pytest.mark.parametrize(("command", "argument"), [("app-hash", "PROJECT is the Flower app's"),
+                                                   ("drill", "SCENARIOS are the drills")])
+def test_a_commands_argument_is_explained_in_its_help(command: str, argument: str) -> None:
+    """Typer shows no help beside an argument: the command's text explains it."""
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=100)
+    assert argument in " ".join(result.stdout.split())
+
+
+def test_no_setting_help_starts_with_a_settings_name_and_a_colon() -> None:
+    """An option's help is a sentence ("With dp record, ..."), never "Dp record: ..."."""
+    from shared.settings import RunSettings
+
+    keys = {f.name.replace("_", "-") for f in RunSettings.declared()}
+    for f in RunSettings.declared():
+        label = f.metadata["help"].split(":")[0].split()
+        assert not (len(label) <= 2 and label[0] in keys), f.name
