@@ -61,6 +61,9 @@ def _out_dir(out: Path) -> Path:
     """An output folder the command may write (created if missing); never an existing file."""
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file: name a folder (it is created if missing)")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        fail(f"--out {out}: {above} is a file, so the folder cannot be created there")
     return out
 
 

@@ -92,6 +92,10 @@ def test_out_naming_a_file_is_refused(command: list[str], tmp_path: Path) -> Non
     assert result.exit_code == 1, result.output
     assert "is a file: name a folder" in result.output
     assert file.read_text() == "keep me"
+    below = CliRunner().invoke(app, [*command, *extra, "--out", str(file / "sub" / "out")])
+    assert below.exit_code == 1, below.output
+    assert f"--out {file / 'sub' / 'out'}: {file} is a file" in " ".join(below.output.split())
+    assert file.read_text() == "keep me"
 
 
 @pytest.mark.parametrize("command", ["simulate", "generate"])
