@@ -28,6 +28,10 @@ def heart_manifest(data_dir: str | Path, out: str | Path) -> Path:
         Naming the files that are missing and where to get them.
     """
     folder = Path(data_dir).expanduser().resolve()
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DatasetError(f"heart:{data_dir}: {folder} {what}; name the folder holding the "
+                           "four processed.*.data files of the UCI Heart Disease dataset")
     files = {c: folder / f"processed.{c}.data" for c in HEART_CENTRES}
     missing = [p.name for p in files.values() if not p.is_file()]
     if missing:
