@@ -17,6 +17,7 @@ from typing import Any
 
 from flwr.app import Message
 
+from shared.files import append_private
 from shared.wire import wire_bytes  # also measures the sites' audit
 
 
@@ -48,8 +49,8 @@ class ReplyLog:
                  for node, r in replies.items()]
         if not lines:
             return
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
-            fh.write("\n".join(lines) + "\n")
+        with self._lock:
+            append_private(self.path, "\n".join(lines) + "\n")
 
     def _entry(self, node: int, reply: Message) -> dict[str, Any]:
         entry: dict[str, Any] = {

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.files import append_private
+
 log = logging.getLogger(__name__)
 
 EVENTS_FILE = "events.jsonl"
@@ -23,7 +25,7 @@ class Progress:
     def __init__(self, out_dir: Path) -> None:
         self.path = out_dir / EVENTS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch()  # appended to: a resumed run's events follow the interrupted one's
+        append_private(self.path, "")  # appended to: a resumed run's events follow the last
         self.t0 = time.monotonic()
         self.closed = False
 
@@ -33,8 +35,7 @@ class Progress:
             return
         record = {"event": event, "t": round(time.monotonic() - self.t0, 3),
                   "time": round(time.time(), 3), **fields}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=str) + "\n")
+        append_private(self.path, json.dumps(record, default=str) + "\n")
 
     def close(self) -> None:
         """Record nothing more (the run was stopped: "stopped" stays the last event)."""

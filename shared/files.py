@@ -175,3 +175,14 @@ def create_private_file(path: str | Path, data: bytes) -> Path:
         path.unlink(missing_ok=True)
         raise
     return path
+
+
+def append_private(path: str | Path, text: str) -> None:
+    """Append ``text`` to ``path``, created readable by its owner only (0600) if missing.
+
+    The coordinator's logs of a run (its events, the replies it received) are the
+    federation's, not every user's of the machine.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as fh:
+        fh.write(text)

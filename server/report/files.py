@@ -12,6 +12,8 @@ from server.report.markdown import render_markdown
 from server.report.plots import plot_calibration, plot_loss, plot_metrics
 from shared.files import write_atomically
 
+PRIVATE = 0o600  # the federation's results, as private as the rest of the run's folder
+
 log = logging.getLogger(__name__)
 
 # The files of a complete report, relative to the output folder.
@@ -41,13 +43,14 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
     (out / "plots").mkdir(parents=True, exist_ok=True)
     clean = to_jsonable(report)
     paths = {"json": out / "report.json"}
-    write_atomically(paths["json"], _json_text(clean).encode("utf-8"))
+    write_atomically(paths["json"], _json_text(clean).encode("utf-8"), mode=PRIVATE)
     paths["metrics"] = plot_metrics(clean, out / "plots" / "metrics.png")
     paths["loss"] = plot_loss(clean, out / "plots" / "loss.png")
     paths["calibration"] = plot_calibration(clean, out / "plots" / "calibration.png")
     relative = {name: paths[name].relative_to(out) for name in ("metrics", "calibration", "loss")}
     paths["markdown"] = out / "report.md"
-    write_atomically(paths["markdown"], render_markdown(clean, relative).encode("utf-8"))
+    write_atomically(paths["markdown"], render_markdown(clean, relative).encode("utf-8"),
+                     mode=PRIVATE)
     return paths
 
 

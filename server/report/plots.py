@@ -66,7 +66,7 @@ def _save_figure(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=_PLOT_DPI)
-    write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue(), mode=0o600)
     return path
 
 

@@ -255,3 +255,29 @@ def test_markdown_shows_each_feature_group() -> None:
     row = next(line for line in text.splitlines() if line.startswith("| glucose |"))
     assert "site-a, site-b" in row and "| 903 |" in row and "| 6.0 |" in row
     assert "glucose +1.510" in row and "site-a (3)" in row
+
+
+def test_the_reports_files_are_private_to_their_owner(
+        written: tuple[dict[str, Any], dict[str, Path]]) -> None:
+    """report.json, report.md and the plots: 0600, as the rest of a run's folder."""
+    import stat
+
+    _, paths = written
+    for path in paths.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def test_a_runs_event_log_is_private(tmp_path: Path) -> None:
+    """events.jsonl is created 0600 whatever the umask (replies.jsonl: the same helper)."""
+    import os
+    import stat
+
+    from server.progress import Progress
+
+    old = os.umask(0o022)
+    try:
+        progress = Progress(tmp_path)
+        progress.emit("phase", phase="stats")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "events.jsonl").stat().st_mode) == 0o600
