@@ -36,8 +36,12 @@ class RunProgress:
     def __enter__(self) -> RunProgress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         if self.started:
+            # A finished run's bar goes: a pooled reference or a Newton run that converged
+            # early would leave it short of its total, as if stopped. A stopped or failed
+            # run's bar stays, to show where it was.
+            self.bar.live.transient = kind is None
             self.bar.__exit__(None, None, None)
 
     def update(self, event: dict[str, Any]) -> None:

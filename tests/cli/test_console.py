@@ -43,3 +43,26 @@ def test_any_other_exception_is_a_bug_and_keeps_its_trace() -> None:
     """A plain ValueError is not a user's mistake: it is not turned into one line."""
     with pytest.raises(ValueError, match="bug"):
         _command(ValueError("bug"))
+
+
+def test_a_finished_runs_progress_bar_leaves_no_line_a_stopped_ones_stays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run done early (converged, pooled) must not read as stopped at 10/34."""
+    import io
+
+    from rich.console import Console
+
+    import fedadapt.progress as progress
+
+    for failed in (False, True):
+        out = io.StringIO()
+        monkeypatch.setattr(progress, "console", Console(file=out, width=100))
+        try:
+            with progress.RunProgress(1, 30) as bar:
+                bar.update({"event": "phase", "phase": "stats"})
+                bar.update({"event": "round", "round": 1, "rounds": 30, "loss": 0.5})
+                if failed:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass
+        assert ("round 1/30" in out.getvalue()) is failed
