@@ -761,8 +761,8 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
             explain(f"{a['verdict']}", indent=4)
     summary = report.get("summary", {})
     methods = summary.get("methods", {})
-    parts = [f"{m} {v['mean_accuracy']:.3f}" for m, v in methods.items()
-             if v.get("mean_accuracy") is not None]
+    parts = [f"{'true model' if m == 'oracle' else m} {v['mean_accuracy']:.3f}"
+             for m, v in methods.items() if v.get("mean_accuracy") is not None]
     if parts:
         majority = summary.get("majority_accuracy")
         base = f" (majority label {majority:.3f})" if majority is not None else ""

@@ -75,16 +75,20 @@ def assess(entry: dict[str, Any], values: Sequence[dict[str, Any]]) -> dict[str,
     -------
     dict
         ``comparisons`` (per pair: difference and interval), ``best`` (method), ``lead``
-        (``clear``, ``within uncertainty`` or ``not judged``), ``judgeable``, ``verdict`` (one
-        line) and ``use`` (the model the site should use, and why).
+        (``clear``, ``within uncertainty`` or ``not judged``), ``judgeable``, ``uses`` (the
+        model the site uses against the better other one: ``versus``, ``difference``,
+        ``low``, ``high``), ``verdict`` (one line) and ``use`` (the model the site should
+        use, and why).
     """
     n_train, n_test = int(entry["n_train"]), int(entry["n_test"])
     comparisons = {f"{a}-{b}": paired_interval(values, a, b, n_train, n_test)
                    for a, b in PAIRS}
     aucs = {m: entry["metrics"].get(m, {}).get("auc") for m in METHODS}
-    defined = {m: v for m, v in aucs.items() if v is not None}
-    ok = judgeable(int(entry["positives_test"]), n_test)
     choice = entry.get("model", {}).get("choice") or "source"
+    # A site that uses the source model has "adapted" = "source": one model, not two to rank.
+    defined = {m: v for m, v in aucs.items()
+               if v is not None and not (m == "adapted" and choice == "source")}
+    ok = judgeable(int(entry["positives_test"]), n_test)
     out: dict[str, Any] = {"comparisons": comparisons, "judgeable": ok, "best": None,
                            "runner_up": None, "lead": "not judged"}
     if len(defined) >= 2:
@@ -95,10 +99,26 @@ def assess(entry: dict[str, Any], values: Sequence[dict[str, Any]]) -> dict[str,
                  and interval["low"] > 0)
         out.update(best=best, runner_up=second,
                    lead=("clear" if clear else "within uncertainty") if ok else "not judged")
+    out["uses"] = _uses(aucs, comparisons, choice)
     out["verdict"] = _verdict(out, aucs, comparisons, n_test, int(entry["positives_test"]))
     reason = entry.get("model", {}).get("reason") or "chosen by cross-validation"
     out["use"] = f"use {choice}: {reason.removeprefix(f'{choice}: ')}"
     return out
+
+
+def _uses(aucs: dict[str, Any], comparisons: dict[str, dict[str, Any]], choice: str
+          ) -> dict[str, Any] | None:
+    """The model the site uses against the better other model: which, and the difference.
+
+    The model the site uses is ``adapted`` (its choice: a correction, a blend, the local
+    model, or the source model itself, which is then not its own rival).
+    """
+    rivals = [m for m in ("local", "source") if aucs.get(m) is not None
+              and not (m == "source" and choice == "source")]
+    if aucs.get("adapted") is None or not rivals:
+        return None
+    rival = max(rivals, key=lambda m: float(aucs[m]))
+    return {"versus": rival, **(_interval(comparisons, "adapted", rival) or {})}
 
 
 def _interval(comparisons: dict[str, dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:

@@ -65,7 +65,7 @@ def _metric_section(
     """Return a per-metric Markdown table: sites as rows, methods as columns, a mean row."""
     repeats = _repeats(report)
     header = ["site", "n test", "positives (prevalence)",
-              *("best achievable" if m == "oracle" else m for m in methods)]
+              *("true model" if m == "oracle" else m for m in methods)]
     rows: list[list[str]] = []
     partial_auc = False
     for name, site in shown:
@@ -213,8 +213,9 @@ def _glossary(methods: Sequence[str]) -> list[str]:
         words += (" **pooled**: one central model on every site's rows (simulation only: what "
                   "pooling records would give).")
     if "oracle" in methods:
-        words += (" **best achievable** (generated data only): the true model's AUC on the "
-                  "same held-out patients.")
+        words += (" **true model** (generated data only): the AUC of the model that generated "
+                  "the data, on the same held-out patients. It is not a ceiling: on a few "
+                  "held-out rows a fitted model can score higher by chance.")
     return ["## How to read this report", "", words, *GLOSSARY]
 
 

@@ -38,7 +38,7 @@ _METHOD_LABELS = {
     "source": "source (federated)",
     "adapted": "adapted (the site's chosen model)",
     "pooled": "pooled (central reference)",
-    "oracle": "best achievable (true model)",
+    "oracle": "true model (not a ceiling)",
 }
 _METHOD_COLORS = {
     "local": "#8c8c8c",

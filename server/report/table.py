@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 SITE_METHODS = ("local", "source", "adapted")
 REFERENCES = ("pooled", "oracle")  # not a site's own choice: shown when present
 SHORT = {"local": "local", "source": "source", "adapted": "adapted", "pooled": "pooled",
-         "oracle": "best"}
+         "oracle": "true"}
+RIVAL = {"local": "loc", "source": "src"}  # the other model in the "vs other" column
 
 
 def _model(site: dict[str, Any]) -> str:
@@ -23,24 +24,22 @@ def _model(site: dict[str, Any]) -> str:
 
 
 def _lead(site: dict[str, Any]) -> str:
-    """The best site method's lead over the runner-up: ``+0.021±0.030``, or why there is none.
+    """The model the site uses against the better other one: ``-0.036±0.060 local``.
 
-    ``!`` marks a lead larger than its uncertainty (the 95 % interval excludes 0).
+    Its AUC minus the other's, ± half the 95 % interval; ``!`` marks a difference larger than
+    its uncertainty (the interval excludes 0); then the other model's name.
     """
     a = site.get("assessment") or {}
-    best, second = a.get("best"), a.get("runner_up")
-    if best is None:
+    if a.get("best") is None:
         return "AUC undef."
-    comparisons = a.get("comparisons") or {}
-    c = comparisons.get(f"{best}-{second}") or comparisons.get(f"{second}-{best}") or {}
-    if c.get("difference") is None:
+    u = a.get("uses") or {}
+    if u.get("difference") is None:
         return _DASH
-    sign = 1 if f"{best}-{second}" in comparisons else -1
-    diff = sign * c["difference"]
-    if c.get("low") is None:
-        return f"{diff:+.3f}"
-    half = (c["high"] - c["low"]) / 2
-    return f"{diff:+.3f}±{half:.3f}" + ("!" if a.get("lead") == "clear" else "")
+    text = f"{u['difference']:+.3f}"
+    if u.get("low") is not None:
+        clear = u["low"] > 0 or u["high"] < 0
+        text += f"±{(u['high'] - u['low']) / 2:.3f}" + ("!" if clear else "")
+    return f"{text} {RIVAL[u['versus']]}"
 
 
 def site_table(report: dict[str, Any], max_rows: int | None = None) -> Table:
@@ -58,7 +57,7 @@ def site_table(report: dict[str, Any], max_rows: int | None = None) -> Table:
     rich.table.Table
         One row per site: held-out rows and positives (``*``: too few to judge), the AUC of
         the site's local-only model, the shared source model and the model the site uses
-        (``adapted``), the references when present (pooled central model, best achievable),
+        (``adapted``), the references when present (pooled central model, the true model),
         the best of the three site methods with its lead over the runner-up and that lead's
         95 % half-width, and the model the site uses. Then the means: over the sites that can
         judge, and weighted by held-out rows.
@@ -70,20 +69,31 @@ def site_table(report: dict[str, Any], max_rows: int | None = None) -> Table:
     sites = _sites(report)
     shown = sites if max_rows is None else sites[:max_rows]
     refs = [m for m in REFERENCES if any(m in (s.get("metrics") or {}) for _, s in sites)]
+    # Newton reaches the pooled fit: a pooled column equal to the source one says nothing.
+    same = "pooled" in refs and all(
+        _value_sd(s, "pooled", "auc")[0] == _value_sd(s, "source", "auc")[0] for _, s in sites)
+    if same:
+        refs.remove("pooled")
     table = Table(
         title="fedadapt: held-out AUC per site",
-        caption=("bold: the site's best model; lead: its AUC minus the runner-up's ± half "
-                 "the 95 % interval (! clear lead); * too few held-out rows of a class to judge; "
-                 "best: the best achievable"),
+        caption=("n/pos.: held-out rows/positives (* too few of a class to judge); "
+                 "vs other: the AUC of the model the site uses minus the better other model's "
+                 "± half the 95 % interval (! beyond it; loc, src: local, source); bold: "
+                 "the highest AUC"
+                 + ("; true: the AUC of the model that generated the data (not a ceiling)"
+                    if "oracle" in refs
+                    else "")
+                 + ("; the pooled central model's AUC equals the source model's at every "
+                    "site (the federated fit is the pooled fit)" if same else "")),
         box=SIMPLE_HEAD, pad_edge=False, padding=(0, 1), header_style="bold",
     )
     table.add_column("site", overflow="ellipsis", max_width=12, no_wrap=True, min_width=6)
-    table.add_column("held-out", justify="right", no_wrap=True, min_width=7)
+    table.add_column("n/pos.", justify="right", no_wrap=True, min_width=7)
     for method in (*SITE_METHODS, *refs):
         table.add_column(SHORT[method], justify="right", no_wrap=True,
                          min_width=len(SHORT[method]))
-    table.add_column("lead", no_wrap=True, min_width=12)
-    table.add_column("site uses", overflow="ellipsis", max_width=16, no_wrap=True)
+    table.add_column("vs other", no_wrap=True, min_width=12)
+    table.add_column("site uses", overflow="ellipsis", max_width=14, no_wrap=True)
 
     for name, site in shown:
         n, pos = _num(site.get("n_test")), _num(site.get("positives_test"))

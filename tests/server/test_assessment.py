@@ -87,3 +87,17 @@ def test_too_small_sets_are_flagged_not_judged() -> None:
                [])
     assert not a["judgeable"] and a["lead"] == "not judged"
     assert a["verdict"].startswith("too few patients to judge: 3 positive / 27 negative")
+
+
+def test_a_site_using_the_source_model_is_not_compared_with_itself() -> None:
+    """Uses source: adapted is the source model, so the runner-up and rival are local."""
+    values = [{"diff.adapted-local.auc": -0.036, "diff.adapted-local.auc_lo": -0.096,
+               "diff.adapted-local.auc_hi": 0.024,
+               "diff.local-source.auc": 0.036, "diff.local-source.auc_lo": -0.024,
+               "diff.local-source.auc_hi": 0.096}]
+    entry = _entry({"local": 0.666, "source": 0.630, "adapted": 0.630})
+    entry["model"] = {"choice": "source", "reason": "no candidate beat the source model"}
+    a = assess(entry, values)
+    assert (a["best"], a["runner_up"]) == ("local", "source")
+    assert "adapted" not in a["verdict"]
+    assert a["uses"]["versus"] == "local" and a["uses"]["difference"] == pytest.approx(-0.036)

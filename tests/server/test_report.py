@@ -281,3 +281,24 @@ def test_a_runs_event_log_is_private(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "events.jsonl").stat().st_mode) == 0o600
+
+
+def test_the_table_says_how_the_used_model_fares_and_drops_a_pooled_column_equal_to_source(
+) -> None:
+    """'vs other': the used model against the better other; pooled = source: no column."""
+    from rich.console import Console
+
+    from server.report.table import site_table
+
+    report = _report()
+    for site in report["sites"].values():
+        metrics = site.get("metrics") or {}
+        if "source" in metrics:
+            metrics["pooled"] = dict(metrics["source"])
+    console = Console(width=100, record=True)
+    console.print(site_table(report))
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "n/pos." in line)
+    assert "source" in header and "pooled" not in header
+    assert "equals the source model's at every site" in " ".join(text.split())
+    assert "vs other" in text and max(len(line) for line in text.splitlines()) <= 100
