@@ -145,8 +145,9 @@ def _verdict(out: dict[str, Any], aucs: dict[str, Any], comparisons: dict[str, A
             f"{interval['low']:+.3f} to {interval['high']:+.3f})")
     if not out["judgeable"]:
         return (f"too few patients to judge: {positives} positive / {n_test - positives} "
-                f"negative held-out rows (fewer than {MIN_CLASS_ROWS_TO_JUDGE} of a class); "
-                f"{best} has the highest AUC{span}")
+                f"negative held-out rows (fewer than {MIN_CLASS_ROWS_TO_JUDGE} of a class), so "
+                "no model can be judged on them and the choice rests on cross-validation "
+                f"alone; {best} has the highest AUC here{span}")
     if out["lead"] == "clear":
         return f"{best} is best, clearly ahead of {second}{span}"
     return f"{best} has the highest AUC, but not clearly ahead of {second}{span}"

@@ -87,6 +87,7 @@ def test_too_small_sets_are_flagged_not_judged() -> None:
                [])
     assert not a["judgeable"] and a["lead"] == "not judged"
     assert a["verdict"].startswith("too few patients to judge: 3 positive / 27 negative")
+    assert "no model can be judged on them" in a["verdict"]
 
 
 def test_a_site_using_the_source_model_is_not_compared_with_itself() -> None:
