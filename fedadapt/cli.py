@@ -767,6 +767,11 @@ def _print_results(report: dict[str, Any], out: Path) -> None:
         majority = summary.get("majority_accuracy")
         base = f" (majority label {majority:.3f})" if majority is not None else ""
         say("mean accuracy over the sites that can judge: " + ", ".join(parts) + base)
+    planned = report.get("config", {}).get("num-server-rounds")
+    converged = [r for r in report.get("converged_rounds") or [] if r is not None]
+    if converged and planned is not None and max(converged) < planned:
+        say(f"training converged in round {', '.join(map(str, converged))} of the {planned} "
+            "planned; the later rounds were not run (Flower still prints their headings)")
     fvp = summary.get("federated_vs_pooled")
     if fvp and fvp.get("difference") is not None:
         say(f"held-out log-loss: federated source {fvp['source_log_loss']:.4f}, "

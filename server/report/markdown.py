@@ -238,6 +238,19 @@ GLOSSARY = [
 ]
 
 
+def _training_lines(report: Mapping[str, Any]) -> list[str]:
+    """Say when Newton converged before the planned rounds (the loss plot ends there)."""
+    planned = (report.get("config") or {}).get("num-server-rounds")
+    done = [r for r in report.get("converged_rounds") or [] if r is not None]
+    if not done or planned is None or max(done) >= planned:
+        return []
+    rounds = ", ".join(str(r) for r in done)
+    return [f"Training converged in round {rounds} of the {planned} planned (Newton: the "
+            "step changed no weight by more than newton-tolerance); later rounds were not "
+            "run, so the loss plot ends there. Flower still prints the headings of the "
+            "planned rounds, with nothing sent.", ""]
+
+
 def _summary_section(report: Mapping[str, Any], methods: Sequence[str]) -> list[str]:
     """Return the summary: mean metrics per method next to the majority-label baseline."""
     summary = report.get("summary") or {}
@@ -268,20 +281,21 @@ def _summary_section(report: Mapping[str, Any], methods: Sequence[str]) -> list[
               "mean Brier", "log loss", "sites best"]
     sites = _sites(report)
     failed = sum(_is_failed(site) for _, site in sites)
+    judged = len(summary.get("sites_judged", []))
     lines = [
         "## Summary",
         "",
-        f"Means over the sites with results ({len(sites) - failed} of "
-        f"{_plural(len(sites), 'site')}). "
-        "The majority-label baseline predicts each site's most frequent label; "
-        "an accuracy at or below it means the model adds little.",
+        f"{len(sites) - failed} of {_plural(len(sites), 'site')} have results. Means are over "
+        f"the {judged} whose held-out sets can judge (at least 10 patients of each class); "
+        "weighted means over every site with results, weighted by its held-out rows. The "
+        "majority-label baseline predicts each site's most frequent label; an accuracy at or "
+        "below it means the model adds little.",
         "",
         *_md_table(header, rows, "lrrrrrrr"),
         "",
-        "Means: over the sites whose held-out sets can judge "
-        f"({len(summary.get('sites_judged', []))}); weighted: every site, weighted by its "
-        "held-out rows. Sites best: where the method has the highest AUC of the site's three.",
+        "Sites best: where the method has the highest AUC of the site's three.",
         "",
+        *_training_lines(report),
     ]
     compared = [
         (a, s)

@@ -302,3 +302,15 @@ def test_the_table_says_how_the_used_model_fares_and_drops_a_pooled_column_equal
     assert "source" in header and "pooled" not in header
     assert "equals the source model's at every site" in " ".join(text.split())
     assert "vs other" in text and max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_an_early_convergence_is_said_and_the_summary_counts_agree() -> None:
+    """Converged in round 5 of 30: said once; 'N of M sites' and the judged count in one line."""
+    from server.report.markdown import render_markdown
+
+    report = _report()
+    report["config"]["num-server-rounds"] = 30
+    report["converged_rounds"] = [5]
+    text = " ".join(render_markdown(report, {}).split())
+    assert "Training converged in round 5 of the 30 planned" in text
+    assert "Means are over the" in text and "Means over the sites with results" not in text
