@@ -553,6 +553,9 @@ def clientapp_main() -> None:
     """``flwr-clientapp`` (same arguments) behind the approval check; policy from the env."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
+    from shared.logs import quiet_own_errors
+
+    quiet_own_errors()  # a refusal is one line, not Flower's traceback of AppRefused
     with gate(os.environ.get(POLICY_ENV) or None):
         flwr_clientapp()
 

@@ -59,8 +59,9 @@ def wait_for_sites(
                 return nodes
             raise NotEnoughSites(
                 f"only {len(nodes)} site(s) connected after {timeout:.0f} s, fewer than "
-                f"min-sites = {min_sites}: start more sites, or lower min-sites, or raise "
-                "node-wait-timeout"
+                f"min-sites = {min_sites}: start more sites"
+                + (", or lower min-sites" if min_sites > 1 else "")
+                + ", or raise node-wait-timeout"
             )
         time.sleep(poll)
 
@@ -268,7 +269,7 @@ class SiteGrid(Grid):
             raise NotEnoughSites(
                 f"only {len(nodes)} site(s) left for training after {self.wait:.0f} s, fewer "
                 f"than min-sites = {self.min_sites} (dropped: {len(self.dropped)}): restart "
-                "the missing sites, or lower min-sites"
+                "the missing sites" + (", or lower min-sites" if self.min_sites > 1 else "")
             )
         return nodes
 

@@ -156,3 +156,19 @@ def test_silent_sites_filling_the_window_do_not_starve_the_others(
     grid = _CountingGrid(clock, spacing=1.0, silent={100, 101, 102, 103})
     replies = sites.send_and_receive(_as_grid(grid), _messages(10), timeout=5.0, window=4)
     assert sorted(replies) == [104 + i for i in range(6)]
+
+
+def test_too_few_sites_never_advises_a_min_sites_below_one() -> None:
+    """min-sites = 1 and nobody came: start sites, or wait longer; not 'lower min-sites'."""
+    from server.sites import NotEnoughSites, wait_for_sites
+
+    class Empty:
+        def get_node_ids(self) -> list[int]:
+            return []
+
+    with pytest.raises(NotEnoughSites) as one:
+        wait_for_sites(Empty(), 1, timeout=0.0)  # type: ignore[arg-type]
+    assert "lower min-sites" not in str(one.value)
+    with pytest.raises(NotEnoughSites) as two:
+        wait_for_sites(Empty(), 2, timeout=0.0)  # type: ignore[arg-type]
+    assert "lower min-sites" in str(two.value)
