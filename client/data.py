@@ -327,9 +327,7 @@ def read_site_data(
     return data
 
 
-_COLUMN_HINT = (
-    "make the file's columns match the schema (`fedadapt check-data --schema ...` lists them)"
-)
+_COLUMN_HINT = "make the header name the schema's columns, as listed above"
 
 
 def _decode(raw: bytes, name: str) -> str:
@@ -403,12 +401,16 @@ def _columns(
     if unknown:
         # Never repeat an unknown header cell: when the header line is merged with the first
         # patient row (a lost line break) or shifted, its "names" are patient values.
+        # The shared columns every site exports (a site-only one may be absent by right).
+        absent = [c for c in [*(f.name for f in schema.shared_features), schema.label.column]
+                  if c not in header]
         problems.append(Problem(
             name, line, unknown[0], "",
             f"{len(unknown)} column name(s) of the header are not declared by schema "
             f"{schema.name!r} (position {', '.join(map(str, unknown))}; names not shown, "
             "they may be patient values if the header line is damaged); the schema's "
-            f"columns are: {', '.join(_expected_columns(schema))}",
+            f"columns are: {', '.join(_expected_columns(schema))}"
+            + (f"; absent from the header: {', '.join(absent)} (renamed?)" if absent else ""),
         ))
     if labelled and schema.label.column not in header:
         problems.append(Problem(name, line, 0, schema.label.column,

@@ -122,7 +122,8 @@ def deploy_local(
     given: set[str],
     data: Annotated[str, typer.Option(help=DATA_HELP)] = "synthetic",
     sites: Annotated[int | None, typer.Option(help=escape(
-        f"Generated hospitals (--data synthetic only). [default: {DEPLOY_SITES}]"),
+        f"Generated hospitals (--data synthetic only); fewer than simulate's {ROLES}: each is "
+        f"a SuperNode with processes of its own. [default: {DEPLOY_SITES}]"),
         show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("fedadapt-deploy"),
     timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 3600,

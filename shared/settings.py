@@ -106,17 +106,15 @@ class RunSettings:
     node_wait_timeout: float = _setting(60.0, "seconds to wait for the expected sites")
     reply_timeout: float = _setting(
         300.0, "seconds without any reply after which the sites that have not answered a "
-        "training round sit out the rest of training (counted from the last reply, so sites "
-        "queued in the simulation engine are not lost)")
+        "training round sit out the rest of training (counted from the last reply: sites "
+        "still answering, or queued behind others, are not lost)")
     phase_timeout: float = _setting(
         900.0, "seconds without any reply after which the stats, adapt and evaluate phases "
         "give up on the sites that have not answered (reading a file, cross-validating a "
         "correction)")
     max_in_flight: int = _setting(
-        0, "most messages out to sites at once; 0: all, except in fedadapt simulate, where 0 "
-        "means 8 per CPU: "
-        "Flower's in-memory link state scans every waiting message for every site, so with "
-        "hundreds of virtual sites a small window is faster")
+        0, "most messages out to sites at once; 0: all (fedadapt simulate: 8 per CPU, as "
+        "Flower's in-memory link state scans every waiting message for every site)")
     record_replies: bool = _setting(
         False, "record every value each site sent in OUT/replies.jsonl (keys, shapes and "
         "sizes are always recorded)")

@@ -662,3 +662,17 @@ def test_uci_cleveland_with_site_features(heart: Schema) -> None:
         assert seen <= set(np.arange(n_categories, dtype=float)), name
     assert data.summary["ca"].missing == 4
     assert data.summary["thal"].missing == 2
+
+
+def test_a_renamed_column_names_the_shared_column_the_header_lacks(
+    tmp_path: Path, synthetic: Schema, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The schema's missing shared column is named (a schema name); the unknown one is not."""
+    header = "age,weight,height,sbp_renamed,glucose,diabetes\n"
+    path = _write(tmp_path, header + f"50,94.5,182,{CANARY},87,0\n")
+    err = _data_error(path, synthetic)
+    p = next(p for p in err.problems if "not declared" in p.message)
+    assert (p.line, p.column) == (1, 4)
+    assert p.message.endswith("absent from the header: systolic_bp (renamed?)")
+    assert "check-data" not in str(err) and "sbp_renamed" not in str(err)
+    _assert_no_leak(CANARY, path, caplog, err=err)
