@@ -632,6 +632,7 @@ def generate(
     specs = hospital_specs(n_sites, seed, hba1c)
     if not force:
         _refuse_foreign_files(out, [f"{s.name}.csv" for s in specs])
+    _remove_stale(out, {f"{s.name}.csv" for s in specs})
     sites: list[_Site] = []
     files: list[str] = []
     for spec, (_, data_seed) in zip(specs, _seeds(n_sites, seed), strict=True):
@@ -652,6 +653,26 @@ def generate(
     (out / TRUTH_NAME).write_text(truth, encoding="utf-8", newline="")
     log.info("wrote %d sites to %s", len(specs), out)
     return manifest
+
+
+def _remove_stale(out: Path, files: set[str]) -> None:
+    """Remove the hospitals an earlier generation here wrote and this one does not.
+
+    Eight generated hospitals, then four: the other four's files would otherwise stay beside
+    the new manifest, as if part of this world. Only files the earlier manifest names as
+    generated are removed, never another file.
+    """
+    manifest = out / MANIFEST_NAME
+    if not manifest.is_file():
+        return
+    text = manifest.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith(f"# {GENERATED_BY}"):
+        return
+    for line in text.splitlines():
+        if line.startswith("data-file"):
+            name = line.split("=", 1)[1].strip().strip('"')
+            if name not in files and Path(name).name == name:
+                (out / name).unlink(missing_ok=True)
 
 
 def _refuse_foreign_files(out: Path, files: list[str]) -> None:

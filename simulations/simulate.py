@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def simulate(
         max_in_flight=settings.max_in_flight or simulation_window(cluster),
     )
     remove_report(out)  # an earlier run's report must not pass for this one's
+    set_aside_other_sites(out, [site.name for site in manifest.sites])
     try:
         report = run_app(settings.to_run_config(), len(manifest.sites), out,
                          on_event=on_event, timeout=timeout,
@@ -129,3 +131,27 @@ def add_pooled(report: dict[str, Any], pooled: dict[str, list[dict[str, Any]]]) 
             "difference": fed - central if fed is not None and central is not None else None,
         }
     report["summary"] = {**report.get("summary", {}), **summary}
+
+
+def set_aside_other_sites(out: Path, names: list[str]) -> list[str]:
+    """Move the folders of sites not in this run from ``OUT/sites`` to ``OUT/earlier-sites``.
+
+    A second run into the same ``--out`` with other sites would otherwise leave the first
+    run's site folders (keys, corrections, audit logs) beside this run's, as if its own;
+    nothing is deleted. Returns the names moved.
+    """
+    sites = out / "sites"
+    if not sites.is_dir():
+        return []
+    moved = []
+    for folder in sorted(p for p in sites.iterdir() if p.is_dir() and p.name not in names):
+        target = out / "earlier-sites" / folder.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target = target.with_name(f"{folder.name}-{int(time.time())}")
+        folder.rename(target)
+        moved.append(folder.name)
+    if moved:
+        log.warning("%s held the folders of %d site(s) not in this run (%s): moved to %s",
+                    sites, len(moved), ", ".join(moved), out / "earlier-sites")
+    return moved

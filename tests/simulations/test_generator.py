@@ -226,3 +226,14 @@ def test_generate_never_replaces_a_file_it_did_not_write(tmp_path: Path) -> None
     assert (tmp_path / "again" / "hospital-c.csv").exists()
     generate(tmp_path, n_sites=2, seed=1, force=True)
     assert (tmp_path / "hospital-a.csv").read_text().startswith("age,")
+
+
+def test_generating_fewer_hospitals_into_the_same_folder_leaves_no_earlier_one(
+        tmp_path: Path) -> None:
+    """Eight, then four: the folder holds the four, and a file of the user's is kept."""
+    generate(tmp_path, n_sites=8, seed=1)
+    (tmp_path / "notes.txt").write_text("mine")
+    generate(tmp_path, n_sites=4, seed=1)
+    csvs = sorted(p.name for p in tmp_path.glob("*.csv"))
+    assert csvs == [f"hospital-{c}.csv" for c in "abcd"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
