@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,11 @@ def _site_label(name: str, site: Mapping[str, Any], limit: int = 18) -> str:
     if _is_failed(site):
         return f"{short}\nfailed"
     prevalence = _fmt_pct(_num(site.get("prevalence_test")), 0)
-    return f"{short}\nn={_fmt_int(site.get('n_test'))}, {prevalence}"
+    judged = (site.get("assessment") or {}).get("judgeable", True)
+    choice = str((site.get("model") or {}).get("choice") or "")
+    uses = f"\nuses {choice[:limit]}" if choice else ""
+    return (f"{short}\nn={_fmt_int(site.get('n_test'))}, {prevalence}"
+            + ("" if judged else " (too few)") + uses)
 
 
 def _bar_panels(
@@ -200,7 +205,8 @@ def _bar_panels(
         ha="right" if len(sites) > 8 else "center",
         fontsize=8,
     )
-    axes[-1].set_xlabel("site (test size n, prevalence)")
+    axes[-1].set_xlabel("site (held-out rows n, prevalence; too few: under 10 of a class, not "
+                        "judged; the model it uses)")
     pad = max(0.0, (3 - len(sites)) / 2)  # keep bars narrow with one or two sites
     axes[-1].set_xlim(-0.6 - pad, len(sites) - 0.4 + pad)
 
@@ -414,6 +420,21 @@ CALIBRATION_METHODS = ("local", "source", "adapted")
 MAX_CALIBRATION_SITES = 16
 
 
+def calibration_sites(report: Mapping[str, Any]
+                      ) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
+    """The sites with a reliability curve to draw, and the names of the others.
+
+    At most ``MAX_CALIBRATION_SITES`` are drawn; the others failed, withheld their results,
+    had too few held-out rows for a bin, or are beyond the limit.
+    """
+    every = _sites(report)
+    sites = [(n, s) for n, s in every
+             if not _is_failed(s) and any((s.get("reliability") or {}).get(m, {}).get(
+                 "predicted") for m in CALIBRATION_METHODS)][:MAX_CALIBRATION_SITES]
+    shown = {n for n, _ in sites}
+    return sites, [n for n, _ in every if n not in shown]
+
+
 def plot_calibration(report: dict[str, Any], path: Path) -> Path:
     """Plot each site's reliability curves (predicted risk against observed rate); write PNG.
 
@@ -435,9 +456,8 @@ def plot_calibration(report: dict[str, Any], path: Path) -> Path:
     each point a bin of at least ten held-out patients (quantiles of the predicted risk); the
     diagonal is perfect calibration, and the legend gives each method's calibration slope.
     """
-    sites = [(n, s) for n, s in _sites(report)
-             if not _is_failed(s) and any((s.get("reliability") or {}).get(m, {}).get(
-                 "predicted") for m in CALIBRATION_METHODS)][:MAX_CALIBRATION_SITES]
+    every = _sites(report)
+    sites, left_out = calibration_sites(report)
     cols = max(1, min(4, len(sites)))
     rows = max(1, -(-len(sites) // cols))
     figure = _new_figure(3.4 * cols, 3.2 * rows + 0.6)
@@ -458,13 +478,28 @@ def plot_calibration(report: dict[str, Any], path: Path) -> Path:
             label = f"{method}" + (f" (slope {slope:.2f})" if slope is not None else "")
             ax.plot(curve["predicted"], curve["observed"], marker="o", markersize=3,
                     linewidth=1.2, color=_METHOD_COLORS[method], label=label)
-        ax.set_title(_site_label(name, site).replace("\n", " · "), fontsize=9)
+        ax.set_title(_site_label(name, site).replace("\n", " · ", 1), fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_xlabel("predicted risk", fontsize=8)
         ax.set_ylabel("observed rate", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6, loc="upper left")
-    for ax in axes.ravel()[len(sites):]:
+    spare = list(axes.ravel()[len(sites):])
+    for ax in spare:
         ax.set_visible(False)
+    if left_out:  # said where it is seen: in a spare panel, else under the panels
+        note = ("not shown: " + ", ".join(left_out[:12]) + (" …" if len(left_out) > 12 else "")
+                + "\n(failed, withheld, or fewer held-out patients than one bin of 10"
+                + (", or beyond the first " + str(MAX_CALIBRATION_SITES) + " sites"
+                   if len(every) > MAX_CALIBRATION_SITES else "") + ")")
+        if spare:
+            spare[0].set_visible(True)
+            spare[0].axis("off")
+            wrapped = "\n".join(textwrap.fill(part, 44) for part in note.split("\n"))
+            spare[0].text(0.0, 0.5, wrapped, ha="left", va="center", fontsize=8,
+                          transform=spare[0].transAxes)
+        else:
+            figure.text(0.5, 0.005, note.replace("\n", " "), ha="center", va="bottom",
+                        fontsize=8)
     return _save_figure(figure, path)

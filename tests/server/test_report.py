@@ -314,3 +314,18 @@ def test_an_early_convergence_is_said_and_the_summary_counts_agree() -> None:
     text = " ".join(render_markdown(report, {}).split())
     assert "Training converged in round 5 of the 30 planned" in text
     assert "Means are over the" in text and "Means over the sites with results" not in text
+
+
+def test_the_calibration_plot_names_the_sites_it_leaves_out(tmp_path: Path) -> None:
+    """A site without a reliability curve is named, not dropped in silence."""
+    from server.report.plots import calibration_sites, plot_calibration
+
+    report = _report()
+    names = list(report["sites"])
+    for site in report["sites"].values():
+        site["reliability"] = {"source": {"predicted": [0.2, 0.6], "observed": [0.1, 0.7],
+                                          "rows": [10, 10]}}
+    report["sites"][names[-1]]["reliability"] = {}
+    shown, left_out = calibration_sites(report)
+    assert left_out == [names[-1]] and [n for n, _ in shown] == names[:-1]
+    assert plot_calibration(report, tmp_path / "calibration.png").stat().st_size > 0
