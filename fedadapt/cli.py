@@ -242,6 +242,35 @@ def predict(
         say(("warning: ", "yellow"), warning)
 
 
+@app.command()
+@user_command
+def status(
+    out: Annotated[Path, typer.Argument(help="The run's output folder.")] = Path(
+        "fedadapt-out"),
+    host: Annotated[str, typer.Option(help="Address to serve on (loopback: this machine "
+                                           "only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 8765,
+) -> None:
+    """Serve a read-only page of a run: its phase, round, loss, sites and, once done, report.
+
+    OUT is the run's output folder (--out of simulate or deploy-local, or the run config's
+    out); the page follows a live run. Ctrl-C stops it.
+    """
+    from server.status_page import make_server
+
+    if not out.is_dir():
+        fail(f"{out} is not a run's output folder (no such folder)")
+    server = make_server(out, host, port)
+    say(f"status of {out.resolve()} at http://{host}:{server.server_address[1]}/ "
+        "(read-only; Ctrl-C stops it)")
+    try:
+        server.serve_forever(poll_interval=0.5)
+    except KeyboardInterrupt:
+        say("stopped")
+    finally:
+        server.server_close()
+
+
 @app.command("app-hash")
 @user_command
 def app_hash(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ class ReplyLog:
         ``context`` is added to every line: the training round, and the ids of the messages
         sent in the same exchange (each reply names the message it answers).
         """
-        lines = [json.dumps({**(context or {}), **self._entry(node, r)}, allow_nan=True)
+        now = round(time.time(), 3)  # when the coordinator had them (the status page)
+        lines = [json.dumps({**(context or {}), "time": now, **self._entry(node, r)},
+                            allow_nan=True)
                  for node, r in replies.items()]
         if not lines:
             return

@@ -167,6 +167,7 @@ def stats_phase(rep: Repeat, nodes: list[int]) -> TabularPreprocessor:
     rep.result.timing["stats"] = time.monotonic() - t
     groups = groups_of(rep)
     rep.group_plan = [list(g.features) for g in groups]
+    rep.emit("sites-named", names={str(node): name for node, name in rep.names.items()})
     for g in groups:
         log.info("feature group %s: %d sites (%s)", g.name, len(g.members), ", ".join(g.members))
     log.info("repeat %d: %d site(s) in the federation, %d model inputs", rep.result.repeat,
@@ -273,7 +274,8 @@ def train_phase(
             entry["step"] = _scalar(metrics, "newton-step")
         rep.result.rounds.append(entry)
         rep.emit("round", round=number, rounds=s.num_server_rounds, loss=loss,
-                 rejected=rejected, dropped=dropped)
+                 rejected=rejected, dropped=dropped,
+                 epsilon={site: e for site, (e, _) in spent.items()})
         if on_saved is not None:
             on_saved(number, current[0])
 
