@@ -260,6 +260,14 @@ def status(
 
     if not out.is_dir():
         fail(f"{out} is not a run's output folder (no such folder)")
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM stop it (a background job's SIGINT may arrive ignored: restored).
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     server = make_server(out, host, port)
     say(f"status of {out.resolve()} at http://{host}:{server.server_address[1]}/ "
         "(read-only; Ctrl-C stops it)")

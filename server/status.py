@@ -81,13 +81,18 @@ def run_status(out: Path, now: float | None = None) -> dict[str, Any]:
             status["error"] = e.get("error")
             if kind == "finished":
                 status["phase"] = "finished"
-    status["sites"] = _sites(out, names, epsilon, now)
-    report = out / "report.json"
-    if status["state"] == "finished" and report.is_file():
+    report_file = out / "report.json"
+    report = None
+    if status["state"] == "finished" and report_file.is_file():
         try:
-            status["report"] = _summary(json.loads(report.read_text(encoding="utf-8")))
+            report = json.loads(report_file.read_text(encoding="utf-8"))
         except ValueError:
-            status["report"] = None
+            report = None
+    if report is not None:  # the report names every site's node (a run before the event)
+        names.update({str(s.get("node_id")): n for n, s in (report.get("sites") or {}).items()
+                      if s.get("node_id") is not None and str(s.get("node_id")) not in names})
+        status["report"] = _summary(report)
+    status["sites"] = _sites(out, names, epsilon, now)
     return status
 
 
@@ -117,7 +122,7 @@ def _sites(out: Path, names: dict[str, str], epsilon: dict[str, float], now: flo
                 site["refusals"].append(refused.group(1))
     for name, site in sites.items():
         site["epsilon"] = epsilon.get(name)
-    return sites
+    return dict(sorted(sites.items()))
 
 
 def _phase(kind: str, reply: dict[str, Any]) -> str:

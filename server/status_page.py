@@ -53,6 +53,11 @@ function draw(losses) {
   line.setAttribute("points", xy.map(p => p.join(",")).join(" "));
   line.setAttribute("fill", "none"); line.setAttribute("stroke", "#1f77b4");
   svg.appendChild(line);
+  const label = (x, y, text) => { const t = document.createElementNS(
+    "http://www.w3.org/2000/svg", "text"); t.setAttribute("x", x); t.setAttribute("y", y);
+    t.setAttribute("font-size", "11"); t.textContent = text; svg.appendChild(t); };
+  label(22, 14, "loss " + hi.toFixed(4)); label(22, 156, "loss " + lo.toFixed(4));
+  label(520, 156, "round " + n);
 }
 async function refresh() {
   let s;
