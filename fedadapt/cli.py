@@ -247,6 +247,9 @@ def predict(
 def status(
     out: Annotated[Path, typer.Argument(help="The run's output folder.")] = Path(
         "fedadapt-out"),
+    site_dir: Annotated[Path | None, typer.Option(
+        help="Show a site's folder instead: its audit log, ledger and policy.",
+        show_default=False)] = None,
     host: Annotated[str, typer.Option(help="Address to serve on (loopback: this machine "
                                            "only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 8765,
@@ -254,12 +257,10 @@ def status(
     """Serve a read-only page of a run: its phase, round, loss, sites and, once done, report.
 
     OUT is the run's output folder (--out of simulate or deploy-local, or the run config's
-    out); the page follows a live run. Ctrl-C stops it.
+    out); the page follows a live run. With --site-dir, a site's page instead: its audit
+    log and the hash chain's verdict, its privacy ledger, its policy in words. Ctrl-C stops
+    it.
     """
-    from server.status_page import make_server
-
-    if not out.is_dir():
-        fail(f"{out} is not a run's output folder (no such folder)")
     import signal
 
     def stop(signum: int, frame: object) -> None:
@@ -268,8 +269,18 @@ def status(
     # Ctrl-C and SIGTERM stop it (a background job's SIGINT may arrive ignored: restored).
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    server = make_server(out, host, port)
-    say(f"status of {out.resolve()} at http://{host}:{server.server_address[1]}/ "
+    folder = site_dir if site_dir is not None else out
+    if not folder.is_dir():
+        fail(f"{folder} is not a folder: name the run's output folder or a site's folder")
+    if site_dir is not None:
+        from client.site_status import site_page
+
+        server = site_page(site_dir, None, host, port)
+    else:
+        from server.status_page import run_page
+
+        server = run_page(out, host, port)
+    say(f"status of {folder.resolve()} at http://{host}:{server.server_address[1]}/ "
         "(read-only; Ctrl-C stops it)")
     try:
         server.serve_forever(poll_interval=0.5)

@@ -1,25 +1,12 @@
-"""``fedadapt status``: a read-only local page of a run's progress, its sites and its report.
-
-Python's own HTTP server (nothing to install), bound to loopback by default. Three paths
-only: ``/`` (the page, which asks for the status every two seconds while the run is live),
-``/status.json`` (:func:`server.status.run_status`) and ``/plots/NAME.png`` (the run's
-plots, once written); anything else is 404. Nothing is written, nothing is run.
-"""
+"""The run's status page: what ``fedadapt status OUT`` serves (``shared.status_server``)."""
 
 from __future__ import annotations
 
-import json
-import logging
-import re
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from server.status import run_status
-
-log = logging.getLogger(__name__)
-
-_PLOT = re.compile(r"/plots/([a-z_]+\.png)")
+from shared.status_server import make_server
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedadapt status</title>
@@ -103,33 +90,7 @@ loop();
 """
 
 
-def make_server(out: Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+def run_page(out: Path, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """The status page of the run in ``out``, not yet serving (``port`` 0: a free one)."""
     folder = out.resolve()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/":
-                self._send(PAGE.encode("utf-8"), "text/html; charset=utf-8")
-            elif path == "/status.json":
-                self._send(json.dumps(run_status(folder), allow_nan=False).encode("utf-8"),
-                           "application/json")
-            elif (plot := _PLOT.fullmatch(path)) and (
-                    folder / "plots" / plot.group(1)).is_file():
-                self._send((folder / "plots" / plot.group(1)).read_bytes(), "image/png")
-            else:
-                self.send_error(HTTPStatus.NOT_FOUND)
-
-        def _send(self, body: bytes, kind: str) -> None:
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            log.debug("status page: %s", format % args)
-
-    return ThreadingHTTPServer((host, port), Handler)
+    return make_server(PAGE, lambda: run_status(folder), folder / "plots", host, port)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.status import run_status
-from server.status_page import make_server
+from server.status_page import run_page
 from simulations.generator import generate
 from simulations.inprocess import run_app_in_process
 
@@ -59,7 +59,7 @@ def test_a_live_run_reads_as_running_and_a_refusal_names_its_rule(tmp_path: Path
 
 def test_the_page_serves_its_three_paths_and_nothing_else(finished: Path) -> None:
     """/ (the page), /status.json, /plots/NAME.png; any other path, 404."""
-    server = make_server(finished)
+    server = run_page(finished)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()
     base = f"http://127.0.0.1:{server.server_address[1]}"

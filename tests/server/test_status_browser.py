@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.status_page import make_server
+from server.status_page import run_page
 
 pytest.importorskip("selenium")
 if not (shutil.which("chromium") and shutil.which("chromedriver")):
@@ -42,7 +42,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A run folder and the status page serving it, stopped afterwards."""
     out = tmp_path / "run"
     out.mkdir()
-    server = make_server(out)
+    server = run_page(out)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.start()
     try:
