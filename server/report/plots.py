@@ -24,6 +24,7 @@ from server.report.common import (
     _sites,
     _value_sd,
     methods_in,
+    short_choice,
 )
 from shared.files import write_atomically
 
@@ -78,8 +79,7 @@ def _site_label(name: str, site: Mapping[str, Any], limit: int = 18) -> str:
         return f"{short}\nfailed"
     prevalence = _fmt_pct(_num(site.get("prevalence_test")), 0)
     judged = (site.get("assessment") or {}).get("judgeable", True)
-    choice = str((site.get("model") or {}).get("choice") or "")
-    uses = f"\nuses {choice[:limit]}" if choice else ""
+    uses = f"\nuses {short_choice(site)}" if (site.get("model") or {}).get("choice") else ""
     return (f"{short}\nn={_fmt_int(site.get('n_test'))}, {prevalence}"
             + ("" if judged else " (too few)") + uses)
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from server.report.common import _DASH, _fmt, _is_failed, _num, _sites, _value_sd
+from server.report.common import (
+    _DASH,
+    _fmt,
+    _is_failed,
+    _num,
+    _sites,
+    _value_sd,
+    short_choice,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -17,10 +25,8 @@ RIVAL = {"local": "loc", "source": "src"}  # the other model in the "vs other" c
 
 
 def _model(site: dict[str, Any]) -> str:
-    """The model the site uses, short: ``local C=0.3``, ``blend 3/4``, ``recalibration``."""
-    choice = str((site.get("model") or {}).get("choice") or "source")
-    return (choice.replace(" source + local", "").replace("recalibration", "recalibrated")
-            .replace("correction", "corr."))
+    """The model the site uses, short (:func:`server.report.common.short_choice`)."""
+    return short_choice(site)
 
 
 def _lead(site: dict[str, Any]) -> str:
@@ -93,7 +99,9 @@ def site_table(report: dict[str, Any], max_rows: int | None = None) -> Table:
         table.add_column(SHORT[method], justify="right", no_wrap=True,
                          min_width=len(SHORT[method]))
     table.add_column("vs other", no_wrap=True, min_width=12)
-    table.add_column("site uses", overflow="ellipsis", max_width=14, no_wrap=True)
+    # Within 100 columns: each reference column not shown leaves room for a longer choice.
+    table.add_column("site uses", overflow="ellipsis", max_width=14 + 9 * (2 - len(refs)),
+                     no_wrap=True)
 
     for name, site in shown:
         n, pos = _num(site.get("n_test")), _num(site.get("positives_test"))
