@@ -206,7 +206,7 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def short_choice(site: dict[str, Any]) -> str:
+def short_choice(site: Mapping[str, Any]) -> str:
     """The model a site uses, short: ``corr. C=0.3``, ``blend 1/4 C=0.1``, ``recalibrated``."""
     choice = str((site.get("model") or {}).get("choice") or "source")
     return (choice.replace(" source + local", "").replace("recalibration", "recalibrated")
