@@ -265,7 +265,7 @@ def _summary_section(report: Mapping[str, Any], methods: Sequence[str]) -> list[
         weighted = summary_methods.get(method) or {}
         rows.append(
             [
-                method,
+                "true model" if method == "oracle" else method,
                 _fmt(_mean_metric(report, method, "auc")),
                 _fmt(_num(weighted.get("weighted_auc"))),
                 _fmt(accuracy),

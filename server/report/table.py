@@ -84,8 +84,8 @@ def site_table(report: dict[str, Any], max_rows: int | None = None) -> Table:
         title="fedadapt: held-out AUC per site",
         caption=("n/pos.: held-out rows/positives (* too few of a class to judge); "
                  "vs other: the AUC of the model the site uses minus the better other model's "
-                 "± half the 95 % interval (! beyond it; loc, src: local, source); bold: "
-                 "the highest AUC"
+                 "± half the 95 % interval (! beyond it; loc, src: local, source); bold (in "
+                 "a terminal): the highest AUC"
                  + ("; true: the AUC of the model that generated the data (not a ceiling)"
                     if "oracle" in refs
                     else "")
