@@ -84,10 +84,33 @@ def _site_label(name: str, site: Mapping[str, Any], limit: int = 18) -> str:
             + ("" if judged else " (too few)") + uses)
 
 
+def _value_spread(site: Mapping[str, Any], method: str, metric: str
+                  ) -> tuple[float | None, float | None]:
+    """A bar's value and error bar: the sd over splits, or with one split about 1.96 SE.
+
+    With one split there is no sd; AUC then gets Hanley and McNeil's standard error (from the
+    held-out positives and negatives), accuracy the binomial one; Brier none.
+    """
+    value, sd = _value_sd(site, method, metric)
+    if value is None or sd is not None:
+        return value, sd
+    n, pos = _num(site.get("n_test")), _num(site.get("positives_test"))
+    if n is None or pos is None or not 0 < pos < n:
+        return value, None
+    if metric == "auc":
+        a, n1, n2 = value, pos, n - pos
+        q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+        var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a)) / (n1 * n2)
+        return value, 1.96 * math.sqrt(max(var, 0.0))
+    if metric == "accuracy":
+        return value, 1.96 * math.sqrt(max(value * (1 - value), 0.0) / n)
+    return value, None
+
+
 def _bar_panels(
     figure: Figure, report: Mapping[str, Any], methods: Sequence[str], title: str
 ) -> None:
-    """Draw one panel per metric with grouped bars (methods) per site and sd error bars.
+    """Draw one panel per metric with grouped bars (methods) per site and their error bars.
 
     The legend, titled ``title``, sits above the panels (a suptitle would collide with it).
     """
@@ -108,7 +131,7 @@ def _bar_panels(
         top = 1.08 if metric != "brier" else brier_top * 1.2
         for j, method in enumerate(methods):
             offset = x + (j - (len(methods) - 1) / 2) * width
-            pairs = [_value_sd(site, method, metric) for _, site in sites]
+            pairs = [_value_spread(site, method, metric) for _, site in sites]
             heights = np.array([np.nan if v is None else v for v, _ in pairs])
             ax.bar(
                 offset,
@@ -187,12 +210,12 @@ def _bar_panels(
     order = sorted(
         range(len(labels)), key=lambda i: ("chance" in labels[i], "majority" in labels[i])
     )
-    wide = figure.get_figwidth() >= 20  # one row of seven entries needs that width
+    # Two rows always: one row of seven long entries overflowed even the widest figure.
     figure.legend(
         [handles[i] for i in order],
         [labels[i] for i in order],
         loc="outside upper center",
-        ncols=len(labels) if wide else math.ceil(len(labels) / 2),
+        ncols=math.ceil(len(labels) / 2),
         fontsize=9,
         frameon=False,
         title=title,
@@ -310,8 +333,9 @@ def plot_metrics(report: dict[str, Any], path: Path) -> Path:
     -----
     Up to ``MAX_BAR_SITES`` sites: three stacked panels (AUC, accuracy, Brier, the last one
     lower-is-better) with grouped bars per site, one per method, error bars of one sd when
-    there were repeats, a chance line at AUC 0.5, each site's majority-label accuracy, and the
-    test size and prevalence under each site name. Above that: three panels of the sorted
+    there were repeats (else about 95 % intervals of AUC and accuracy), a chance line at AUC
+    0.5, each site's majority-label accuracy, and the test size and prevalence under each
+    site name. Above that: three panels of the sorted
     per-site differences adapted − source, with how many sites improved.
     """
     sites = _sites(report)
@@ -323,6 +347,8 @@ def plot_metrics(report: dict[str, Any], path: Path) -> Path:
     repeats = _repeats(report)
     if repeats and repeats > 1:
         title += f"; mean over {repeats} repeats" + (", error bars ±1 sd" if bars else "")
+    elif bars:
+        title += "; error bars ±1.96 SE (AUC: Hanley-McNeil; accuracy: binomial)"
     if bars and sites:
         width = float(np.clip(2.5 + 0.3 * len(sites) * len(methods), 11, 22))
         figure = _new_figure(width, 10.5)

@@ -295,6 +295,7 @@ def test_the_table_says_how_the_used_model_fares_and_drops_a_pooled_column_equal
         metrics = site.get("metrics") or {}
         if "source" in metrics:
             metrics["pooled"] = dict(metrics["source"])
+            metrics["oracle"] = dict(metrics["source"])  # generated data: the true model
     console = Console(width=100, record=True)
     console.print(site_table(report))
     text = console.export_text()
@@ -302,6 +303,7 @@ def test_the_table_says_how_the_used_model_fares_and_drops_a_pooled_column_equal
     assert "source" in header and "pooled" not in header
     assert "equals the source model's at every site" in " ".join(text.split())
     assert "vs other" in text and max(len(line) for line in text.splitlines()) <= 100
+    assert "true" in header and "not a ceiling" in " ".join(text.split())
 
 
 def test_an_early_convergence_is_said_and_the_summary_counts_agree() -> None:
@@ -329,3 +331,23 @@ def test_the_calibration_plot_names_the_sites_it_leaves_out(tmp_path: Path) -> N
     shown, left_out = calibration_sites(report)
     assert left_out == [names[-1]] and [n for n, _ in shown] == names[:-1]
     assert plot_calibration(report, tmp_path / "calibration.png").stat().st_size > 0
+
+
+def test_with_one_split_the_bars_get_about_95_percent_intervals() -> None:
+    """AUC: Hanley and McNeil's SE; accuracy: binomial; an sd over splits wins; Brier: none."""
+    import math
+
+    from server.report.plots import _value_spread
+
+    site = {"n_test": 100, "positives_test": 40,
+            "metrics": {"local": {"auc": 0.8, "accuracy": 0.75, "brier": 0.2},
+                        "source": {"auc": 0.7, "auc_sd": 0.05}}}
+    a, n1, n2 = 0.8, 40, 60
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = math.sqrt((a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a))
+                   / (n1 * n2))
+    assert _value_spread(site, "local", "auc") == pytest.approx((0.8, 1.96 * se))
+    assert _value_spread(site, "local", "accuracy") == pytest.approx(
+        (0.75, 1.96 * math.sqrt(0.75 * 0.25 / 100)))
+    assert _value_spread(site, "local", "brier") == (0.2, None)
+    assert _value_spread(site, "source", "auc") == (0.7, 0.05)
